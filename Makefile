@@ -1,0 +1,52 @@
+# sapd — make help lists the targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.sapd-installed
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+export HF_HUB_OFFLINE ?= 1
+export WANDB_SILENT ?= true
+
+.DEFAULT_GOAL := help
+.PHONY: help install train test test-fast lint format bench bench-data clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev]" $(TORCH_PINS)
+	@touch $(STAMP)
+
+install: $(STAMP) ## Create .venv (if absent) and install sapd with its dev tools; fast when done
+	@echo "sapd installed in $(VENV)"
+
+train: $(STAMP) ## Train the embedded default: synthetic COCO set, small backbone, CPU (~10 min)
+	$(PY) -m sapd.train $(ARGS)
+
+test: $(STAMP) ## Run the whole test suite
+	$(PY) -m pytest -q $(ARGS)
+
+test-fast: $(STAMP) ## Run the tests that are not marked slow
+	$(PY) -m pytest -q -m "not slow" $(ARGS)
+
+lint: $(STAMP) ## Ruff lint and format check
+	$(PY) -m ruff check src tests
+	$(PY) -m ruff format --check src tests
+
+format: $(STAMP) ## Ruff autofix and format
+	$(PY) -m ruff check --fix src tests
+	$(PY) -m ruff format src tests
+
+bench: $(STAMP) ## Speed of SAPD vs torchvision RetinaNet and FCOS (writes benchmarks/results.*)
+	$(PY) -m sapd.bench $(ARGS)
+
+bench-data: $(STAMP) ## Images/s of the train loader (synthetic and 800-px images)
+	$(PY) -m sapd.data.bench $(ARGS)
+
+clean: ## Remove caches, outputs and logs (keeps .venv and the data cache)
+	rm -rf .pytest_cache .ruff_cache outputs multirun logs wandb
+	find . -name __pycache__ -prune -exec rm -rf {} +
