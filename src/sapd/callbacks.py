@@ -1,0 +1,106 @@
+"""Lightning callbacks of sapd: the two-phase switch (§3.4) and what goes to the dashboard."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+
+log = logging.getLogger(__name__)
+
+LEVEL_NAMES = ("P3", "P4", "P5", "P6", "P7")
+
+
+class PhaseSwitch(L.Callback):
+    """Switches the detector from phase 1 (FSAF online selection) to phase 2 (soft top-k), §3.4.
+
+    The paper trains the first half of the schedule with one level per instance (weight 1), then
+    plugs in the feature-selection network's probabilities over the top-k levels. The phase is a
+    function of the epoch alone, so a run resumed from any checkpoint continues in the right phase.
+
+    Args:
+        switch_epoch: first epoch (0-based) of phase 2; ``None`` means half of ``max_epochs``
+            (6 of 12, 12 of 24). ``0`` trains in phase 2 throughout; a value >= ``max_epochs``
+            never switches (FSAF selection only).
+    """
+
+    def __init__(self, switch_epoch: int | None = None) -> None:
+        self.switch_epoch = switch_epoch
+
+    def resolved_switch_epoch(self, trainer: L.Trainer) -> int:
+        if self.switch_epoch is not None:
+            return int(self.switch_epoch)
+        max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 2
+        return max_epochs // 2
+
+    def phase_for_epoch(self, trainer: L.Trainer, epoch: int) -> int:
+        return 2 if epoch >= self.resolved_switch_epoch(trainer) else 1
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        net = pl_module.net
+        phase = self.phase_for_epoch(trainer, trainer.current_epoch)
+        if int(net.phase) != phase:
+            msg = f"[sapd] epoch {trainer.current_epoch}: switching to phase {phase}" + (
+                " (soft-selected pyramid levels, top-k)" if phase == 2 else " (FSAF single level)"
+            )
+            log.info(msg)
+            pl_module.print(msg)
+        net.set_phase(phase)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx % max(trainer.log_every_n_steps, 1) == 0:
+            pl_module.log("train/phase", float(pl_module.net.phase), on_step=True, on_epoch=False)
+
+
+class SelectionHistogram(L.Callback):
+    """Logs, every training epoch, a histogram per pyramid level of the selection weights w_l^B."""
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        probs = getattr(pl_module, "selection_probs", None)
+        if not probs:
+            return
+        probs = torch.cat(probs)  # [sum M, L]
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                import wandb
+
+                data = {
+                    f"train/selection_weight_{LEVEL_NAMES[i] if i < len(LEVEL_NAMES) else i}": wandb.Histogram(
+                        probs[:, i].numpy()
+                    )
+                    for i in range(probs.shape[1])
+                }
+                logger.experiment.log({**data, "trainer/global_step": trainer.global_step})
+        pl_module.selection_probs = []
+
+
+class DetectionImages(L.Callback):
+    """Logs a few validation images with predicted (score >= ``min_score``) and true boxes to wandb."""
+
+    def __init__(self, num_images: int = 4, min_score: float = 0.3) -> None:
+        self.num_images = num_images
+        self.min_score = min_score
+
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs: Any, batch, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        if batch_idx != 0 or trainer.sanity_checking or outputs is None:
+            return
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not loggers:
+            return
+        from sapd.visualize import draw_detections, unnormalize
+
+        images, targets = batch
+        pictures = []
+        for image, target, det in list(zip(images, targets, outputs))[: self.num_images]:
+            pil = unnormalize(image, target)
+            keep = det["scores"] >= self.min_score
+            pred = {k: v[keep] for k, v in det.items()}
+            gt = {"boxes": target["eval_boxes"], "labels": target["eval_labels"]}
+            pictures.append(draw_detections(pil, pred, pl_module.class_names, ground_truth=gt))
+        for logger in loggers:
+            logger.log_image("val/detections", pictures, step=trainer.global_step)

@@ -1,0 +1,80 @@
+"""Evaluate a checkpoint: ``python -m sapd.evaluate ckpt_path=PATH [split=val|test] [data.root=...]``.
+
+``split=val`` prints the COCO table and writes the detections as a COCO results json (original
+category ids); ``split=test`` (COCO test-dev, no annotations) writes the results json only, in the
+format of the test-dev submission server. The model and the data config come from the checkpoint;
+overriding ``data``/``data.*``/``experiment`` on the command line takes the data config from here.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sapd.checkpoint import load_module
+from sapd.paths import CONFIG_DIR
+from sapd.utils import format_coco_table, instantiate_group, set_threads
+
+log = logging.getLogger("sapd.evaluate")
+
+
+def _data_overridden() -> bool:
+    try:
+        overrides = HydraConfig.get().overrides.task
+    except ValueError:
+        return False
+    return any(o.lstrip("+~").startswith(("data", "experiment")) for o in overrides)
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """Runs the checkpoint over ``cfg.split`` and returns the COCO table (empty for test-dev)."""
+    set_threads(cfg.get("num_threads"))
+    module, run_cfg = load_module(cfg.ckpt_path)
+    source = cfg.get("data_source", "auto")
+    use_config = source == "config" or (source == "auto" and _data_overridden())
+    data_cfg = OmegaConf.create(
+        OmegaConf.to_container(cfg.data if use_config else run_cfg.data, resolve=False)
+    )
+    with open_dict(data_cfg):
+        if cfg.get("batch_size"):
+            data_cfg.val_batch_size = int(cfg.batch_size)
+    datamodule: L.LightningDataModule = instantiate(data_cfg)
+    datamodule.prepare_data()
+    module.results_file = str(cfg.results_file) if cfg.get("results_file") else None
+    if list(datamodule.label_to_cat_id) != list(module.label_to_cat_id or []):
+        raise ValueError(
+            "the data's categories differ from the checkpoint's: evaluate on the data set the model was "
+            f"trained for (checkpoint: {len(module.label_to_cat_id or [])} classes, data: {datamodule.num_classes})"
+        )
+    trainer: L.Trainer = instantiate(
+        cfg.trainer, logger=False, callbacks=instantiate_group(cfg.get("callbacks"))
+    )
+    table: dict[str, float] = {}
+    if cfg.split == "val":
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        table = getattr(module, "last_coco_table", {})
+        if table:
+            print("\n" + format_coco_table(table, title=f"COCO bbox, {cfg.split} ({cfg.ckpt_path})"))
+    elif cfg.split == "test":
+        trainer.test(module, datamodule=datamodule, verbose=False)
+        table = getattr(module, "last_coco_table", {})
+    else:
+        raise ValueError(f"split must be 'val' or 'test', not {cfg.split!r}")
+    if module.results_file:
+        print(f"detections (COCO results json): {module.results_file}")
+    return table
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def main(cfg: DictConfig) -> None:
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,349 @@
+"""The Lightning wrapper around the plain-PyTorch SAPD detector.
+
+``SAPDLitModule`` owns what is training-loop specific — optimiser and schedule (SPEC §6), logging,
+COCO evaluation — and nothing of the model: ``net`` is a :class:`sapd.models.SAPD`.
+
+One forward gives both the validation loss and the detections (the detector's ``forward`` does not
+depend on train/eval mode), so validation logs ``val/loss`` and the COCO table from the same pass.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+from torchmetrics import MaxMetric
+from torchmetrics.detection import MeanAveragePrecision
+
+# Keys of the COCO table as torchmetrics names them, and how sapd logs them.
+COCO_KEYS = {
+    "map": "map",
+    "map_50": "map_50",
+    "map_75": "map_75",
+    "map_small": "map_small",
+    "map_medium": "map_medium",
+    "map_large": "map_large",
+    "mar_100": "mar_100",
+}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Raised when the loss stays NaN/inf for several consecutive steps."""
+
+
+def lr_factor(
+    step: int,
+    *,
+    steps_per_epoch: int,
+    total_steps: int,
+    name: str = "multistep",
+    milestones: Sequence[int] = (8, 10),
+    gamma: float = 0.1,
+    warmup_iters: int = 500,
+    warmup_ratio: float = 0.001,
+    min_ratio: float = 0.0,
+) -> float:
+    """Multiplier of the base learning rate at optimiser step ``step`` (0-based), SPEC §6.
+
+    Linear warm-up from ``warmup_ratio`` to 1 over ``warmup_iters`` steps (MMDetection's
+    ``warmup='linear'``), multiplied by the decay: ``multistep`` divides by ``1/gamma`` at the start
+    of each epoch index in ``milestones`` (``[8, 10]``: the 9th and the 11th epoch, as the paper
+    says); ``cosine`` anneals to ``min_ratio`` over ``total_steps``; ``constant`` keeps 1.
+    """
+    if warmup_iters > 0 and step < warmup_iters:
+        warm = warmup_ratio + (1.0 - warmup_ratio) * step / warmup_iters
+    else:
+        warm = 1.0
+    if name == "multistep":
+        epoch = step // max(steps_per_epoch, 1)
+        decay = gamma ** sum(epoch >= m for m in milestones)
+    elif name == "cosine":
+        t = min(step / max(total_steps, 1), 1.0)
+        decay = min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+    elif name == "constant":
+        decay = 1.0
+    else:
+        raise ValueError(f"unknown scheduler name {name!r}: use 'multistep', 'cosine' or 'constant'")
+    return warm * decay
+
+
+class SAPDLitModule(L.LightningModule):
+    """Trains, validates, tests and predicts with a :class:`sapd.models.SAPD`.
+
+    Args:
+        net: the detector (plain PyTorch).
+        optimizer: a partial optimiser (Hydra ``_partial_: true``); its ``lr`` is the learning rate
+            at ``base_batch_size`` and is scaled linearly to the real total batch size.
+        scheduler: keyword arguments of :func:`lr_factor` (``name``, ``milestones``, ``gamma``,
+            ``warmup_iters``, ``warmup_ratio``, ``min_ratio``); stepped every optimiser step.
+        batch_size: images per device per step (the data module's).
+        base_batch_size: the batch size the optimiser's ``lr`` is quoted for (16 in the paper).
+        no_decay_norm_bias: exclude norm layers and biases from weight decay.
+        label_to_cat_id: contiguous label -> COCO category id, for results json files.
+        class_names: names of the contiguous labels, for drawings.
+        max_bad_steps: consecutive non-finite losses tolerated (skipped) before training stops.
+        results_file: where validation/test write detections as a COCO results json (optional).
+    """
+
+    def __init__(
+        self,
+        *,
+        net: nn.Module,
+        optimizer: Callable[..., torch.optim.Optimizer],
+        scheduler: dict[str, Any] | None = None,
+        batch_size: int = 16,
+        base_batch_size: int = 16,
+        no_decay_norm_bias: bool = False,
+        label_to_cat_id: Sequence[int] | None = None,
+        class_names: Sequence[str] | None = None,
+        max_bad_steps: int = 20,
+        results_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "optimizer"], logger=False)
+        self.net = net
+        self.optimizer_factory = optimizer
+        self.scheduler_cfg = dict(scheduler or {})
+        self.label_to_cat_id = list(label_to_cat_id) if label_to_cat_id is not None else None
+        self.class_names = list(class_names) if class_names is not None else None
+        self.results_file = results_file
+        self.run_config: dict[str, Any] | None = None  # the Hydra config, stored in checkpoints
+        self.val_map = self._new_metric()
+        self.test_map = self._new_metric()
+        self.val_map_best = MaxMetric()
+        self._bad_steps = 0
+        self._results: list[dict[str, Any]] = []
+        self.selection_probs: list[Tensor] = []  # per training epoch, for histograms
+
+    @staticmethod
+    def _new_metric() -> MeanAveragePrecision:
+        return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, images: Tensor) -> dict[str, Any]:
+        return self.net(images)
+
+    @staticmethod
+    def image_meta(
+        targets: Sequence[dict[str, Any]],
+    ) -> tuple[list[tuple[int, int]], list[tuple[float, float]]]:
+        sizes = [tuple(int(v) for v in t["img_size"]) for t in targets]
+        scales = [tuple(float(v) for v in t["scale_factor"]) for t in targets]
+        return sizes, scales  # type: ignore[return-value]
+
+    def detect(
+        self, images: Tensor, targets: Sequence[dict[str, Any]], outputs=None
+    ) -> list[dict[str, Tensor]]:
+        """Detections in the original images' pixels."""
+        if outputs is None:
+            outputs = self.net(images)
+        sizes, scales = self.image_meta(targets)
+        return self.net.postprocess(outputs, sizes, scales)
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch, batch_idx: int):
+        images, targets = batch
+        outputs = self.net(images)
+        losses = self.net.loss(outputs, targets)
+        total = losses["total"]
+        if not torch.isfinite(total):
+            self._bad_steps += 1
+            ids = [int(t["image_id"]) for t in targets]
+            self.print(f"[sapd] non-finite loss at step {self.global_step} (images {ids}); step skipped")
+            if self._bad_steps >= self.hparams.max_bad_steps:
+                raise NonFiniteLossError(
+                    f"loss was non-finite for {self._bad_steps} consecutive steps; lower optim.optimizer.lr "
+                    "or raise scheduler.warmup_iters, and check the data for broken boxes"
+                )
+            return None
+        self._bad_steps = 0
+        bs = images.shape[0]
+        self._log_losses("train", losses, bs, on_step=True)
+        probs = losses.get("selection_probs")
+        if isinstance(probs, Tensor) and probs.numel():
+            self.selection_probs.append(probs.detach().float().cpu())
+        return total
+
+    def on_train_epoch_start(self) -> None:
+        self.selection_probs = []
+
+    def _log_losses(self, stage: str, losses: dict[str, Any], batch_size: int, on_step: bool) -> None:
+        for key, value in losses.items():
+            if not isinstance(value, Tensor) or value.numel() != 1:
+                continue
+            self.log(
+                f"{stage}/{key}",
+                value.detach().float(),
+                on_step=on_step,
+                on_epoch=not on_step or key == "total",
+                prog_bar=key in ("total",),
+                batch_size=batch_size,
+                sync_dist=not on_step,
+            )
+
+    # ------------------------------------------------------------------ evaluation
+    @staticmethod
+    def eval_targets(targets: Sequence[dict[str, Any]]) -> list[dict[str, Tensor]]:
+        """Ground truth as COCOeval sees it (original pixels, crowd flags, annotation areas)."""
+        out = []
+        for t in targets:
+            out.append(
+                {
+                    "boxes": t["eval_boxes"].float(),
+                    "labels": t["eval_labels"].long(),
+                    "iscrowd": t["eval_iscrowd"].long(),
+                    "area": t["eval_area"].float(),
+                }
+            )
+        return out
+
+    def _eval_step(self, batch, metric: MeanAveragePrecision, stage: str) -> list[dict[str, Tensor]]:
+        images, targets = batch
+        outputs = self.net(images)
+        dets = self.detect(images, targets, outputs)
+        if "eval_boxes" in targets[0]:
+            losses = self.net.loss(outputs, targets)
+            self._log_losses(stage, {"loss": losses["total"], **losses}, images.shape[0], on_step=False)
+            metric.update(
+                [{k: d[k].detach() for k in ("boxes", "scores", "labels")} for d in dets],
+                self.eval_targets(targets),
+            )
+        if self.results_file:
+            self._results.extend(self.to_coco_results(dets, targets))
+        return dets
+
+    def to_coco_results(
+        self, dets: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Any]]
+    ) -> list[dict]:
+        """Detections as COCO results entries (xywh, original category ids)."""
+        cat_ids = self.label_to_cat_id
+        results = []
+        for det, tgt in zip(dets, targets):
+            boxes = det["boxes"].detach().cpu()
+            xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+            scores = det["scores"].detach().cpu().tolist()
+            labels = det["labels"].detach().cpu().tolist()
+            image_id = int(tgt["image_id"])
+            for box, score, label in zip(xywh, scores, labels):
+                cat = cat_ids[label] if cat_ids is not None else int(label)
+                results.append(
+                    {
+                        "image_id": image_id,
+                        "category_id": int(cat),
+                        "bbox": [round(v, 2) for v in box],
+                        "score": round(float(score), 5),
+                    }
+                )
+        return results
+
+    def _write_results(self) -> None:
+        if self.results_file and self.trainer.is_global_zero:
+            path = Path(self.results_file)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(self._results))
+            self.print(f"[sapd] wrote {len(self._results)} detections to {path}")
+        self._results = []
+
+    def _log_coco(self, metric: MeanAveragePrecision, stage: str) -> dict[str, float]:
+        if not metric.groundtruth_labels and not metric.detection_labels:
+            metric.reset()
+            return {}
+        values = metric.compute()
+        metric.reset()
+        table = {}
+        for src, dst in COCO_KEYS.items():
+            value = values[src]
+            self.log(f"{stage}/{dst}", value, sync_dist=False)
+            table[dst] = float(value)
+        return table
+
+    def on_validation_epoch_start(self) -> None:
+        self._results = []
+
+    def validation_step(self, batch, batch_idx: int):
+        return self._eval_step(batch, self.val_map, "val")
+
+    def on_validation_epoch_end(self) -> None:
+        table = self._log_coco(self.val_map, "val")
+        if table:
+            self.val_map_best(torch.tensor(table["map"]))
+            self.log("val/map_best", self.val_map_best.compute(), prog_bar=True)
+            self.last_coco_table = table
+        self._write_results()
+
+    def on_test_epoch_start(self) -> None:
+        self._results = []
+
+    def test_step(self, batch, batch_idx: int):
+        return self._eval_step(batch, self.test_map, "test")
+
+    def on_test_epoch_end(self) -> None:
+        table = self._log_coco(self.test_map, "test")
+        if table:
+            self.last_coco_table = table
+        self._write_results()
+
+    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
+        images, targets = batch
+        dets = self.detect(images, targets)
+        return [
+            {
+                "image_id": t.get("image_id"),
+                "file_name": t.get("file_name"),
+                **{k: v.cpu() for k, v in d.items()},
+            }
+            for d, t in zip(dets, targets)
+        ]
+
+    # ------------------------------------------------------------------ optimisation
+    def scaled_lr(self, base_lr: float) -> float:
+        """Linear scaling rule: lr grows with the total batch (devices x batch x accumulation)."""
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        accum = trainer.accumulate_grad_batches if trainer is not None else 1
+        total_batch = self.hparams.batch_size * world * accum
+        return base_lr * total_batch / self.hparams.base_batch_size
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if not self.hparams.no_decay_norm_bias:
+            return [{"params": params}]
+        decay, no_decay = [], []
+        for module in self.net.modules():
+            is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+            for name, p in module.named_parameters(recurse=False):
+                if not p.requires_grad:
+                    continue
+                (no_decay if is_norm or name.endswith("bias") else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self):
+        probe = self.optimizer_factory(params=[nn.Parameter(torch.zeros(1))])
+        base_lr = probe.defaults["lr"]
+        weight_decay = probe.defaults.get("weight_decay", 0.0)
+        lr = self.scaled_lr(base_lr)
+        optimizer = self.optimizer_factory(params=self.param_groups(weight_decay), lr=lr)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        steps_per_epoch = max(total // epochs, 1)
+        cfg = dict(self.scheduler_cfg)
+
+        def factor(step: int) -> float:
+            return lr_factor(step, steps_per_epoch=steps_per_epoch, total_steps=total, **cfg)
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["sapd_config"] = self.run_config
+        checkpoint["sapd_classes"] = {
+            "label_to_cat_id": self.label_to_cat_id,
+            "class_names": self.class_names,
+        }

@@ -1,0 +1,106 @@
+"""Train SAPD: ``python -m sapd.train [experiment=r50] [key=value ...]``.
+
+With no arguments it trains the embedded default (a small backbone from scratch on the built-in
+synthetic COCO-format set, on the CPU) and prints the COCO table of the best checkpoint.
+``train(cfg)`` does the work and is what the tests call; ``main`` is the thin Hydra shell.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig
+
+from sapd.module import SAPDLitModule
+from sapd.paths import CONFIG_DIR
+from sapd.utils import config_to_dict, format_coco_table, instantiate_group, set_threads
+
+log = logging.getLogger("sapd.train")
+
+
+def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> SAPDLitModule:
+    """The detector of ``cfg.model`` wrapped with the optimiser of ``cfg.optim``."""
+    net = instantiate(cfg.model, num_classes=datamodule.num_classes)
+    optim = cfg.optim
+    module = SAPDLitModule(
+        net=net,
+        optimizer=instantiate(optim.optimizer),
+        scheduler=dict(optim.scheduler),
+        batch_size=int(cfg.data.batch_size),
+        base_batch_size=int(optim.base_batch_size),
+        no_decay_norm_bias=bool(optim.get("no_decay_norm_bias", False)),
+        label_to_cat_id=list(datamodule.label_to_cat_id),
+        class_names=list(datamodule.class_names),
+    )
+    module.run_config = config_to_dict(cfg)
+    return module
+
+
+def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
+    """Fits the model of ``cfg`` on its data, then evaluates the best checkpoint.
+
+    Returns:
+        the final metrics (``val/map`` etc.) and the objects built (datamodule, module, trainer).
+    """
+    start = time.time()
+    if cfg.get("seed") is not None:
+        L.seed_everything(int(cfg.seed), workers=True)
+    set_threads(cfg.get("num_threads"))
+
+    datamodule: L.LightningDataModule = instantiate(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    module = build_module(cfg, datamodule)
+
+    callbacks = instantiate_group(cfg.get("callbacks"))
+    loggers = instantiate_group(cfg.get("logger"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for lg in loggers:
+        lg.log_hyperparams(module.run_config)
+
+    if cfg.get("train", True):
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
+    best = checkpoint.best_model_path if checkpoint is not None else ""
+    if cfg.get("validate_best", True) and not trainer.fast_dev_run:
+        results = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+        if results:
+            metrics.update({k: float(v) for k, v in results[0].items()})
+    table = getattr(module, "last_coco_table", None)
+    minutes = (time.time() - start) / 60
+    if table and trainer.is_global_zero:
+        print(
+            "\n"
+            + format_coco_table(table, title=f"COCO bbox, {cfg.data.get('name', 'val')} ({minutes:.1f} min)")
+        )
+    if trainer.is_global_zero:
+        if best:
+            print(f"best checkpoint: {best}")
+        if checkpoint is not None and checkpoint.last_model_path:
+            print(f"last checkpoint: {checkpoint.last_model_path}")
+        print(f"logs and outputs: {cfg.paths.output_dir}")
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            lg.experiment.finish()
+    objects = {"datamodule": datamodule, "module": module, "trainer": trainer, "best_ckpt": best}
+    return metrics, objects
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    metrics, _ = train(cfg)
+    metric = cfg.get("optimized_metric")
+    return metrics.get(metric) if metric else None
+
+
+if __name__ == "__main__":
+    main()

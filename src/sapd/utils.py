@@ -1,0 +1,62 @@
+"""Small helpers shared by the entry points: instantiation, seeding, threads, tables."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("sapd")
+
+TABLE_COLUMNS = (
+    ("AP", "map"),
+    ("AP50", "map_50"),
+    ("AP75", "map_75"),
+    ("APs", "map_small"),
+    ("APm", "map_medium"),
+    ("APl", "map_large"),
+)
+
+
+def instantiate_group(cfg: DictConfig | Mapping | None) -> list[Any]:
+    """Instantiates every entry of a config group that has a ``_target_`` (callbacks, loggers).
+
+    Entries set to null are skipped, so ``callbacks.detection_images=null`` removes one callback.
+    """
+    if not cfg:
+        return []
+    objects = []
+    for _, entry in cfg.items():
+        if isinstance(entry, (DictConfig, dict)) and "_target_" in entry:
+            objects.append(instantiate(entry))
+    return objects
+
+
+def set_threads(num_threads: int | None) -> None:
+    """Sets torch's intra-op threads (the CPU default uses every core)."""
+    if num_threads:
+        torch.set_num_threads(int(num_threads))
+
+
+def config_to_dict(cfg: DictConfig) -> dict[str, Any]:
+    """The config as plain containers, interpolations resolved where they can be."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    except Exception:  # noqa: BLE001 - e.g. ${hydra:...} outside a Hydra run
+        return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
+
+
+def format_coco_table(table: Mapping[str, float], title: str = "COCO bbox") -> str:
+    """The six COCO numbers as a two-line table (values in %, as papers print them)."""
+    head = " ".join(f"{name:>6}" for name, _ in TABLE_COLUMNS)
+    row = " ".join(f"{100 * float(table.get(key, float('nan'))):6.1f}" for _, key in TABLE_COLUMNS)
+    return f"{title}\n{head}\n{row}"
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").lower() in ("1", "true", "yes")
