@@ -1,0 +1,10 @@
+"""SAPD as plain PyTorch modules (no Lightning): backbone, neck, head, selection net, detector."""
+
+from sapd.models.backbone import TimmBackbone
+from sapd.models.criterion import SAPDCriterion
+from sapd.models.detector import SAPD
+from sapd.models.head import SAPDHead
+from sapd.models.neck import FPN
+from sapd.models.selection import FeatureSelectionNet
+
+__all__ = ["SAPD", "FPN", "FeatureSelectionNet", "SAPDCriterion", "SAPDHead", "TimmBackbone"]

@@ -1,0 +1,178 @@
+"""The SAPD training objective (SPEC §2-§4, Eq. 2-6), batch-wide and vectorised.
+
+Read top to bottom beside the paper:
+
+1. ownership of every anchor point of every image (SPEC §2; :func:`assign_owners`);
+2. per-point loss of each owned point, no gradient (focal summed over K + IoU; §3.3);
+3. instance-dependent loss of each (instance, level) by scatter-add (:func:`instance_level_losses`);
+4. level selection: phase 1 argmin, phase 2 top-k with detached selection probabilities (§3.3);
+5. point weights w = w_l^B * f (Eq. 4, 5), 1 for negatives;
+6. L = sum w L / max(sum_{p+} w, 1) + lambda L_select (Eq. 6), sums over the whole batch.
+
+The batch is flattened: points of all images are indexed ``image * P + p`` (``[N * P]``), instances of
+all images are concatenated (``[M_total]``), and levels are a per-point tensor, so nothing loops over
+instances, points or levels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from sapd.models.anchor_points import anchor_points, assign_owners, candidate_pairs, encode, soft_weight
+from sapd.models.losses import iou_loss, sigmoid_focal_loss
+from sapd.models.selection import instance_level_losses, select_levels
+
+
+@dataclass
+class SAPDCriterion:
+    """Configuration and computation of the SAPD loss; see the module docstring for the steps.
+
+    Args:
+        num_classes: K.
+        eta: exponent of f in Eq. 4.
+        topk: levels per instance in phase 2 (Table 4).
+        epsilon: shrink factor of B_v.
+        z: normalisation scalar of Eq. 1.
+        soft_weight: SW switch (off: f := 1).
+        soft_select: SS switch (off: FSAF single level whatever the phase).
+        unselected: ``"negative"`` (paper) or ``"ignore"`` (MMDetection FSAF: weight 0 in the owner's
+            class only) for points owned by an instance not assigned to their level.
+        ignore_epsilon: FSAF ignore region (0.5) or None (off).
+        lambda_select: lambda of Eq. 6.
+        loc_loss: ``"iou"`` or ``"giou"``.
+    """
+
+    num_classes: int
+    eta: float = 1.0
+    topk: int = 3
+    epsilon: float = 0.2
+    z: float = 4.0
+    soft_weight: bool = True
+    soft_select: bool = True
+    unselected: str = "negative"
+    ignore_epsilon: float | None = None
+    lambda_select: float = 0.1
+    loc_loss: str = "iou"
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.unselected not in ("negative", "ignore"):
+            raise ValueError(f"unselected must be 'negative' or 'ignore', got {self.unselected!r}")
+
+    def __call__(
+        self,
+        outputs: dict,
+        targets: Sequence[dict],
+        strides: Sequence[int],
+        selection: nn.Module | None,
+        phase: int,
+    ) -> dict[str, Tensor]:
+        """Loss dict of docs/contracts.md.
+
+        Args:
+            outputs: ``SAPD.forward`` output: ``cls_logits`` [N, P, K], ``box_reg`` [N, P, 4],
+                ``features`` [P3..P7], ``level_sizes``.
+            targets: per image ``boxes`` FloatTensor[M_i, 4] (input pixels), ``labels`` LongTensor[M_i].
+            strides: s_l per level.
+            selection: the feature-selection network (or None).
+            phase: 1 (FSAF single level) or 2 (soft top-k).
+        """
+        cls_logits, box_reg = outputs["cls_logits"], outputs["box_reg"]
+        level_sizes = [tuple(int(v) for v in hw) for hw in outputs["level_sizes"]]
+        num_images, num_points, num_classes = cls_logits.shape
+        num_levels = len(level_sizes)
+        device, dtype = cls_logits.device, cls_logits.dtype
+        logits = cls_logits.reshape(-1, num_classes)  # [N*P, K]
+        reg = box_reg.reshape(-1, 4)  # [N*P, 4]
+
+        boxes = torch.cat([t["boxes"].to(device=device, dtype=dtype).reshape(-1, 4) for t in targets])  # [M, 4]
+        labels = torch.cat([t["labels"].to(device=device, dtype=torch.long).reshape(-1) for t in targets])  # [M]
+        box_images = torch.repeat_interleave(
+            torch.arange(num_images, device=device),
+            torch.tensor([len(t["labels"]) for t in targets], device=device),
+        )  # [M]
+        num_inst = boxes.shape[0]
+        points, point_strides, point_levels = anchor_points(level_sizes, strides, device=device, dtype=dtype)
+
+        with torch.no_grad():
+            # 1. SPEC §2: owner of every point of every image (-1: none).
+            owner = assign_owners(boxes, level_sizes, strides, self.epsilon, box_images, num_images)  # [N*P]
+            owned_idx = torch.nonzero(owner >= 0).squeeze(1)  # [Q] global point index
+            own_m = owner[owned_idx]  # [Q]
+            own_p = owned_idx % num_points  # [Q] point index within the image
+            own_lvl = point_levels[own_p]
+            own_d = encode(points[own_p], point_strides[own_p], boxes[own_m], self.z)  # [Q, 4] Eq. 1
+
+            # 2. §3.3: per-point loss, unweighted, focal summed over classes + IoU.
+            own_onehot = F.one_hot(labels[own_m], num_classes).to(dtype)  # [Q, K]
+            own_cls = sigmoid_focal_loss(logits[owned_idx], own_onehot, self.focal_alpha, self.focal_gamma)
+            point_loss = own_cls.sum(1) + iou_loss(reg[owned_idx], own_d, self.loc_loss)  # [Q]
+
+            # 3. instance-dependent loss per (instance, level), +inf where not a candidate.
+            level_losses = instance_level_losses(point_loss, own_m, own_lvl, num_inst, num_levels)  # [M, L]
+            has_candidate = torch.isfinite(level_losses).any(1)  # [M]
+
+        # 4. §3.3: selection net (with gradient, trained from the start) and level assignment.
+        run_selection = selection is not None and num_inst > 0 and (self.soft_select or self.lambda_select > 0)
+        probs = sel_logits = None
+        if run_selection:
+            sel_logits = selection(outputs["features"], boxes, box_images, strides)  # [M, L]
+            probs = sel_logits.softmax(-1)
+        soft = self.soft_select and phase == 2 and probs is not None
+        level_weights, selected, argmin = select_levels(level_losses, probs, soft=soft, topk=self.topk)
+
+        with torch.no_grad():
+            # 5. Eq. 4 / 5: weights of owned points on selected levels; the rest are negatives (w = 1).
+            pos_mask = selected[own_m, own_lvl]  # [Q]
+            f = soft_weight(own_d, self.eta) if self.soft_weight else torch.ones_like(point_loss)
+            pos_w = level_weights[own_m, own_lvl] * f  # [Q]
+            pos_idx, pos_m, pos_d, pos_w = owned_idx[pos_mask], own_m[pos_mask], own_d[pos_mask], pos_w[pos_mask]
+            weights = torch.ones(num_images * num_points, device=device, dtype=dtype)  # [N*P]
+            weights[pos_idx] = pos_w
+            cls_target = torch.zeros_like(logits)  # [N*P, K]
+            cls_target[pos_idx, labels[pos_m]] = 1
+            cls_weight = weights[:, None].expand_as(logits).clone()  # [N*P, K]
+            if self.unselected == "ignore":  # MMDetection FSAF ``reweight_loss_single``
+                neg_idx, neg_m = owned_idx[~pos_mask], own_m[~pos_mask]
+                cls_weight[neg_idx, labels[neg_m]] = 0
+            if self.ignore_epsilon is not None:  # SPEC §2: FSAF ignore region, owner's class only
+                ign_m, ign_p = candidate_pairs(boxes, level_sizes, strides, self.ignore_epsilon, box_images)
+                not_pos = owner[ign_p] < 0
+                cls_weight[ign_p[not_pos], labels[ign_m[not_pos]]] = 0
+
+        # 6. Eq. 2 / 6: weighted sums over the whole batch, one normaliser.
+        normaliser = pos_w.sum().clamp(min=1)
+        cls_loss = (sigmoid_focal_loss(logits, cls_target, self.focal_alpha, self.focal_gamma) * cls_weight).sum()
+        loc_loss = (iou_loss(reg[pos_idx], pos_d, self.loc_loss) * pos_w).sum()
+        cls_loss, loc_loss = cls_loss / normaliser, loc_loss / normaliser
+        valid = has_candidate & (argmin >= 0)
+        if run_selection and bool(valid.any()):
+            select_loss = F.cross_entropy(sel_logits[valid], argmin[valid])
+        elif run_selection:
+            select_loss = sel_logits.sum() * 0  # keeps the graph (DDP-safe) with no instance to train on
+        else:
+            select_loss = logits.new_zeros(())
+        total = cls_loss + loc_loss + self.lambda_select * select_loss
+
+        out = {
+            "cls": cls_loss,
+            "loc": loc_loss,
+            "select": select_loss,
+            "total": total,
+            "num_pos": torch.tensor(float(pos_idx.numel()), device=device),
+            "pos_weight_sum": pos_w.sum().detach(),
+            "num_unassigned": (~has_candidate).sum().to(dtype),
+        }
+        mean_w = level_weights[valid].mean(0) if bool(valid.any()) else level_weights.new_zeros(num_levels)
+        for lvl in range(num_levels):
+            out[f"sel_w/P{lvl + 3}"] = mean_w[lvl].detach()
+        out["selection_probs"] = (
+            probs.detach() if probs is not None else torch.zeros(num_inst, num_levels, device=device, dtype=dtype)
+        )
+        return out

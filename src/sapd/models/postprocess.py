@@ -1,0 +1,78 @@
+"""Inference post-processing (paper §3.4, SPEC §5), as one readable pipeline per image:
+threshold -> per-level top-k -> decode (reverse of Eq. 1) -> clip -> class-aware NMS -> keep N
+-> map to the original image's pixels. Pattern of torchvision ``detection/fcos.py`` postprocess.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms, clip_boxes_to_image
+
+from sapd.models.anchor_points import anchor_points, decode
+
+
+@torch.no_grad()
+def postprocess_detections(
+    cls_logits: Tensor,
+    box_reg: Tensor,
+    level_sizes: Sequence[tuple[int, int]],
+    strides: Sequence[int],
+    image_sizes: Sequence[tuple[int, int]],
+    scale_factors: Sequence[tuple[float, float]] | None = None,
+    *,
+    z: float = 4.0,
+    score_thresh: float = 0.05,
+    pre_nms_topk: int = 1000,
+    nms_thresh: float = 0.5,
+    max_detections: int = 100,
+) -> list[dict[str, Tensor]]:
+    """Detections of every image.
+
+    Args:
+        cls_logits (FloatTensor[N, P, K]), box_reg (FloatTensor[N, P, 4]): head outputs (P3 first).
+        level_sizes: ``(H_l, W_l)`` per level; strides: ``s_l`` per level.
+        image_sizes: ``(h, w)`` of each image before padding, in input pixels (boxes are clipped to it).
+        scale_factors: ``(sx, sy)`` = input / original per image; boxes are divided by them. None: 1.
+        score_thresh: keep (point, class) pairs with sigmoid score above it (0.05).
+        pre_nms_topk: at most this many pairs per level (1000).
+        nms_thresh: IoU of the class-aware NMS (0.5).
+        max_detections: detections kept per image (100).
+
+    Returns:
+        list of N dicts: ``boxes`` FloatTensor[D, 4] (original pixels), ``scores`` FloatTensor[D],
+        ``labels`` LongTensor[D], sorted by decreasing score.
+    """
+    num_images, _, num_classes = cls_logits.shape
+    level_sizes = [tuple(int(v) for v in hw) for hw in level_sizes]
+    points, point_strides, _ = anchor_points(level_sizes, strides, device=cls_logits.device, dtype=box_reg.dtype)
+    counts = [h * w for h, w in level_sizes]
+    results = []
+    for i in range(num_images):
+        boxes_all, scores_all, labels_all = [], [], []
+        start = 0
+        for n in counts:  # per level: threshold and top-k (§3.4)
+            scores = torch.sigmoid(cls_logits[i, start : start + n]).flatten()  # [n*K]
+            keep = torch.nonzero(scores > score_thresh).squeeze(1)
+            scores = scores[keep]
+            if scores.numel() > pre_nms_topk:
+                scores, top = scores.topk(pre_nms_topk)
+                keep = keep[top]
+            idx = start + keep // num_classes  # point index
+            boxes = decode(points[idx], point_strides[idx], box_reg[i, idx], z)  # reverse of Eq. 1
+            boxes_all.append(boxes)
+            scores_all.append(scores)
+            labels_all.append(keep % num_classes)
+            start += n
+        boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
+        h, w = (int(v) for v in image_sizes[i])
+        boxes = clip_boxes_to_image(boxes, (h, w))
+        keep = batched_nms(boxes, scores, labels, nms_thresh)[:max_detections]  # sorted by score
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        if scale_factors is not None:
+            sx, sy = (float(v) for v in scale_factors[i])
+            boxes = boxes / boxes.new_tensor([sx, sy, sx, sy])
+        results.append({"boxes": boxes, "scores": scores, "labels": labels})
+    return results
