@@ -1,0 +1,85 @@
+"""SPEC §6: learning-rate schedule (warm-up, milestones, linear scaling) as the optimiser sees it."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from sapd.module import SAPDLitModule, lr_factor
+
+
+class _Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.GroupNorm(2, 4)
+
+
+def _configured(steps_per_epoch=100, epochs=12, batch_size=2, devices=8, optim=None, sched=None, **kw):
+    optim = optim or (lambda params, lr=0.01: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4))
+    sched = sched or {"name": "multistep", "milestones": [8, 10], "gamma": 0.1, "warmup_iters": 500,
+                      "warmup_ratio": 0.001}
+    module = SAPDLitModule(net=_Net(), optimizer=optim, scheduler=sched, batch_size=batch_size, **kw)
+    module._trainer = SimpleNamespace(
+        world_size=devices,
+        accumulate_grad_batches=1,
+        estimated_stepping_batches=steps_per_epoch * epochs,
+        max_epochs=epochs,
+    )
+    conf = module.configure_optimizers()
+    return conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+
+
+def _lr_at(optimizer, scheduler, step):
+    """The learning rate the LambdaLR of the module gives at optimiser step ``step``."""
+    return optimizer.param_groups[0]["initial_lr"] * scheduler.lr_lambdas[0](step)
+
+
+def test_paper_schedule_at_warmup_and_milestones():
+    # 8 GPUs x 2 images = batch 16: lr 0.01 (SPEC §6); 1000 iterations per epoch, 12 epochs.
+    optimizer, scheduler = _configured(steps_per_epoch=1000, epochs=12, batch_size=2, devices=8)
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.01)
+    assert _lr_at(optimizer, scheduler, 0) == pytest.approx(0.01 * 0.001)  # warm-up start
+    assert _lr_at(optimizer, scheduler, 250) == pytest.approx(0.01 * (0.001 + 0.999 * 0.5))
+    assert _lr_at(optimizer, scheduler, 500) == pytest.approx(0.01)  # warm-up end
+    assert _lr_at(optimizer, scheduler, 7999) == pytest.approx(0.01)  # last step of epoch 8
+    assert _lr_at(optimizer, scheduler, 8000) == pytest.approx(0.001)  # start of the 9th epoch
+    assert _lr_at(optimizer, scheduler, 9999) == pytest.approx(0.001)
+    assert _lr_at(optimizer, scheduler, 10000) == pytest.approx(0.0001)  # start of the 11th epoch
+    assert _lr_at(optimizer, scheduler, 11999) == pytest.approx(0.0001)
+
+
+def test_linear_scaling_with_total_batch():
+    optimizer, _ = _configured(batch_size=2, devices=1)  # batch 2 -> lr 0.01 * 2 / 16
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.00125)
+    optimizer, _ = _configured(batch_size=4, devices=8)  # batch 32 -> 0.02
+    assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.02)
+
+
+def test_two_x_schedule_milestones():
+    assert lr_factor(15 * 10, steps_per_epoch=10, total_steps=240, milestones=[16, 20], warmup_iters=0) == 1.0
+    assert lr_factor(16 * 10, steps_per_epoch=10, total_steps=240, milestones=[16, 20], warmup_iters=0) == (
+        pytest.approx(0.1)
+    )
+    assert lr_factor(20 * 10, steps_per_epoch=10, total_steps=240, milestones=[16, 20], warmup_iters=0) == (
+        pytest.approx(0.01)
+    )
+
+
+def test_cosine_and_unknown_name():
+    kw = dict(steps_per_epoch=10, total_steps=100, name="cosine", warmup_iters=10, warmup_ratio=0.1, min_ratio=0.0)
+    assert lr_factor(0, **kw) == pytest.approx(0.1)
+    assert lr_factor(50, **kw) == pytest.approx(0.5)
+    assert lr_factor(100, **kw) == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="unknown scheduler name 'poly'"):
+        lr_factor(0, steps_per_epoch=1, total_steps=1, name="poly")
+
+
+def test_no_decay_for_norm_and_bias():
+    optim = lambda params, lr=0.004: torch.optim.AdamW(params, lr=lr, weight_decay=0.05)  # noqa: E731
+    optimizer, _ = _configured(optim=optim, no_decay_norm_bias=True, batch_size=16, devices=1)
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert len(decay["params"]) == 1  # the conv weight
+    assert len(no_decay["params"]) == 3  # conv bias, norm weight, norm bias
