@@ -1,0 +1,273 @@
+"""COCO-format detection data set (real COCO 2017, test-dev image info, or the synthetic set).
+
+Conventions: boxes are ``x1, y1, x2, y2`` in pixels; COCO's json stores ``x, y, w, h``.
+M = training boxes of one image, C = its crowd boxes, G = all its annotations (what COCOeval sees).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset
+
+from sapd.data import COCO_HOWTO, DataError
+
+log = logging.getLogger(__name__)
+
+Transform = Callable[[Image.Image, dict], tuple[torch.Tensor, dict]]
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Decode an image file as upright RGB: EXIF orientation applied (phones store portraits as
+    rotated landscapes plus a flag), grayscale / RGBA / palette / CMYK converted to RGB.
+
+    Raises DataError (one line, naming the file) when it is missing or cannot be decoded.
+    """
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)  # returns a copy: the file is closed on exit
+            if im.mode != "RGB":
+                # palette images with transparency go through RGBA first, as PIL recommends
+                im = im.convert("RGBA") if im.mode == "P" and "transparency" in im.info else im
+                im = im.convert("RGB")
+            im.load()
+            return im
+    except FileNotFoundError:
+        raise DataError(f"image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot decode image {path}: {e}") from None
+
+
+def load_coco(ann_file: str | Path):
+    """pycocotools ``COCO`` for ``ann_file`` without its chatter on stdout; DataError when the file
+    is missing or not COCO json. An image-info-only json (test-dev, no ``annotations``) is fine."""
+    from pycocotools.coco import COCO
+
+    ann_file = Path(ann_file)
+    if not ann_file.is_file():
+        raise DataError(f"annotation file not found: {ann_file} -- {COCO_HOWTO}")
+    try:
+        with open(ann_file) as f:
+            dataset = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read annotation file {ann_file}: {e}") from None
+    if not isinstance(dataset, dict) or not isinstance(dataset.get("images"), list):
+        raise DataError(f"{ann_file} is not a COCO annotation file (no 'images' list)")
+    if not dataset.get("categories"):
+        raise DataError(f"{ann_file} has no 'categories'")
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+class COCODetection(Dataset):
+    """Images and boxes of one COCO annotation file.
+
+    Args:
+        ann_file: ``instances_*.json`` (or test-dev's ``image_info_*.json``: no ground truth).
+        img_dir: folder of the images named by ``file_name``.
+        transforms: ``(PIL RGB image, target) -> (FloatTensor[3, h, w], target)`` updating boxes,
+            ``crowd_boxes``, ``img_size``, ``scale_factor``, ``flipped``; None -> normalise only.
+        drop_empty: drop images with no training box (after removing crowd and degenerate boxes).
+        skip_bad_images: a missing / corrupt image is replaced by the next good one (warned once,
+            counted in ``stats["bad_images"]`` of the process that read it) instead of raising.
+        max_images: keep the first n images only (in json order); ``coco`` is restricted likewise,
+            so COCOeval over ``coco`` scores exactly these images.
+        min_box_size: boxes narrower or shorter than this after clipping to the image are dropped.
+
+    Item ``(image FloatTensor[3, h, w], target)``; the target holds ``boxes`` FloatTensor[M, 4],
+    ``labels`` LongTensor[M] (0..K-1), ``crowd_boxes`` FloatTensor[C, 4] (transformed frame),
+    ``image_id``, ``orig_size`` (h, w), ``img_size`` (h, w), ``scale_factor`` (sx, sy), ``flipped``,
+    and (unless the json has no ``annotations`` key, as test-dev) in ORIGINAL pixels
+    ``eval_boxes`` FloatTensor[G, 4], ``eval_labels`` LongTensor[G],
+    ``eval_iscrowd`` BoolTensor[G], ``eval_area`` FloatTensor[G].
+    """
+
+    def __init__(
+        self,
+        ann_file: str | Path,
+        img_dir: str | Path,
+        *,
+        transforms: Transform | None = None,
+        drop_empty: bool = False,
+        skip_bad_images: bool = False,
+        max_images: int | None = None,
+        min_box_size: float = 1.0,
+    ) -> None:
+        self.ann_file, self.img_dir = Path(ann_file), Path(img_dir)
+        self.coco = load_coco(self.ann_file)
+        if not self.img_dir.is_dir():
+            raise DataError(f"image folder not found: {self.img_dir} -- {COCO_HOWTO}")
+        self.transforms = transforms
+        self.skip_bad_images = skip_bad_images
+        self._warned = False
+
+        cats = sorted(self.coco.dataset["categories"], key=lambda c: c["id"])
+        self.label_to_cat_id: list[int] = [int(c["id"]) for c in cats]
+        self.cat_id_to_label: dict[int, int] = {cid: i for i, cid in enumerate(self.label_to_cat_id)}
+        self.class_names: list[str] = [str(c.get("name", c["id"])) for c in cats]
+        self.has_annotations = "annotations" in self.coco.dataset
+
+        self.stats: dict[str, int] = dict.fromkeys(
+            ["images", "annotations", "boxes", "crowd", "degenerate_boxes", "empty_images", "dropped_empty",
+             "bad_images"], 0
+        )  # fmt: skip
+        self._records: dict[int, dict] = {}
+        ids = []
+        img_ids = [int(im["id"]) for im in self.coco.dataset["images"]]
+        if max_images is not None:
+            img_ids = img_ids[: int(max_images)]
+        for img_id in img_ids:
+            rec = self._parse(img_id, min_box_size)
+            if len(rec["boxes"]) == 0:
+                self.stats["empty_images"] += 1
+                if drop_empty:
+                    self.stats["dropped_empty"] += 1
+                    continue
+            self._records[img_id] = rec
+            ids.append(img_id)
+        self.ids: list[int] = ids
+        self.stats["images"] = len(ids)
+        if max_images is not None:
+            self.coco = self._restricted_coco(img_ids)
+
+    # -- parsing ---------------------------------------------------------------------------------
+
+    def _parse(self, img_id: int, min_box_size: float) -> dict:
+        """Per-image arrays, parsed once. A loop over annotations is fine here (json, not hot path)."""
+        info = self.coco.imgs[img_id]
+        if "width" not in info or "height" not in info or "file_name" not in info:
+            raise DataError(f"{self.ann_file}: image id {img_id} lacks file_name / width / height")
+        w, h = float(info["width"]), float(info["height"])
+        boxes, labels, iscrowd, areas = [], [], [], []
+        for ann in self.coco.imgToAnns.get(img_id, []):
+            cat_id = ann.get("category_id")
+            if cat_id not in self.cat_id_to_label:
+                raise DataError(
+                    f"{self.ann_file}: annotation id {ann.get('id')} has unknown category id {cat_id} "
+                    f"(known: {self.label_to_cat_id})"
+                )
+            bbox = ann.get("bbox")
+            if not isinstance(bbox, list | tuple) or len(bbox) != 4:
+                raise DataError(f"{self.ann_file}: annotation id {ann.get('id')} has no valid bbox: {bbox!r}")
+            boxes.append(bbox)
+            labels.append(self.cat_id_to_label[cat_id])
+            iscrowd.append(bool(ann.get("iscrowd", 0)))
+            areas.append(float(ann.get("area", bbox[2] * bbox[3])))
+        self.stats["annotations"] += len(boxes)
+
+        xywh = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)  # [G, 4], original pixels
+        labels_np = np.asarray(labels, dtype=np.int64)
+        crowd = np.asarray(iscrowd, dtype=bool)
+        clipped = np.clip(xyxy, 0, np.array([w, h, w, h], dtype=np.float32))  # [G, 4]
+        size_ok = ((clipped[:, 2:] - clipped[:, :2]) >= min_box_size).all(1)  # [G]
+        keep = ~crowd & size_ok
+        self.stats["crowd"] += int(crowd.sum())
+        self.stats["degenerate_boxes"] += int((~crowd & ~size_ok).sum())
+        self.stats["boxes"] += int(keep.sum())
+        return {
+            "file_name": info["file_name"],
+            "orig_size": (int(info["height"]), int(info["width"])),
+            "boxes": clipped[keep],
+            "labels": labels_np[keep],
+            "crowd_boxes": clipped[crowd],
+            "eval_boxes": xyxy,
+            "eval_labels": labels_np,
+            "eval_iscrowd": crowd,
+            "eval_area": np.asarray(areas, dtype=np.float32),
+        }
+
+    def _restricted_coco(self, img_ids: list[int]):
+        """A COCO ground truth holding only ``img_ids`` and their annotations."""
+        from pycocotools.coco import COCO
+
+        keep = set(img_ids)
+        ds = dict(self.coco.dataset)
+        ds["images"] = [im for im in ds["images"] if im["id"] in keep]
+        if "annotations" in ds:
+            ds["annotations"] = [a for a in ds["annotations"] if a["image_id"] in keep]
+        coco = COCO()
+        coco.dataset = ds
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+        return coco
+
+    # -- access ----------------------------------------------------------------------------------
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_to_cat_id)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def image_path(self, index: int) -> Path:
+        return self.img_dir / self._records[self.ids[index]]["file_name"]
+
+    def _load(self, index: int) -> Image.Image:
+        rec = self._records[self.ids[index]]
+        path = self.img_dir / rec["file_name"]
+        img = load_rgb(path)
+        # the annotations live in the upright frame (detectron2 `check_image_size` does this check)
+        if (img.height, img.width) != rec["orig_size"]:
+            raise DataError(
+                f"image {path} is {img.width}x{img.height} after EXIF orientation but its annotation "
+                f"says {rec['orig_size'][1]}x{rec['orig_size'][0]}"
+            )
+        return img
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
+        tries = len(self.ids) if self.skip_bad_images else 1
+        for k in range(tries):
+            i = (index + k) % len(self.ids)
+            try:
+                img = self._load(i)
+            except DataError as e:
+                if not self.skip_bad_images:
+                    raise
+                self.stats["bad_images"] += 1
+                if not self._warned:
+                    self._warned = True
+                    warnings.warn(f"skipping bad image(s) (skip_bad_images=true): {e}", stacklevel=2)
+                continue
+            return self._make_item(i, img)
+        raise DataError(f"no readable image in {self.img_dir} (skip_bad_images=true skipped all {tries})")
+
+    def _make_item(self, index: int, img: Image.Image) -> tuple[torch.Tensor, dict]:
+        img_id = self.ids[index]
+        rec = self._records[img_id]
+        h, w = rec["orig_size"]
+        target = {
+            "image_id": img_id,
+            "boxes": torch.from_numpy(rec["boxes"].copy()),  # [M, 4]
+            "labels": torch.from_numpy(rec["labels"].copy()),  # [M]
+            "crowd_boxes": torch.from_numpy(rec["crowd_boxes"].copy()),  # [C, 4]
+            "orig_size": (h, w),
+            "img_size": (h, w),
+            "scale_factor": (1.0, 1.0),
+            "flipped": False,
+        }
+        if self.has_annotations:  # test-dev (image info only) has no ground truth to evaluate
+            target |= {
+                "eval_boxes": torch.from_numpy(rec["eval_boxes"]),  # [G, 4], original pixels, read-only use
+                "eval_labels": torch.from_numpy(rec["eval_labels"]),  # [G]
+                "eval_iscrowd": torch.from_numpy(rec["eval_iscrowd"]),  # [G]
+                "eval_area": torch.from_numpy(rec["eval_area"]),  # [G]
+            }
+        if self.transforms is None:
+            from sapd.data.transforms import to_normalized_tensor
+
+            return to_normalized_tensor(img), target
+        return self.transforms(img, target)

@@ -1,0 +1,248 @@
+"""Lightning data modules: COCO 2017 from a folder, and the embedded synthetic set.
+
+COCO layout under ``root`` (the default file names; each may be overridden)::
+
+    annotations/instances_train2017.json   train2017/
+    annotations/instances_val2017.json     val2017/
+    annotations/image_info_test-dev2017.json  test2017/     (test_split="test-dev")
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Mapping, Sequence
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from sapd.data import COCO_HOWTO, DataError
+from sapd.data.coco import COCODetection
+from sapd.data.transforms import build_transforms, collate
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed
+    (which the DataLoader derives from its generator), as PyTorch's reproducibility notes advise."""
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)  # noqa: NPY002 -- the legacy global RNG is what third-party code uses
+    random.seed(seed)
+
+
+COCO_FILES = {
+    "train": ("annotations/instances_train2017.json", "train2017"),
+    "val": ("annotations/instances_val2017.json", "val2017"),
+    "test-dev": ("annotations/image_info_test-dev2017.json", "test2017"),
+}
+
+
+class COCODataModule(L.LightningDataModule):
+    """COCO-format detection data for training, validation, test and prediction.
+
+    Args:
+        root: data folder (``${oc.env:COCO_ROOT,data/coco}`` in ``conf/data/coco.yaml``).
+        train_ann / train_images / val_ann / val_images / test_ann / test_images: paths relative to
+            ``root`` (or absolute); None -> COCO 2017's names (see module docstring).
+        name: a label for titles and logs ("coco", "synthetic").
+        test_split: "test-dev" (image info only, no ground truth: a results json for the evaluation
+            server) or "val" (test = the val files). ``predict_dataloader`` uses the test set.
+        batch_size / val_batch_size: images per batch for training / for val, test, predict
+            (val_batch_size None -> batch_size).
+        num_workers, persistent_workers (only used when num_workers > 0), pin_memory (None: on
+            when CUDA is available).
+        min_size: shorter side for training, an int or [min, max] for scale jitter; evaluation
+            uses ``val_min_size`` (None: the max of min_size). max_size caps the longer side.
+        flip_prob: probability of a horizontal flip in training.
+        size_divisor: padded batch sides are multiples of this (128 for P7 at stride 128).
+        drop_empty: drop training images with no box (val / test keep every image).
+        skip_bad_images: replace unreadable images by the next good one instead of raising.
+        limit_val_images: evaluate on the first n val images only (None: all).
+        seed: seeds the training shuffle (None: Lightning's / torch's global seed decides).
+    """
+
+    def __init__(
+        self,
+        root: str | Path = "data/coco",
+        *,
+        name: str = "coco",
+        train_ann: str | None = None,
+        train_images: str | None = None,
+        val_ann: str | None = None,
+        val_images: str | None = None,
+        test_ann: str | None = None,
+        test_images: str | None = None,
+        test_split: str = "test-dev",
+        batch_size: int = 2,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        persistent_workers: bool = True,
+        pin_memory: bool | None = None,
+        min_size: int | Sequence[int] = 800,
+        val_min_size: int | None = None,
+        max_size: int | None = 1333,
+        flip_prob: float = 0.5,
+        size_divisor: int = 128,
+        drop_empty: bool = False,
+        skip_bad_images: bool = False,
+        limit_val_images: int | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__()
+        if test_split not in ("val", "test-dev"):
+            raise DataError(f"data.test_split must be 'val' or 'test-dev', got {test_split!r}")
+        if isinstance(min_size, Sequence) and not isinstance(min_size, str):
+            min_size = [int(v) for v in min_size]  # ListConfig -> list
+        self.name = str(name)
+        self.root = Path(root).expanduser()
+        self._paths = {"train": (train_ann, train_images), "val": (val_ann, val_images)}
+        self._paths["test"] = (test_ann, test_images) if test_split == "test-dev" else (val_ann, val_images)
+        self._default_files = dict(COCO_FILES)
+        self._default_files["test"] = COCO_FILES["test-dev" if test_split == "test-dev" else "val"]
+        self.test_split = test_split
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
+        self.min_size, self.max_size = min_size, max_size
+        self.val_min_size = None if val_min_size is None else int(val_min_size)
+        self.flip_prob, self.size_divisor = float(flip_prob), int(size_divisor)
+        self.drop_empty, self.skip_bad_images = bool(drop_empty), bool(skip_bad_images)
+        self.limit_val_images = None if limit_val_images is None else int(limit_val_images)
+        self.seed = seed
+        self.train_dataset: COCODetection | None = None
+        self.val_dataset: COCODetection | None = None
+        self.test_dataset: COCODetection | None = None
+        self._categories: list[dict] | None = None
+
+    # -- paths and classes -----------------------------------------------------------------------
+
+    def paths(self, split: str) -> tuple[Path, Path]:
+        """(annotation file, image folder) of split "train", "val" or "test"."""
+        ann, images = self._paths[split]
+        d_ann, d_images = self._default_files[split]
+        return self.root / (ann or d_ann), self.root / (images or d_images)
+
+    def _read_categories(self) -> list[dict]:
+        """Categories of the val file (smaller than train's), without building the data sets."""
+        if self._categories is None:
+            self.prepare_data()
+            ann = self.paths("val")[0]
+            if not ann.is_file():
+                raise DataError(f"annotation file not found: {ann} -- {COCO_HOWTO}")
+            try:
+                with open(ann) as f:
+                    cats = json.load(f).get("categories") or []
+            except (OSError, ValueError) as e:
+                raise DataError(f"cannot read annotation file {ann}: {e}") from None
+            self._categories = sorted(cats, key=lambda c: c["id"])
+        return self._categories
+
+    @property
+    def label_to_cat_id(self) -> list[int]:
+        """Contiguous label -> COCO category id (available before ``setup``)."""
+        ds = self.val_dataset or self.train_dataset
+        return ds.label_to_cat_id if ds else [int(c["id"]) for c in self._read_categories()]
+
+    @property
+    def class_names(self) -> list[str]:
+        ds = self.val_dataset or self.train_dataset
+        return ds.class_names if ds else [str(c.get("name", c["id"])) for c in self._read_categories()]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_to_cat_id)
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+
+    def _dataset(self, split: str, *, train: bool, **kw) -> COCODetection:
+        ann, images = self.paths(split)
+        min_size = self.min_size if train or self.val_min_size is None else self.val_min_size
+        tf = build_transforms(train=train, min_size=min_size, max_size=self.max_size, flip_prob=self.flip_prob)
+        return COCODetection(ann, images, transforms=tf, skip_bad_images=self.skip_bad_images, **kw)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit") and self.train_dataset is None:
+            self.train_dataset = self._dataset("train", train=True, drop_empty=self.drop_empty)
+        if stage in (None, "fit", "validate") and self.val_dataset is None:
+            self.val_dataset = self._dataset("val", train=False, max_images=self.limit_val_images)
+        if stage in (None, "test", "predict") and self.test_dataset is None:
+            self.test_dataset = self._dataset("test", train=False)
+        tr, va = self.train_dataset, self.val_dataset
+        if tr is not None and va is not None and tr.label_to_cat_id != va.label_to_cat_id:
+            raise DataError(
+                f"train and val annotation files have different categories: "
+                f"{self.train_dataset.label_to_cat_id} vs {self.val_dataset.label_to_cat_id}"
+            )
+
+    def _loader(self, dataset: COCODetection | None, *, train: bool, name: str) -> DataLoader:
+        if dataset is None:
+            raise DataError(f"{name}_dataloader() called before setup() built the {name} set")
+        generator = None
+        if train and self.seed is not None:
+            generator = torch.Generator().manual_seed(int(self.seed))
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.val_batch_size,
+            shuffle=train,
+            drop_last=False,
+            num_workers=self.num_workers,
+            persistent_workers=self.persistent_workers,
+            pin_memory=self.pin_memory,
+            collate_fn=partial(collate, size_divisor=self.size_divisor),
+            worker_init_fn=seed_worker,
+            generator=generator,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, train=True, name="train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, train=False, name="val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, train=False, name="test")
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, train=False, name="predict")
+
+
+class SyntheticCOCODataModule(COCODataModule):
+    """The embedded default: :func:`sapd.data.synthetic.make_synthetic_coco` drawn once in
+    ``prepare_data`` (cached; ``root=None`` -> ``$SAPD_DATA_DIR`` or ``~/.cache/sapd``), then read
+    through the same COCO loader. ``synthetic`` holds the generator's parameters
+    (num_train, num_val, seed, min_side, max_side, max_objects, ...). Test = val.
+    """
+
+    def __init__(
+        self, root: str | Path | None = None, *, synthetic: Mapping | None = None, name: str = "synthetic", **kwargs
+    ) -> None:
+        from sapd.data.synthetic import SyntheticParams, default_root
+
+        self.synthetic = dict(synthetic or {})
+        try:
+            params = SyntheticParams(**self.synthetic)
+        except TypeError as e:
+            raise DataError(f"data.synthetic: {e}") from None
+        root = Path(root) if root is not None else default_root(params)
+        kwargs.setdefault("test_split", "val")
+        for split in ("train", "val"):
+            kwargs.setdefault(f"{split}_ann", f"annotations/instances_{split}.json")
+            kwargs.setdefault(f"{split}_images", split)
+        super().__init__(root, name=name, **kwargs)
+        self._prepared = False
+
+    def prepare_data(self) -> None:
+        if not self._prepared:
+            from sapd.data.synthetic import make_synthetic_coco
+
+            make_synthetic_coco(self.root, verbose=True, **self.synthetic)
+            self._prepared = True
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()  # every rank: a no-op once the cached set exists
+        super().setup(stage)

@@ -1,0 +1,195 @@
+"""Train / eval transforms, batch collation and inference preprocessing.
+
+Every transform is ``(image, target) -> (image, target)``: the image is a PIL RGB image until
+:class:`ToTensorNormalize` (resizing and flipping uint8 PIL images is the cheapest path on CPU),
+``target`` is the dict of :class:`sapd.data.coco.COCODetection`. Boxes are ``x1, y1, x2, y2``
+pixels in the current image's frame; ``scale_factor = (sx, sy) = resized / original`` per axis,
+so ``box_original = box_resized / (sx, sy, sx, sy)`` exactly (MMDetection's ``Resize`` keeps the
+same per-axis ``w_scale, h_scale`` for the same reason).
+
+Plain tensor code rather than ``torchvision.transforms.v2``: the three operations are a few lines
+each, and the exact box arithmetic is easy to check against the docstrings.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from sapd.data import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_BOX_KEYS = ("boxes", "crowd_boxes")
+
+
+def _size_range(min_size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(min_size, int | float):
+        lo = hi = int(min_size)
+    else:
+        vals = [int(v) for v in min_size]
+        if len(vals) == 1:
+            vals = vals * 2
+        if len(vals) != 2:
+            raise DataError(f"min_size must be an int or [min, max], got {list(min_size)}")
+        lo, hi = vals
+    if not 0 < lo <= hi:
+        raise DataError(f"min_size must satisfy 0 < min <= max, got [{lo}, {hi}]")
+    return lo, hi
+
+
+def resized_shape(h: int, w: int, min_size: int, max_size: int | None) -> tuple[int, int]:
+    """(new_h, new_w): shorter side ``min_size``, longer side at most ``max_size``, aspect kept
+    (detectron2 ``ResizeShortestEdge.get_output_shape``; rounded to the nearest pixel)."""
+    scale = min_size / min(h, w)
+    if max_size is not None and max(h, w) * scale > max_size:
+        scale = max_size / max(h, w)
+    return max(1, int(round(h * scale))), max(1, int(round(w * scale)))
+
+
+class Resize:
+    """Resize keeping the aspect ratio: shorter side = ``min_size`` (int) or an integer drawn
+    uniformly from ``[min, max]`` (scale jitter, e.g. [640, 800] for the 2x recipe), longer side
+    capped at ``max_size``. Boxes are scaled by (sx, sy) = (new_w / w, new_h / h)."""
+
+    def __init__(self, min_size: int | Sequence[int], max_size: int | None = 1333) -> None:
+        self.min_size, self.max_size = _size_range(min_size), max_size
+
+    def __call__(self, img: Image.Image, target: dict) -> tuple[Image.Image, dict]:
+        lo, hi = self.min_size
+        short = lo if lo == hi else int(torch.randint(lo, hi + 1, ()).item())  # torch RNG: seeded per worker
+        w, h = img.size
+        nh, nw = resized_shape(h, w, short, self.max_size)
+        if (nh, nw) != (h, w):
+            img = img.resize((nw, nh), Image.BILINEAR)
+        sx, sy = nw / w, nh / h
+        scale = torch.tensor([sx, sy, sx, sy], dtype=torch.float32)
+        for k in _BOX_KEYS:
+            if k in target:
+                target[k] = target[k] * scale  # [M, 4]
+        osx, osy = target.get("scale_factor", (1.0, 1.0))
+        target["scale_factor"] = (osx * sx, osy * sy)
+        target["img_size"] = (nh, nw)
+        return img, target
+
+
+def hflip_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
+    """Mirror boxes [M, 4] in an image of ``width`` pixels: x1' = W - x2, x2' = W - x1."""
+    out = boxes.clone()
+    out[:, 0] = width - boxes[:, 2]
+    out[:, 2] = width - boxes[:, 0]
+    return out
+
+
+class RandomHorizontalFlip:
+    """Flip the image and its boxes left-right with probability ``p``; toggles ``target['flipped']``."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        self.p = float(p)
+
+    def __call__(self, img: Image.Image, target: dict) -> tuple[Image.Image, dict]:
+        if self.p <= 0 or torch.rand(()).item() >= self.p:
+            return img, target
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        for k in _BOX_KEYS:
+            if k in target:
+                target[k] = hflip_boxes(target[k], img.width)
+        target["flipped"] = not target.get("flipped", False)
+        return img, target
+
+
+def to_normalized_tensor(img: Image.Image, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """PIL RGB -> FloatTensor[3, h, w], ``(x / 255 - mean) / std``."""
+    x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))  # [h, w, 3]
+    x = x.permute(2, 0, 1).float().div_(255.0)  # [3, h, w]
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return x.sub_(m).div_(s)
+
+
+def denormalize(x: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Inverse of :func:`to_normalized_tensor` for [3, h, w] or [N, 3, h, w]: values in [0, 1]."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return x * s + m
+
+
+class ToTensorNormalize:
+    """PIL RGB -> normalised FloatTensor[3, h, w] (ImageNet mean / std by default)."""
+
+    def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __call__(self, img: Image.Image, target: dict) -> tuple[torch.Tensor, dict]:
+        return to_normalized_tensor(img, self.mean, self.std), target
+
+
+class Compose:
+    def __init__(self, transforms: Sequence) -> None:
+        self.transforms = list(transforms)
+
+    def __call__(self, img, target: dict):
+        for t in self.transforms:
+            img, target = t(img, target)
+        return img, target
+
+
+def build_transforms(
+    *, train: bool, min_size: int | Sequence[int] = 800, max_size: int | None = 1333, flip_prob: float = 0.5
+) -> Compose:
+    """SPEC §6: train = jittered resize + flip + normalise; eval = resize to the largest
+    ``min_size`` (800 for both 1x and the [640, 800] jitter) + normalise."""
+    if train:
+        return Compose([Resize(min_size, max_size), RandomHorizontalFlip(flip_prob), ToTensorNormalize()])
+    return Compose([Resize(_size_range(min_size)[1], max_size), ToTensorNormalize()])
+
+
+def collate(batch: Sequence[tuple[torch.Tensor, dict]], size_divisor: int = 128) -> tuple[torch.Tensor, list[dict]]:
+    """Stack images, zero-padded at the bottom / right to a common size divisible by ``size_divisor``.
+
+    Args:
+        batch: N items ``(FloatTensor[3, h_i, w_i], target_i)``.
+    Returns:
+        images FloatTensor[N, 3, Hp, Wp] (Hp, Wp multiples of ``size_divisor``; padding is 0 after
+        normalisation, i.e. the mean colour, as MMDetection pads), and the N targets, each with
+        ``img_size`` (h_i, w_i) and ``pad_size`` (Hp, Wp) set.
+    """
+    if len(batch) == 0:
+        raise DataError("collate: empty batch")
+    images, targets = zip(*batch)
+    d = max(int(size_divisor), 1)
+    hp = math.ceil(max(im.shape[-2] for im in images) / d) * d
+    wp = math.ceil(max(im.shape[-1] for im in images) / d) * d
+    out = images[0].new_zeros((len(images), images[0].shape[0], hp, wp))  # [N, 3, Hp, Wp]
+    targets = list(targets)
+    for i, im in enumerate(images):  # a loop over images, not boxes
+        out[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
+        targets[i]["img_size"] = (int(im.shape[-2]), int(im.shape[-1]))
+        targets[i]["pad_size"] = (hp, wp)
+    return out, targets
+
+
+def preprocess_image(
+    image: Image.Image, *, min_size: int | Sequence[int] = 800, max_size: int | None = 1333
+) -> tuple[torch.Tensor, dict]:
+    """Inference preprocessing of one raw PIL image (any mode; EXIF orientation applied).
+
+    Returns:
+        FloatTensor[3, h, w] normalised (not padded: pass a list through :func:`collate`, or pad),
+        and ``meta`` with ``orig_size`` (H, W), ``img_size`` (h, w) and ``scale_factor`` (sx, sy):
+        a box predicted in the resized image maps back by dividing by (sx, sy, sx, sy).
+    """
+    from PIL import ImageOps
+
+    image = ImageOps.exif_transpose(image)
+    if image.mode != "RGB":
+        image = image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
+    target = {"orig_size": (image.height, image.width), "scale_factor": (1.0, 1.0)}
+    img, target = Resize(_size_range(min_size)[1], max_size)(image, target)
+    meta = {k: target[k] for k in ("orig_size", "img_size", "scale_factor")}
+    return to_normalized_tensor(img), meta
