@@ -1,0 +1,223 @@
+"""COCODetection on a small hand-written COCO json holding COCO's quirks, and its error messages."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sapd.data import DataError
+from sapd.data.coco import COCODetection
+from sapd.data.transforms import build_transforms, denormalize
+
+# crowd mask: rows 5..14 x cols 30..39 of a 48 x 64 image, as uncompressed column-major RLE
+CROWD_RLE = {"counts": [30 * 48 + 5] + [10, 38] * 9 + [10, 33 + 24 * 48], "size": [48, 64]}
+
+
+def _write_quirky_set(root: Path) -> tuple[Path, Path]:
+    img_dir = root / "images"
+    img_dir.mkdir(parents=True)
+    rgb = np.zeros((48, 64, 3), np.uint8)
+    rgb[:, :32] = (200, 30, 30)
+    Image.fromarray(rgb).save(img_dir / "rgb.jpg", quality=95)
+    Image.new("L", (40, 30), 128).save(img_dir / "gray.png")
+    Image.new("RGBA", (40, 30), (10, 200, 10, 0)).save(img_dir / "rgba.png")
+    pal = Image.new("P", (40, 30), 1)
+    pal.putpalette([0, 0, 0, 0, 0, 250] + [0] * 762)
+    pal.save(img_dir / "palette.png", transparency=0)
+    # stored 50 wide x 30 tall with a red top-left corner; EXIF orientation 6 (rotate 90 clockwise
+    # for display) makes it 30 wide x 50 tall with the red corner at the top right
+    raw = np.full((30, 50, 3), 255, np.uint8)
+    raw[:8, :8] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(raw).save(img_dir / "exif.jpg", exif=exif, quality=95)
+    Image.new("RGB", (20, 20), (0, 0, 0)).save(img_dir / "empty.jpg")
+    images = [
+        {"id": 11, "file_name": "rgb.jpg", "width": 64, "height": 48},
+        {"id": 12, "file_name": "gray.png", "width": 40, "height": 30},
+        {"id": 13, "file_name": "rgba.png", "width": 40, "height": 30},
+        {"id": 14, "file_name": "palette.png", "width": 40, "height": 30},
+        {"id": 15, "file_name": "exif.jpg", "width": 30, "height": 50},
+        {"id": 16, "file_name": "empty.jpg", "width": 20, "height": 20},
+    ]
+
+    def ann(i, img, cat, bbox, **kw):
+        return {"id": i, "image_id": img, "category_id": cat, "bbox": bbox, "area": bbox[2] * bbox[3],
+                "iscrowd": 0, "segmentation": [], **kw}  # fmt: skip
+
+    annotations = [
+        ann(1, 11, 5, [4, 4, 20, 10]),
+        ann(2, 11, 5, [50, 30, 30, 30]),  # partly outside: clipped to the image for training
+        ann(3, 11, 9, [10, 10, 0.5, 8]),  # degenerate (0.5 px wide)
+        ann(4, 11, 2, [30, 5, 10, 10], iscrowd=1, segmentation=CROWD_RLE, area=100),
+        ann(5, 12, 2, [1, 2, 10, 12]),
+        ann(6, 13, 9, [5, 5, 20, 20]),
+        ann(7, 14, 5, [0, 0, 40, 30]),
+        ann(8, 15, 9, [2, 3, 20, 40]),
+    ]
+    categories = [  # out of order and with gaps: labels follow sorted ids
+        {"id": 9, "name": "nine", "supercategory": "x"},
+        {"id": 2, "name": "two", "supercategory": "x"},
+        {"id": 5, "name": "five", "supercategory": "x"},
+    ]
+    ann_file = root / "instances.json"
+    ann_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return ann_file, img_dir
+
+
+@pytest.fixture
+def quirky(tmp_path):
+    return _write_quirky_set(tmp_path)
+
+
+def _by_id(ds: COCODetection, image_id: int):
+    return ds[ds.ids.index(image_id)]
+
+
+def test_label_map_and_boxes(quirky):
+    ds = COCODetection(*quirky)
+    assert ds.num_classes == 3 and ds.label_to_cat_id == [2, 5, 9] and ds.class_names == ["two", "five", "nine"]
+    assert ds.cat_id_to_label == {2: 0, 5: 1, 9: 2}
+    assert len(ds) == 6  # the empty image is kept as a negative
+    assert ds.stats["degenerate_boxes"] == 1 and ds.stats["crowd"] == 1 and ds.stats["empty_images"] == 1
+    assert ds.stats["annotations"] == 8 and ds.stats["boxes"] == 6
+
+    img, t = _by_id(ds, 11)
+    assert img.shape == (3, 48, 64) and img.dtype == torch.float32
+    assert torch.equal(t["boxes"], torch.tensor([[4.0, 4, 24, 14], [50, 30, 64, 48]]))  # xywh -> xyxy, clipped
+    assert t["labels"].tolist() == [1, 1]
+    assert torch.equal(t["crowd_boxes"], torch.tensor([[30.0, 5, 40, 15]]))
+    assert t["image_id"] == 11 and t["orig_size"] == (48, 64) and t["scale_factor"] == (1.0, 1.0)
+    # evaluation ground truth: every annotation, unclipped, original pixels, with crowd flags
+    assert t["eval_boxes"].shape == (4, 4) and t["eval_boxes"][1].tolist() == [50, 30, 80, 60]
+    assert t["eval_labels"].tolist() == [1, 1, 2, 0]
+    assert t["eval_iscrowd"].tolist() == [False, False, False, True]
+    assert t["eval_area"].tolist() == [200, 900, 4, 100]
+
+    _, empty = _by_id(ds, 16)
+    assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,) and empty["eval_boxes"].shape == (0, 4)
+    assert len(COCODetection(*quirky, drop_empty=True)) == 5
+
+
+def test_crowd_rle_is_valid_coco(quirky):
+    ds = COCODetection(*quirky)
+    crowd = ds.coco.loadAnns([4])[0]
+    m = ds.coco.annToMask(crowd)
+    assert m.sum() == 100 and m[5:15, 30:40].all()
+
+
+def test_image_modes_become_rgb_and_exif_is_applied(quirky):
+    ds = COCODetection(*quirky)
+    for image_id, colour in ((12, (128, 128, 128)), (13, (10, 200, 10)), (14, (0, 0, 250))):
+        img, _ = _by_id(ds, image_id)
+        assert img.shape == (3, 30, 40)
+        px = denormalize(img)[:, 15, 20] * 255
+        assert torch.allclose(px, torch.tensor(colour, dtype=torch.float32), atol=1.0), (image_id, px)
+    img, t = _by_id(ds, 15)
+    assert img.shape == (3, 50, 30) and t["orig_size"] == (50, 30)
+    rgb = denormalize(img) * 255
+    assert rgb[0, 2, 27] > 200 and rgb[1, 2, 27] < 60  # red corner now at the top right
+    assert rgb[1, 2, 2] > 200  # the top left is white
+
+
+def test_transforms_map_back_to_original_pixels(quirky):
+    tf = build_transforms(train=True, min_size=[70, 90], max_size=120, flip_prob=0.0)
+    ds = COCODetection(*quirky, transforms=tf)
+    raw = COCODetection(*quirky)
+    for i in range(len(ds)):
+        img, t = ds[i]
+        _, r = raw[i]
+        sx, sy = t["scale_factor"]
+        assert tuple(img.shape[1:]) == t["img_size"]
+        assert 70 <= min(t["img_size"]) <= 90 or max(t["img_size"]) == 120
+        back = t["boxes"] / torch.tensor([sx, sy, sx, sy])
+        assert torch.allclose(back, r["boxes"], atol=1e-4)
+        assert torch.equal(t["eval_boxes"], r["eval_boxes"])  # evaluation stays in original pixels
+
+
+def test_image_info_only_json(tmp_path, quirky):
+    ann_file, img_dir = quirky
+    ds = json.loads(ann_file.read_text())
+    del ds["annotations"]
+    info = tmp_path / "image_info_test-dev.json"
+    info.write_text(json.dumps(ds))
+    test = COCODetection(info, img_dir)
+    assert len(test) == 6 and not test.has_annotations
+    _, t = test[0]
+    assert t["boxes"].shape == (0, 4) and "eval_boxes" not in t
+
+
+def test_max_images_restricts_the_ground_truth(quirky):
+    ds = COCODetection(*quirky, max_images=2)
+    assert ds.ids == [11, 12] and sorted(ds.coco.getImgIds()) == [11, 12]
+    assert sorted(ds.coco.getAnnIds()) == [1, 2, 3, 4, 5]
+
+
+# -- errors -----------------------------------------------------------------------------------------
+
+
+def test_missing_annotation_file_and_image_folder(tmp_path, quirky):
+    ann_file, img_dir = quirky
+    with pytest.raises(DataError) as e:
+        COCODetection(tmp_path / "nope" / "instances_val2017.json", img_dir)
+    msg = str(e.value)
+    assert str(tmp_path / "nope" / "instances_val2017.json") in msg
+    assert "cocodataset.org" in msg and "data.root=" in msg and "\n" not in msg
+    with pytest.raises(DataError) as e:
+        COCODetection(ann_file, tmp_path / "val2017")
+    assert str(tmp_path / "val2017") in str(e.value) and "cocodataset.org" in str(e.value)
+
+
+def test_not_json(tmp_path, quirky):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{ not json")
+    with pytest.raises(DataError, match="cannot read annotation file .*bad.json"):
+        COCODetection(bad, quirky[1])
+
+
+def test_unknown_category_names_annotation_and_category(tmp_path, quirky):
+    ann_file, img_dir = quirky
+    ds = json.loads(ann_file.read_text())
+    ds["annotations"].append({**ds["annotations"][0], "id": 77, "category_id": 99})
+    ann_file.write_text(json.dumps(ds))
+    with pytest.raises(DataError, match=r"annotation id 77 has unknown category id 99"):
+        COCODetection(ann_file, img_dir)
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "wrong_size"])
+def test_bad_image_raises_naming_the_file(quirky, kind):
+    ann_file, img_dir = quirky
+    path = img_dir / "gray.png"
+    if kind == "missing":
+        path.unlink()
+    elif kind == "corrupt":
+        path.write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    else:
+        Image.new("L", (41, 30)).save(path)
+    ds = COCODetection(ann_file, img_dir)
+    with pytest.raises(DataError) as e:
+        ds[ds.ids.index(12)]
+    assert str(path) in str(e.value)
+    assert {"missing": "not found", "corrupt": "cannot decode", "wrong_size": "41x30"}[kind] in str(e.value)
+
+
+def test_skip_bad_images_returns_the_next_sample_warns_once_and_counts(quirky):
+    ann_file, img_dir = quirky
+    (img_dir / "gray.png").unlink()
+    (img_dir / "rgba.png").write_bytes(b"garbage")
+    ds = COCODetection(ann_file, img_dir, skip_bad_images=True)
+    with pytest.warns(UserWarning, match="skip_bad_images") as record:
+        _, t = ds[ds.ids.index(12)]
+        _, t2 = ds[ds.ids.index(13)]
+    assert len(record) == 1
+    assert t["image_id"] == 14 and t2["image_id"] == 14  # the next readable image
+    assert ds.stats["bad_images"] == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ds[0][1]["image_id"] == 11  # good images are untouched
