@@ -1,0 +1,104 @@
+"""The Lightning data modules and their Hydra configs, on a tiny synthetic set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from sapd.data import DataError
+from sapd.data.datamodule import COCODataModule, SyntheticCOCODataModule
+
+CONF = Path(__file__).resolve().parents[1] / "conf" / "data"
+SMALL = {"num_train": 10, "num_val": 5, "min_side": 64, "max_side": 112, "max_objects": 5, "min_object_size": 6}
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory):
+    from sapd.data.synthetic import make_synthetic_coco
+
+    return make_synthetic_coco(tmp_path_factory.mktemp("syn") / "set", **SMALL)
+
+
+def _dm(root, **kw):
+    args = dict(synthetic=SMALL, batch_size=3, val_batch_size=2, num_workers=0, min_size=[64, 80], max_size=140)
+    return SyntheticCOCODataModule(root, **{**args, **kw})
+
+
+def _check_batch(batch, n):
+    images, targets = batch
+    assert images.shape[0] == n == len(targets) and images.shape[1] == 3
+    assert images.shape[2] % 128 == 0 and images.shape[3] % 128 == 0
+    for img_t in targets:
+        h, w = img_t["img_size"]
+        assert torch.isfinite(images).all()
+        assert img_t["boxes"].shape[1] == 4 and img_t["labels"].dtype == torch.long
+        if len(img_t["boxes"]):
+            assert (img_t["boxes"][:, 2:] <= torch.tensor([w, h]) + 1e-3).all()
+            assert img_t["labels"].max() < 8
+
+
+def test_setup_and_one_batch_each(synthetic_root):
+    dm = _dm(synthetic_root)
+    assert dm.num_classes == 8 and dm.label_to_cat_id == [1, 3, 4, 7, 10, 13, 18, 21]  # before setup
+    assert dm.class_names[0] == "circle"
+    dm.prepare_data()
+    dm.setup("fit")
+    assert len(dm.train_dataset) == 10 and len(dm.val_dataset) == 5
+    _check_batch(next(iter(dm.train_dataloader())), 3)
+    vimages, vt = next(iter(dm.val_dataloader()))
+    _check_batch((vimages, vt), 2)
+    assert all(min(t["img_size"]) == 80 or max(t["img_size"]) == 140 for t in vt)  # eval at the max size
+    assert all(not t["flipped"] for t in vt) and "eval_boxes" in vt[0]
+    dm.setup("test")
+    assert len(dm.test_dataset) == 5  # synthetic: test = val
+
+
+def test_workers_seeded_shuffle_and_limit_val(synthetic_root):
+    dm = _dm(synthetic_root, num_workers=2, seed=7, limit_val_images=3, flip_prob=0.0, min_size=64)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert loader.num_workers == 2 and loader.persistent_workers
+    ids = [[t["image_id"] for t in targets] for _, targets in loader]
+    again = [[t["image_id"] for t in targets] for _, targets in dm.train_dataloader()]
+    assert ids == again and sorted(sum(ids, [])) == list(range(1, 11))  # same seed, same order
+    assert len(dm.val_dataset) == 3 and len(dm.val_dataset.coco.getImgIds()) == 3
+    _check_batch(next(iter(dm.val_dataloader())), 2)
+    no_workers = _dm(synthetic_root, persistent_workers=True)
+    assert no_workers.persistent_workers is False and no_workers.pin_memory is torch.cuda.is_available()
+
+
+def test_coco_layout_paths_and_missing_data_error(tmp_path):
+    dm = COCODataModule(tmp_path / "coco", num_workers=0)
+    assert dm.paths("train") == (tmp_path / "coco/annotations/instances_train2017.json", tmp_path / "coco/train2017")
+    assert dm.paths("val") == (tmp_path / "coco/annotations/instances_val2017.json", tmp_path / "coco/val2017")
+    assert dm.paths("test") == (tmp_path / "coco/annotations/image_info_test-dev2017.json", tmp_path / "coco/test2017")
+    with pytest.raises(DataError) as e:
+        dm.setup("fit")
+    assert "instances_train2017.json" in str(e.value) and "cocodataset.org" in str(e.value)
+    with pytest.raises(DataError, match="instances_val2017.json"):
+        _ = dm.num_classes
+    with pytest.raises(DataError, match="test_split"):
+        COCODataModule(tmp_path, test_split="test")
+    with pytest.raises(DataError, match="before setup"):
+        dm.val_dataloader()
+
+
+def test_hydra_configs_instantiate(synthetic_root, monkeypatch):
+    monkeypatch.setenv("COCO_ROOT", "/data/elsewhere/coco")
+    coco = instantiate(OmegaConf.load(CONF / "coco.yaml"))
+    assert isinstance(coco, COCODataModule) and coco.root == Path("/data/elsewhere/coco")
+    assert coco.min_size == 800 and coco.max_size == 1333 and coco.size_divisor == 128 and coco.test_split == "test-dev"
+    jitter = instantiate(OmegaConf.merge(OmegaConf.load(CONF / "coco.yaml"), {"min_size": [640, 800]}))
+    assert jitter.min_size == [640, 800]
+
+    cfg = OmegaConf.load(CONF / "synthetic.yaml")
+    assert cfg.synthetic.num_train == 2000 and cfg.synthetic.num_val == 250  # the embedded default
+    cfg = OmegaConf.merge(cfg, {"root": str(synthetic_root), "synthetic": SMALL, "num_workers": 0})
+    dm = instantiate(cfg)
+    assert isinstance(dm, SyntheticCOCODataModule) and dm.root == synthetic_root
+    dm.setup("validate")
+    _check_batch(next(iter(dm.val_dataloader())), min(cfg.val_batch_size, SMALL["num_val"]))
