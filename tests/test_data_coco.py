@@ -221,3 +221,24 @@ def test_skip_bad_images_returns_the_next_sample_warns_once_and_counts(quirky):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert ds[0][1]["image_id"] == 11  # good images are untouched
+
+
+def test_annotations_made_in_the_unrotated_frame_are_read_unrotated(quirky):
+    ann_file, img_dir = quirky
+    ds = json.loads(ann_file.read_text())
+    ds["images"][4].update(width=50, height=30)  # exif.jpg as stored, ignoring its EXIF rotation
+    ann_file.write_text(json.dumps(ds))
+    data = COCODetection(ann_file, img_dir)
+    with pytest.warns(UserWarning, match="EXIF"):
+        img, t = _by_id(data, 15)
+    assert img.shape == (3, 30, 50) and t["orig_size"] == (30, 50)
+    assert (denormalize(img)[:, 2, 2] * 255)[1] < 60  # the red corner stays at the top left
+
+
+def test_non_numeric_bbox(quirky):
+    ann_file, img_dir = quirky
+    ds = json.loads(ann_file.read_text())
+    ds["annotations"][0]["bbox"] = ["a", 1, 2, 3]
+    ann_file.write_text(json.dumps(ds))
+    with pytest.raises(DataError, match="non-numeric bbox .* image id 11"):
+        COCODetection(ann_file, img_dir)

@@ -26,15 +26,15 @@ log = logging.getLogger(__name__)
 Transform = Callable[[Image.Image, dict], tuple[torch.Tensor, dict]]
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file as upright RGB: EXIF orientation applied (phones store portraits as
-    rotated landscapes plus a flag), grayscale / RGBA / palette / CMYK converted to RGB.
+def load_rgb(path: str | Path, *, exif: bool = True) -> Image.Image:
+    """Decode an image file as RGB: EXIF orientation applied unless ``exif=False`` (phones store
+    portraits as rotated landscapes plus a flag), grayscale / RGBA / palette / CMYK -> RGB.
 
     Raises DataError (one line, naming the file) when it is missing or cannot be decoded.
     """
     try:
         with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)  # returns a copy: the file is closed on exit
+            im = ImageOps.exif_transpose(im) if exif else im.copy()  # a copy: the file closes on exit
             if im.mode != "RGB":
                 # palette images with transparency go through RGBA first, as PIL recommends
                 im = im.convert("RGBA") if im.mode == "P" and "transparency" in im.info else im
@@ -111,7 +111,7 @@ class COCODetection(Dataset):
             raise DataError(f"image folder not found: {self.img_dir} -- {COCO_HOWTO}")
         self.transforms = transforms
         self.skip_bad_images = skip_bad_images
-        self._warned = False
+        self._warned = self._warned_exif = False
 
         cats = sorted(self.coco.dataset["categories"], key=lambda c: c["id"])
         self.label_to_cat_id: list[int] = [int(c["id"]) for c in cats]
@@ -167,7 +167,10 @@ class COCODetection(Dataset):
             areas.append(float(ann.get("area", bbox[2] * bbox[3])))
         self.stats["annotations"] += len(boxes)
 
-        xywh = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        try:
+            xywh = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+        except (TypeError, ValueError):
+            raise DataError(f"{self.ann_file}: non-numeric bbox in the annotations of image id {img_id}") from None
         xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)  # [G, 4], original pixels
         labels_np = np.asarray(labels, dtype=np.int64)
         crowd = np.asarray(iscrowd, dtype=bool)
@@ -220,7 +223,19 @@ class COCODetection(Dataset):
         rec = self._records[self.ids[index]]
         path = self.img_dir / rec["file_name"]
         img = load_rgb(path)
-        # the annotations live in the upright frame (detectron2 `check_image_size` does this check)
+        # the annotations live in the upright frame (detectron2 `check_image_size` does this check);
+        # an annotation file made from the stored, unrotated pixels is read in that frame instead
+        if (img.height, img.width) == rec["orig_size"][::-1] != rec["orig_size"]:
+            raw = load_rgb(path, exif=False)
+            if (raw.height, raw.width) == rec["orig_size"]:
+                if not self._warned_exif:
+                    self._warned_exif = True
+                    warnings.warn(
+                        f"{self.ann_file}: sizes of {path} (and maybe others) match the image without its "
+                        "EXIF rotation: reading such images unrotated",
+                        stacklevel=3,
+                    )
+                return raw
         if (img.height, img.width) != rec["orig_size"]:
             raise DataError(
                 f"image {path} is {img.width}x{img.height} after EXIF orientation but its annotation "

@@ -423,6 +423,9 @@ def make_synthetic_coco(
                 pool.join()
         meta = {"digest": p.digest(), "generator_version": GENERATOR_VERSION, "params": asdict(p)}
         (tmp / MARKER).write_text(json.dumps(meta, indent=1, sort_keys=True))
+        if _is_complete(root, p):  # another process finished the same set meanwhile: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+            return root
         if root.exists():  # an older synthetic set (checked above): move aside, then delete
             old = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
             os.replace(root, old / "set")
