@@ -10,8 +10,10 @@ from torch import Tensor, nn
 
 
 def group_norm(channels: int, max_groups: int = 32) -> nn.GroupNorm:
-    """GroupNorm with 32 groups, or the largest divisor of ``channels`` below 32 when channels are few."""
-    groups = max(g for g in range(1, max_groups + 1) if channels % g == 0)
+    """GroupNorm with 32 groups (256 channels: 8 per group), or fewer when channels are few: the largest
+    divisor of ``channels`` that leaves at least 2 channels per group (1 channel on a 1x1 map would be
+    undefined, and PyTorch refuses it)."""
+    groups = max(g for g in range(1, max_groups + 1) if channels % g == 0 and channels // g >= 2 or g == 1)
     return nn.GroupNorm(groups, channels)
 
 
