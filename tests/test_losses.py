@@ -9,7 +9,7 @@ from torch import nn
 
 from sapd.models.anchor_points import anchor_points, encode, inside_valid_box
 from sapd.models.criterion import SAPDCriterion
-from sapd.models.losses import iou_loss, sigmoid_focal_loss
+from sapd.models.losses import dense_focal_loss, iou_loss, sigmoid_focal_loss
 from sapd.models.selection import FeatureSelectionNet, instance_level_losses, select_levels
 
 STRIDES = [8, 16, 32, 64, 128]
@@ -79,6 +79,24 @@ def test_focal_loss_equals_torchvision():
         ours = sigmoid_focal_loss(logits, targets, alpha, gamma)
         ref = torchvision.ops.sigmoid_focal_loss(logits, targets, alpha=alpha, gamma=gamma, reduction="none")
         assert torch.allclose(ours, ref, atol=1e-6)
+
+
+def test_dense_focal_loss_equals_weighted_elementwise_sum():
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(40, 5, generator=g) * 3).requires_grad_()
+    w = torch.rand(40, generator=g)
+    pos_p, pos_c = torch.tensor([0, 3, 7, 7]), torch.tensor([1, 4, 0, 2])
+    ignore = torch.tensor([2 * 5 + 1, 9 * 5 + 4, 30 * 5 + 0])
+    target = torch.zeros(40, 5)
+    target[pos_p, pos_c] = 1
+    keep = torch.ones(40, 5)
+    keep.view(-1)[ignore] = 0
+    for alpha, gamma in ((0.25, 2.0), (-1, 1.5)):
+        ref = (torchvision.ops.sigmoid_focal_loss(logits, target, alpha, gamma, "none") * w[:, None] * keep).sum()
+        ours = dense_focal_loss(logits, w, pos_p, pos_c, ignore, alpha, gamma)
+        assert ours.item() == pytest.approx(ref.item(), rel=1e-5)
+        g_ref, g_ours = (torch.autograd.grad(v, logits)[0] for v in (ref, ours))
+        assert torch.allclose(g_ours, g_ref, atol=1e-6)
 
 
 def test_iou_loss_hand_cases():

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sapd.models.anchor_points import anchor_points, assign_owners, candidate_pairs, encode, soft_weight
-from sapd.models.losses import iou_loss, sigmoid_focal_loss
+from sapd.models.losses import dense_focal_loss, iou_loss, sigmoid_focal_loss
 from sapd.models.selection import instance_level_losses, select_levels
 
 
@@ -135,20 +135,22 @@ class SAPDCriterion:
             pos_idx, pos_m, pos_d, pos_w = owned_idx[pos_mask], own_m[pos_mask], own_d[pos_mask], pos_w[pos_mask]
             weights = torch.ones(num_images * num_points, device=device, dtype=dtype)  # [N*P]
             weights[pos_idx] = pos_w
-            cls_target = torch.zeros_like(logits)  # [N*P, K]
-            cls_target[pos_idx, labels[pos_m]] = 1
-            cls_weight = weights[:, None].expand_as(logits).clone()  # [N*P, K]
+            ignore = []  # flat (point, class) elements with weight 0
             if self.unselected == "ignore":  # MMDetection FSAF ``reweight_loss_single``
                 neg_idx, neg_m = owned_idx[~pos_mask], own_m[~pos_mask]
-                cls_weight[neg_idx, labels[neg_m]] = 0
+                ignore.append(neg_idx * num_classes + labels[neg_m])
             if self.ignore_epsilon is not None:  # SPEC §2: FSAF ignore region, owner's class only
                 ign_m, ign_p = candidate_pairs(boxes, level_sizes, strides, self.ignore_epsilon, box_images)
                 not_pos = owner[ign_p] < 0
-                cls_weight[ign_p[not_pos], labels[ign_m[not_pos]]] = 0
+                ignore.append(ign_p[not_pos] * num_classes + labels[ign_m[not_pos]])
+            ignore_elements = torch.cat(ignore).unique() if ignore else None
 
-        # 6. Eq. 2 / 6: weighted sums over the whole batch, one normaliser.
+        # 6. Eq. 2 / 5 / 6: focal loss of every (point, class) and IoU loss of positives, each weighted by
+        # w of its point, summed over the whole batch, one normaliser.
         normaliser = pos_w.sum().clamp(min=1)
-        cls_loss = (sigmoid_focal_loss(logits, cls_target, self.focal_alpha, self.focal_gamma) * cls_weight).sum()
+        cls_loss = dense_focal_loss(
+            logits, weights, pos_idx, labels[pos_m], ignore_elements, self.focal_alpha, self.focal_gamma
+        )
         loc_loss = (iou_loss(reg[pos_idx], pos_d, self.loc_loss) * pos_w).sum()
         cls_loss, loc_loss = cls_loss / normaliser, loc_loss / normaliser
         valid = has_candidate & (argmin >= 0)
