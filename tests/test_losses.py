@@ -302,3 +302,13 @@ def test_500_instances_800x1333():
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     owner = torch.where(dense, area[None], torch.tensor(float("inf"))).argmin(1)[dense.any(1)]
     assert loss["num_unassigned"].item() == 500 - owner.unique().numel()
+
+
+def test_half_precision_head_outputs_give_float32_losses():
+    out, targets = one_box_outputs()
+    ref = SAPDCriterion(num_classes=2)(out, targets, STRIDES, FixedSelection(PROBS), phase=1)
+    half = dict(out, cls_logits=out["cls_logits"].bfloat16(), box_reg=out["box_reg"].bfloat16())
+    loss = SAPDCriterion(num_classes=2)(half, targets, STRIDES, FixedSelection(PROBS), phase=1)
+    assert loss["total"].dtype == torch.float32
+    assert loss["num_pos"] == ref["num_pos"]
+    assert loss["cls"].item() == pytest.approx(ref["cls"].item(), rel=1e-2)

@@ -87,9 +87,11 @@ class SAPDCriterion:
         level_sizes = [tuple(int(v) for v in hw) for hw in outputs["level_sizes"]]
         num_images, num_points, num_classes = cls_logits.shape
         num_levels = len(level_sizes)
-        device, dtype = cls_logits.device, cls_logits.dtype
-        logits = cls_logits.reshape(-1, num_classes)  # [N*P, K]
-        reg = box_reg.reshape(-1, 4)  # [N*P, 4]
+        # Geometry and losses in float32 whatever the head's precision (AMP): pixel coordinates of
+        # 1333-px images do not fit half precision.
+        device, dtype = cls_logits.device, torch.float32
+        logits = cls_logits.reshape(-1, num_classes).float()  # [N*P, K]
+        reg = box_reg.reshape(-1, 4).float()  # [N*P, 4]
 
         boxes = torch.cat([t["boxes"].to(device=device, dtype=dtype).reshape(-1, 4) for t in targets])  # [M, 4]
         labels = torch.cat([t["labels"].to(device=device, dtype=torch.long).reshape(-1) for t in targets])  # [M]

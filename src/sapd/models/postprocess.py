@@ -47,7 +47,8 @@ def postprocess_detections(
     """
     num_images, _, num_classes = cls_logits.shape
     level_sizes = [tuple(int(v) for v in hw) for hw in level_sizes]
-    points, point_strides, _ = anchor_points(level_sizes, strides, device=cls_logits.device, dtype=box_reg.dtype)
+    box_reg = box_reg.float()  # decode in float32 (AMP heads give half precision)
+    points, point_strides, _ = anchor_points(level_sizes, strides, device=cls_logits.device)
     counts = [h * w for h, w in level_sizes]
     results = []
     for i in range(num_images):
