@@ -145,11 +145,18 @@ def test_feature_selection_net_table1_shapes_and_init():
     convs = [m for m in net.convs if isinstance(m, nn.Conv2d)]
     assert [c.in_channels for c in convs] == [40, 16, 16] and all(c.padding == (0, 0) for c in convs)
     assert net.fc.out_features == 5
+    assert all(float(m.weight.detach().std()) < 0.02 for m in [*convs, net.fc])
     feats = [torch.randn(2, 8, h, w) for h, w in SIZES_64]
     boxes = torch.tensor([[0.0, 0.0, 32.0, 32.0], [10.0, 5.0, 60.0, 50.0], [1.0, 1.0, 3.0, 3.0]])
     logits = net(feats, boxes, torch.tensor([0, 1, 1]), STRIDES)
     assert logits.shape == (3, 5) and torch.isfinite(logits).all()
-    assert all(float(m.weight.detach().std()) < 0.02 for m in [*convs, net.fc])
+    for m in net.modules():  # larger weights so that the comparison below means something
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            nn.init.normal_(m.weight, std=0.1)
+            nn.init.normal_(m.bias, std=0.1)
+    literal = net.forward_concat(feats, boxes, torch.tensor([0, 1, 1]), STRIDES)
+    assert torch.allclose(net(feats, boxes, torch.tensor([0, 1, 1]), STRIDES), literal, atol=1e-5)
+    assert literal.std() > 1e-3
 
 
 # --- Eq. 5 / 6 through the criterion -----------------------------------------------------------------
