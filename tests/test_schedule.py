@@ -18,8 +18,13 @@ class _Net(nn.Module):
 
 def _configured(steps_per_epoch=100, epochs=12, batch_size=2, devices=8, optim=None, sched=None, **kw):
     optim = optim or (lambda params, lr=0.01: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4))
-    sched = sched or {"name": "multistep", "milestones": [8, 10], "gamma": 0.1, "warmup_iters": 500,
-                      "warmup_ratio": 0.001}
+    sched = sched or {
+        "name": "multistep",
+        "milestones": [8, 10],
+        "gamma": 0.1,
+        "warmup_iters": 500,
+        "warmup_ratio": 0.001,
+    }
     module = SAPDLitModule(net=_Net(), optimizer=optim, scheduler=sched, batch_size=batch_size, **kw)
     module._trainer = SimpleNamespace(
         world_size=devices,

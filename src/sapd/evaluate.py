@@ -38,23 +38,21 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     module, run_cfg = load_module(cfg.ckpt_path)
     source = cfg.get("data_source", "auto")
     use_config = source == "config" or (source == "auto" and _data_overridden())
-    data_cfg = OmegaConf.create(
-        OmegaConf.to_container(cfg.data if use_config else run_cfg.data, resolve=False)
-    )
+    data_cfg = OmegaConf.create(OmegaConf.to_container(cfg.data if use_config else run_cfg.data, resolve=False))
     with open_dict(data_cfg):
         if cfg.get("batch_size"):
             data_cfg.val_batch_size = int(cfg.batch_size)
     datamodule: L.LightningDataModule = instantiate(data_cfg)
     datamodule.prepare_data()
     module.results_file = str(cfg.results_file) if cfg.get("results_file") else None
+    if cfg.get("score_thresh") is not None:
+        module.net.score_thresh = float(cfg.score_thresh)
     if list(datamodule.label_to_cat_id) != list(module.label_to_cat_id or []):
         raise ValueError(
             "the data's categories differ from the checkpoint's: evaluate on the data set the model was "
             f"trained for (checkpoint: {len(module.label_to_cat_id or [])} classes, data: {datamodule.num_classes})"
         )
-    trainer: L.Trainer = instantiate(
-        cfg.trainer, logger=False, callbacks=instantiate_group(cfg.get("callbacks"))
-    )
+    trainer: L.Trainer = instantiate(cfg.trainer, logger=False, callbacks=instantiate_group(cfg.get("callbacks")))
     table: dict[str, float] = {}
     if cfg.split == "val":
         trainer.validate(module, datamodule=datamodule, verbose=False)

@@ -92,9 +92,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
                 "category_id": cat_ids[label] if cat_ids else label,
                 "category_name": names[label] if names else str(label),
             }
-            for box, score, label in zip(
-                det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()
-            )
+            for box, score, label in zip(det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist())
         ]
         doc = {"file": str(path), "width": pil.width, "height": pil.height, "detections": records}
         (out_dir / f"{path.stem}.json").write_text(json.dumps(doc, indent=1))

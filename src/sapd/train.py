@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 import lightning as L
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
@@ -38,6 +38,7 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> SAPDLitM
         no_decay_norm_bias=bool(optim.get("no_decay_norm_bias", False)),
         label_to_cat_id=list(datamodule.label_to_cat_id),
         class_names=list(datamodule.class_names),
+        channels_last=bool(cfg.get("channels_last", False)),
     )
     module.run_config = config_to_dict(cfg)
     return module
@@ -61,6 +62,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
+    if not loggers:  # nothing to monitor the learning rate into (logger=none)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for lg in loggers:
         lg.log_hyperparams(module.run_config)
@@ -69,8 +72,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
-    checkpoint = next((c for c in callbacks if isinstance(c, ModelCheckpoint)), None)
-    best = checkpoint.best_model_path if checkpoint is not None else ""
+    checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    best = next((c.best_model_path for c in checkpoints if c.monitor and c.best_model_path), "")
+    last = next((c.best_model_path for c in checkpoints if not c.monitor and c.best_model_path), "")
     if cfg.get("validate_best", True) and not trainer.fast_dev_run:
         results = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         if results:
@@ -78,15 +82,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     table = getattr(module, "last_coco_table", None)
     minutes = (time.time() - start) / 60
     if table and trainer.is_global_zero:
-        print(
-            "\n"
-            + format_coco_table(table, title=f"COCO bbox, {cfg.data.get('name', 'val')} ({minutes:.1f} min)")
-        )
+        print("\n" + format_coco_table(table, title=f"COCO bbox, {cfg.data.get('name', 'val')} ({minutes:.1f} min)"))
     if trainer.is_global_zero:
         if best:
             print(f"best checkpoint: {best}")
-        if checkpoint is not None and checkpoint.last_model_path:
-            print(f"last checkpoint: {checkpoint.last_model_path}")
+        if last:
+            print(f"last checkpoint (resume with ckpt_path=...): {last}")
         print(f"logs and outputs: {cfg.paths.output_dir}")
     for lg in loggers:
         if isinstance(lg, WandbLogger):

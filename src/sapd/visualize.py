@@ -72,11 +72,7 @@ def draw_detections(
     for box, score, label in zip(boxes, scores, labels):
         c = colour(int(label))
         draw.rectangle(box, outline=c, width=width)
-        name = (
-            class_names[int(label)]
-            if class_names is not None and int(label) < len(class_names)
-            else str(label)
-        )
+        name = class_names[int(label)] if class_names is not None and int(label) < len(class_names) else str(label)
         text = f"{name} {score:.2f}"
         x, y = box[0], max(box[1] - 11, 0)
         tw = draw.textlength(text, font=font)

@@ -1,0 +1,390 @@
+"""Speed and memory of SAPD against torchvision RetinaNet and FCOS, and the cost of every part (issue #5).
+
+``python -m sapd.bench`` (``make bench``) measures, in one process, interleaved, on the same backbone,
+input tensor and threads:
+
+- inference latency at batch 1, network only and end to end, for SAPD (with and without BFP),
+  RetinaNet and FCOS;
+- one training step at batch 2 for SAPD phase 1, SAPD phase 2 and FCOS;
+- the share of the SAPD step spent in targets + losses + selection network, and that loss part's cost
+  with 1 ... 500 instances per image;
+- peak extra memory of each (a fresh process per measurement by default);
+- speed options (channels_last, bf16 autocast, bf16 weights, torch.compile) on SAPD inference;
+- on CUDA (or with ``--fps``): FPS of SAPD R-50 / R-101 / X-101-64x4d with and without DCN beside the
+  paper's 1080Ti figures.
+
+It prints the Markdown table, and writes it with the JSON (``--out``, default ``benchmarks/results.json``
+and ``benchmarks/results.md``). How each number is taken is in :mod:`sapd.benchmarks.measure` and
+:mod:`sapd.benchmarks.workloads`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+# On a shared machine OpenMP's default spin-then-sleep barriers made 2-thread runs up to 20x slower
+# (a descheduled thread stalls every parallel region); sleeping waiters keep the numbers meaningful.
+# Must be set before torch loads its OpenMP runtime; OMP_WAIT_POLICY=ACTIVE in the environment overrides.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from sapd.benchmarks.measure import (  # noqa: E402
+    log,
+    machine_info,
+    measure_extra_memory,
+    run_interleaved,
+    summarize,
+    time_call,
+)
+from sapd.benchmarks.report import evaluate_goals, ratio, to_markdown, write_results  # noqa: E402
+from sapd.benchmarks.workloads import BenchConfig, Workbench, padded_size  # noqa: E402
+
+INFER_MODELS = ("sapd", "sapd_bfp", "retinanet", "fcos")
+
+QUICK = {
+    "size": (128, 192),
+    "backbone": "resnet18",
+    "warmup": 1,
+    "reps_infer": 2,
+    "reps_train": 1,
+    "reps_assign": 1,
+    "share_instances": (10, 100),
+    "assign_instances": (1, 10, 100),
+    "assign_memory_size": (192, 256),
+    "assign_memory_instances": 100,
+    "memory": "inprocess",
+    "fps_backbones": ("resnet18",),
+    "fps_reps": 1,
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path]:
+    """CLI -> :class:`BenchConfig` and the JSON output path."""
+    p = argparse.ArgumentParser(
+        prog="python -m sapd.bench",
+        description=__doc__.split("\n\n")[0],
+        epilog="Full CPU run: about 12 minutes on 2 cores. Quick smoke run: --quick (tiny sizes, resnet18).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    p.add_argument(
+        "--size", type=int, nargs=2, metavar=("H", "W"), help="input before padding [512 853 CPU, 800 1333 CUDA]"
+    )
+    p.add_argument("--pad", type=int, default=128, help="size divisor of the padded input (SAPD collate: 128)")
+    p.add_argument("--backbone", default=None, help="timm/torchvision ResNet name for all three [resnet50]")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all logical cores)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up rounds dropped before timing [1]")
+    p.add_argument("--reps-infer", type=int, default=None, help="timed rounds for inference [7]")
+    p.add_argument("--reps-train", type=int, default=None, help="timed rounds for training steps [5]")
+    p.add_argument("--reps-assign", type=int, default=None, help="timed rounds for the loss part [7]")
+    p.add_argument("--train-instances", type=int, default=10, help="ground-truth boxes per image in training")
+    p.add_argument("--share-instances", type=int, nargs="+", default=None, help="instances for the share [10 100]")
+    p.add_argument("--assign-instances", type=int, nargs="+", default=None, help="instances [1 10 100 500]")
+    p.add_argument("--assign-memory-size", type=int, nargs=2, metavar=("H", "W"), default=None,
+                   help="input of the big-assignment memory check [800 1333]")  # fmt: skip
+    p.add_argument("--assign-memory-instances", type=int, default=None, help="instances per image there [500]")
+    p.add_argument("--memory", choices=("subprocess", "inprocess", "off"), default=None,
+                   help="peak memory: fresh process per measurement, this process, or none [subprocess]")  # fmt: skip
+    p.add_argument("--channels-last", action="store_true", help="all models and inputs in channels_last")
+    p.add_argument("--amp", action="store_true", help="autocast for all models (bf16 on CPU, see --amp-dtype)")
+    p.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default=None, help="[bfloat16 CPU, float16 CUDA]")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile of the SAPD network (slow on CPU)")
+    p.add_argument("--no-options", dest="options", action="store_false", help="skip the speed-options section")
+    p.add_argument("--fps", action="store_true", help="run the FPS table on this device (default: CUDA only)")
+    p.add_argument("--fps-backbones", nargs="+", default=None, help="[resnet50 resnet101 resnext101_64x4d]")
+    p.add_argument("--post", choices=("cap", "init"), default="cap",
+                   help="cap: scores ~0.5, every level fills 1000 NMS candidates; init: prior-0.01 bias")  # fmt: skip
+    p.add_argument("--profile", action="store_true", help="add torch.profiler tables of the SAPD step and inference")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, resnet18, 1-2 repetitions (tests)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results.json"), help="JSON path; .md beside it")
+    a = p.parse_args(argv)
+
+    cuda = a.device.startswith("cuda")
+    cfg = BenchConfig(device=a.device, pad=a.pad, threads=a.threads, train_instances=a.train_instances,
+                      channels_last=a.channels_last,
+                      amp=a.amp, compile=a.compile, options=a.options, fps=a.fps or cuda, post=a.post,
+                      profile=a.profile, seed=a.seed, quick=a.quick)  # fmt: skip
+    if cuda:
+        cfg.size, cfg.warmup, cfg.reps_infer, cfg.reps_train, cfg.reps_assign = (800, 1333), 3, 20, 10, 20
+        cfg.amp_dtype, cfg.memory = "float16", "inprocess"
+    if a.quick:
+        for k, v in QUICK.items():
+            setattr(cfg, k, v)
+    overrides = {
+        "size": a.size,
+        "backbone": a.backbone,
+        "warmup": a.warmup,
+        "reps_infer": a.reps_infer,
+        "reps_train": a.reps_train,
+        "reps_assign": a.reps_assign,
+        "share_instances": a.share_instances,
+        "assign_instances": a.assign_instances,
+        "assign_memory_size": a.assign_memory_size,
+        "assign_memory_instances": a.assign_memory_instances,
+        "memory": a.memory,
+        "amp_dtype": a.amp_dtype,
+        "fps_backbones": a.fps_backbones,
+    }
+    for k, v in overrides.items():
+        if v is not None:
+            setattr(cfg, k, tuple(v) if isinstance(v, list) else v)
+    if cfg.threads <= 0:
+        cfg.threads = os.cpu_count() or 1
+    return cfg, a.out
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _medians(samples: dict[str, list[float]]) -> dict[str, dict]:
+    return {k: summarize(v) for k, v in samples.items()}
+
+
+def _memory(cfg: BenchConfig, wb: Workbench, names: list[str]) -> dict[str, dict]:
+    """Peak extra memory of each task, in a fresh process each (``subprocess``) or here."""
+    out: dict[str, dict] = {}
+    for i, name in enumerate(names):
+        log(f"[memory] {i + 1}/{len(names)} {name} ({cfg.memory})")
+        try:
+            if cfg.memory == "subprocess":
+                out[name] = _memory_subprocess(cfg, name)
+            else:
+                fn = wb.task(name)
+                fn()  # warm-up: lazy initialisation and optimizer state exist before the measured call
+                out[name] = measure_extra_memory(fn, wb.device)
+        except Exception as err:  # a failed measurement must not lose the timings
+            log(f"[memory] {name} failed: {type(err).__name__}: {err}")
+            out[name] = {"extra_bytes": None, "error": f"{type(err).__name__}: {err}"}
+    return out
+
+
+def _memory_subprocess(cfg: BenchConfig, name: str) -> dict:
+    request = json.dumps({"config": cfg.to_dict(), "task": name})
+    proc = subprocess.run(
+        [sys.executable, "-m", "sapd.benchmarks.memory_worker"],
+        input=request,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _profile(wb: Workbench, names: list[str]) -> dict[str, dict]:
+    """One profiled call of each task: the top operators by self CPU time and the ``sapd/*`` phases."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if wb.device.type == "cuda" else [])
+    out = {}
+    for name in names:
+        fn = wb.task(name)
+        fn()
+        with profile(activities=acts) as prof:
+            fn()
+        avg = prof.key_averages()
+        phases = {e.key: e.cpu_time_total / 1e3 for e in avg if e.key.startswith("sapd/")}
+        table = avg.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=44)
+        out[name] = {"phases": phases, "table": table}
+    return out
+
+
+def run(cfg: BenchConfig, command: str = "python -m sapd.bench") -> dict:
+    """Runs every section of the benchmark and returns the results dict (what is written as JSON).
+
+    Sets the thread count and flush-denormal mode for the run and restores them afterwards.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)  # denormals would slow some models at random; same for all
+    try:
+        return _run(cfg, command)
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+
+
+def _run(cfg: BenchConfig, command: str) -> dict:
+    t_start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    wb = Workbench(cfg)
+    meta = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "command": command,
+        "machine": machine_info(wb.device),
+        "load_start": _load(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+    }
+    log(f"machine: {meta['machine']['cpu']}, threads {cfg.threads}, device {cfg.device}")
+    samples: dict[str, list[float]] = {}
+    notes: list[str] = []
+
+    # 1. inference, network only and end to end
+    infer = [f"infer/{mode}/{m}" for mode in ("network", "e2e") for m in INFER_MODELS]
+    log("[build] inference models")
+    tasks = {n: wb.task(n) for n in infer}
+    samples |= run_interleaved(tasks, reps=cfg.reps_infer, warmup=cfg.warmup, device=wb.device, label="inference")
+    del tasks
+
+    # 2. speed options on SAPD inference
+    options: dict[str, dict] = {}
+    if cfg.options:
+        variants = wb.option_variants()
+        tasks = {}
+        for v in variants:
+            try:
+                tasks[v] = wb.task(f"option/{v}")
+                first, _ = time_call(tasks[v], wb.device)  # compile time for compiled variants
+                options[v] = {"first_call_s": first}
+            except Exception as err:
+                log(f"[options] {v} failed: {type(err).__name__}: {err}")
+                notes.append(f"speed option {v} failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+                tasks.pop(v, None)
+        opt_samples = run_interleaved(tasks, reps=cfg.reps_infer, warmup=cfg.warmup, device=wb.device, label="options")
+        base = summarize(opt_samples.get("fp32", []))["median"]
+        for v, s in opt_samples.items():
+            st = summarize(s)
+            options[v].update(st, speedup=ratio(base, st["median"]))
+        del tasks
+
+    # 3. training steps
+    extra_share = [n for n in cfg.share_instances if n != cfg.train_instances]
+    train = ["train/sapd_p1", "train/sapd_p2", *[f"train/sapd_p2@{n}" for n in extra_share], "train/fcos"]
+    log("[build] training models")
+    tasks = {n: wb.task(n) for n in train}
+    samples |= run_interleaved(tasks, reps=cfg.reps_train, warmup=cfg.warmup, device=wb.device, label="training")
+    del tasks
+
+    # 4. the loss part alone, by instances per image (and the big input for memory)
+    counts = sorted(set(cfg.assign_instances) | set(cfg.share_instances))
+    assign = [f"assign/{n}" for n in counts] + [f"assign_big/{cfg.assign_memory_instances}"]
+    tasks = {n: wb.task(n) for n in assign}
+    samples |= run_interleaved(tasks, reps=cfg.reps_assign, warmup=cfg.warmup, device=wb.device, label="assignment")
+    del tasks
+
+    timings = _medians(samples)
+    med = {k: v["median"] for k, v in timings.items()}
+
+    # 5. memory
+    memory: dict[str, dict] = {}
+    if cfg.memory != "off":
+        names = [f"infer/e2e/{m}" for m in INFER_MODELS] + ["train/sapd_p1", "train/sapd_p2", "train/fcos"]
+        names += [f"assign/{n}" for n in counts] + [f"assign_big/{cfg.assign_memory_instances}"]
+        memory = _memory(cfg, wb, names)
+
+    # 6. FPS table (CUDA, or on request)
+    fps: dict | None = None
+    if cfg.fps:
+        fps_names = [f"fps/{b}{suffix}" for b in cfg.fps_backbones for suffix in ("", "_dcn")]
+        tasks = {}
+        for n in fps_names:
+            try:
+                tasks[n] = wb.task(n)
+            except Exception as err:
+                notes.append(f"{n} not built: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        fps_samples = run_interleaved(tasks, reps=cfg.fps_reps, warmup=cfg.warmup, device=wb.device, label="fps")
+        fps = {"_device": wb.device.type}
+        for n, s in fps_samples.items():
+            if "/" not in n.removeprefix("fps/"):
+                fps[n.removeprefix("fps/")] = ratio(1.0, summarize(s)["median"])
+        del tasks
+
+    # 7. profiles
+    profile = None
+    if cfg.profile:
+        log("[profile] SAPD phase-2 step, loss part, e2e inference")
+        names = ["train/sapd_p2"] + [f"train/sapd_p2@{n}" for n in extra_share]
+        names += [f"assign/{n}" for n in cfg.share_instances] + ["infer/e2e/sapd", "infer/e2e/fcos"]
+        profile = _profile(wb, names)
+
+    # ratios, shares, goals
+    ratios: dict[str, float] = {}
+    for mode in ("network", "e2e"):
+        for a in ("sapd", "sapd_bfp"):
+            for b in ("retinanet", "fcos"):
+                ratios[f"infer/{mode}:{a}/{b}"] = ratio(med.get(f"infer/{mode}/{a}"), med.get(f"infer/{mode}/{b}"))
+    for a in ("sapd_p1", "sapd_p2"):
+        ratios[f"train:{a}/fcos"] = ratio(med.get(f"train/{a}"), med.get("train/fcos"))
+    mem_x = {k: v.get("extra_bytes") for k, v in memory.items()}
+    if memory:
+        for b in ("retinanet", "fcos"):
+            ratios[f"memory/infer/e2e:sapd/{b}"] = ratio(mem_x.get("infer/e2e/sapd"), mem_x.get(f"infer/e2e/{b}"))
+        ratios["memory/train:sapd_p2/fcos"] = ratio(mem_x.get("train/sapd_p2"), mem_x.get("train/fcos"))
+    share, share_in_step = {}, {}
+    for n in cfg.share_instances:
+        step = med.get("train/sapd_p2" if n == cfg.train_instances else f"train/sapd_p2@{n}")
+        loss_fwd = med.get(("train/sapd_p2" if n == cfg.train_instances else f"train/sapd_p2@{n}") + "/loss_forward")
+        share[str(n)] = ratio(med.get(f"assign/{n}"), step)
+        share_in_step[str(n)] = ratio(loss_fwd, step)
+
+    notes += [
+        "Taken while other processes used the CPU; ratios come from interleaved samples of one loop.",
+        "torchvision models use FrozenBatchNorm2d and trainable_layers=3 (their configuration with a pretrained "
+        "backbone); their P6 is computed from P5, SAPD's from C5 (SPEC §1).",
+        f"SGD lr {cfg.lr} (tiny, keeps random weights stable; the work per step does not depend on it).",
+        "Inference always under torch.inference_mode(); the SAPD feature-selection net never runs at inference.",
+    ]
+    if wb.device.type != "cuda":
+        notes.append("GPU FPS (800x1333) not measured here: no CUDA device; run with --device cuda.")
+    hp, wp = padded_size(cfg.size, cfg.pad)
+    results = {
+        "meta": meta,
+        "config": cfg.to_dict(),
+        "padded_size": [hp, wp],
+        "assign_big_padded": list(padded_size(cfg.assign_memory_size, cfg.pad)),
+        "params": {m: wb.num_parameters(m) for m in INFER_MODELS},
+        "timings": timings,
+        "ratios": ratios,
+        "share": share,
+        "share_in_step": share_in_step,
+        "share_instances_extra": extra_share,
+        "assign_instances_all": counts,
+        "memory": memory,
+        "memory_mode": cfg.memory,
+        "options": options,
+        "fps": fps,
+        "profile": profile,
+        "notes": notes,
+    }
+    results["goals"] = evaluate_goals(results)
+    meta["load_end"] = _load()
+    meta["wall_s"] = time.perf_counter() - t_start
+    return results
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """CLI entry point: run, print the Markdown table and the goals, write JSON + Markdown."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg, out = parse_args(argv)
+    command = "python -m sapd.bench" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
+    results = run(cfg, command)
+    json_path, md_path = write_results(results, out)
+    print(to_markdown(results))
+    for g in results["goals"]:
+        print(f"{g['status']:4s}  {g['goal']}: {g['value']} (target <= {g['target']} {g['unit']})")
+    log(f"wrote {json_path} and {md_path} ({results['meta']['wall_s']:.0f} s)")
+    return results
+
+
+if __name__ == "__main__":
+    main()

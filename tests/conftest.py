@@ -1,0 +1,85 @@
+"""Shared fixtures: the real Hydra configs, composed once, shrunk to seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+from sapd.paths import CONFIG_DIR  # noqa: E402
+
+# A tiny but complete run: small synthetic set, small images, a slim network, CPU, no logger.
+TINY = [
+    "data.synthetic.num_train=16",
+    "data.synthetic.num_val=8",
+    "data.synthetic.min_side=96",
+    "data.synthetic.max_side=160",
+    "data.synthetic.max_objects=6",
+    "data.min_size=128",
+    "data.max_size=192",
+    "data.batch_size=4",
+    "data.val_batch_size=4",
+    "data.num_workers=0",
+    "model.backbone.name=resnet10t",
+    "model.backbone.pretrained=false",
+    "model.neck.out_channels=16",
+    "model.head.feat_channels=16",
+    "model.head.num_convs=1",
+    "model.head.norm=gn",
+    "model.selection.channels=16",
+    "logger=none",
+    "trainer=cpu",
+    "trainer.precision=32-true",
+    "callbacks.progress_bar=null",
+    "callbacks.detection_images=null",
+]
+
+# What turns a COCO experiment into the tiny synthetic run above.
+TO_SYNTHETIC = ["data=synthetic", "model.backbone.frozen_stages=-1", "model.backbone.norm_eval=false"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _data_cache(tmp_path_factory) -> Path:
+    """Synthetic sets are drawn into a session folder, never into the user's cache."""
+    path = tmp_path_factory.mktemp("sapd-data")
+    old = os.environ.get("SAPD_DATA_DIR")
+    os.environ["SAPD_DATA_DIR"] = str(path)
+    yield path
+    if old is None:
+        os.environ.pop("SAPD_DATA_DIR", None)
+    else:
+        os.environ["SAPD_DATA_DIR"] = old
+
+
+def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
+    """The real config ``name`` with ``overrides``, its Hydra runtime set as a run would."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.log_dir = str(output_dir)
+        cfg.hydra.runtime.output_dir = str(output_dir)
+        cfg.hydra.job.num = 0
+    HydraConfig().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def train_cfg(tmp_path):
+    """A factory: ``train_cfg(*overrides)`` -> the tiny training config plus ``overrides``."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_config("train", [*TINY, *overrides], tmp_path)
+
+    return make

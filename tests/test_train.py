@@ -1,0 +1,107 @@
+"""The training application end to end: every experiment runs, the phase switch, resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import TO_SYNTHETIC
+from sapd.train import train
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
+
+
+class PhaseRecorder(L.Callback):
+    """Records the detector's phase at every training batch: {epoch: phase}."""
+
+    def __init__(self) -> None:
+        self.phases: dict[int, set[int]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.phases.setdefault(trainer.current_epoch, set()).add(int(pl_module.net.phase))
+
+
+def test_default_config_fast_dev_run(train_cfg):
+    cfg = train_cfg("+trainer.fast_dev_run=true")
+    metrics, objects = train(cfg)
+    assert "train/total_step" in metrics and torch.isfinite(torch.tensor(metrics["train/total_step"]))
+    assert objects["module"].net.num_classes == objects["datamodule"].num_classes
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_runs_a_step(train_cfg, experiment):
+    cfg = train_cfg(f"experiment={experiment}", *TO_SYNTHETIC, "+trainer.fast_dev_run=true")
+    assert cfg.task_name == experiment
+    metrics, objects = train(cfg)
+    net = objects["module"].net
+    assert torch.isfinite(torch.tensor(metrics["train/total_step"]))
+    # the experiment's own switches survive the tiny-model overrides
+    assert net.criterion.soft_weight == cfg.model.soft_weight
+    assert net.criterion.soft_select == cfg.model.soft_select
+
+
+def test_phase_switch_at_epoch_and_after_resume(train_cfg, tmp_path):
+    common = [
+        "trainer.max_epochs=3",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "callbacks.phase_switch.switch_epoch=2",
+        "validate_best=false",
+    ]
+    cfg = train_cfg(*common)
+    recorder = PhaseRecorder()
+    _, objects = train_with(cfg, recorder)
+    assert recorder.phases == {0: {1}, 1: {1}, 2: {2}}
+    # default: half of the schedule
+    cfg = train_cfg(
+        "trainer.max_epochs=4", "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "validate_best=false"
+    )
+    recorder = PhaseRecorder()
+    train_with(cfg, recorder)
+    assert recorder.phases == {0: {1}, 1: {1}, 2: {2}, 3: {2}}
+
+
+def test_resume_after_switch_continues_in_phase_two(train_cfg):
+    first = train_cfg(
+        "trainer.max_epochs=2",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "callbacks.phase_switch.switch_epoch=1",
+        "validate_best=false",
+    )
+    _, objects = train(first)
+    last = Path(first.paths.output_dir) / "checkpoints" / "last.ckpt"
+    state = torch.load(last, map_location="cpu", weights_only=False)
+    assert state["epoch"] == 1
+    assert [int(v) for k, v in state["state_dict"].items() if k.endswith("phase")] == [2]
+    resumed = train_cfg(
+        "trainer.max_epochs=3",
+        "+trainer.limit_train_batches=2",
+        "+trainer.limit_val_batches=1",
+        "callbacks.phase_switch.switch_epoch=1",
+        "validate_best=false",
+        f"ckpt_path={last}",
+    )
+    recorder = PhaseRecorder()
+    train_with(resumed, recorder)
+    assert recorder.phases == {2: {2}}
+
+
+def train_with(cfg, *extra_callbacks):
+    """``train(cfg)`` with extra callbacks appended to the configured ones."""
+    import sapd.train as train_module
+
+    original = train_module.instantiate_group
+
+    def with_extra(group_cfg):
+        objects = original(group_cfg)
+        return objects + list(extra_callbacks) if group_cfg is cfg.get("callbacks") else objects
+
+    train_module.instantiate_group = with_extra
+    try:
+        return train(cfg)
+    finally:
+        train_module.instantiate_group = original
