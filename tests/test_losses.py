@@ -277,8 +277,8 @@ def test_empty_ground_truth():
     out = head_outputs(num_images=2)
     out["cls_logits"].requires_grad_(True)
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
-    for sel in (FixedSelection(PROBS), None):
-        loss = SAPDCriterion(num_classes=2)(out, [empty, empty], STRIDES, sel, phase=2)
+    for sel, phase in ((FixedSelection(PROBS), 2), (None, 1)):
+        loss = SAPDCriterion(num_classes=2)(out, [empty, empty], STRIDES, sel, phase=phase)
         assert torch.isfinite(loss["total"]) and loss["loc"] == 0 and loss["num_pos"] == 0
         assert loss["selection_probs"].shape == (0, 5)
         ref = torchvision.ops.sigmoid_focal_loss(out["cls_logits"], torch.zeros(2, 86, 2), reduction="sum")

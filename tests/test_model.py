@@ -242,6 +242,9 @@ def test_modules_instead_of_partials():
     out = model(torch.randn(1, 3, 64, 64))
     loss = model.loss(out, [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}])
     assert loss["select"] == 0 and torch.isfinite(loss["total"])
+    model.set_phase(2)
+    with pytest.raises(ValueError, match="selection"):
+        model.loss(out, [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}])
 
 
 # --- post-processing (SPEC §5) ----------------------------------------------------------------------------

@@ -65,7 +65,9 @@ def run(args: argparse.Namespace) -> list[dict]:
     width = math.ceil(args.width / 128) * 128
     out, strides = head_outputs(args.images, height, width, args.classes, args.channels, device)
     selection = FeatureSelectionNet(in_channels=args.channels, channels=args.channels).to(device)
-    criterion = SAPDCriterion(num_classes=args.classes)
+    if args.no_selection:  # to see the selection net's share
+        selection = None
+    criterion = SAPDCriterion(num_classes=args.classes, soft_select=not args.no_selection)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     # Largest case first so that the resident-memory high-water mark measures it alone.
@@ -78,7 +80,12 @@ def run(args: argparse.Namespace) -> list[dict]:
         for phase in (1, 2):
             times = []
             for rep in range(args.repeats + 1):
-                for t in [out["cls_logits"], out["box_reg"], *out["features"], *selection.parameters()]:
+                for t in [
+                    out["cls_logits"],
+                    out["box_reg"],
+                    *out["features"],
+                    *(selection.parameters() if selection else []),
+                ]:
                     t.grad = None
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-selection", action="store_true", help="leave the feature-selection net out")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -120,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         f"SAPD targets + losses + selection net, forward + backward on fixed head outputs: {args.images} images "
         f"{args.height}x{args.width} (padded to multiples of 128), K={args.classes}, C={args.channels}, "
         f"device={args.device}, threads={torch.get_num_threads()}, median of {args.repeats}"
+        + (", WITHOUT the selection net" if args.no_selection else "")
     )
     print(f"{'instances/img':>13} {'phase 1 ms':>11} {'phase 2 ms':>11} {'positives':>10} {'unassigned':>11}")
     for r in rows:

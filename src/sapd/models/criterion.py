@@ -121,6 +121,8 @@ class SAPDCriterion:
             has_candidate = torch.isfinite(level_losses).any(1)  # [M]
 
         # 4. §3.3: selection net (with gradient, trained from the start) and level assignment.
+        if self.soft_select and phase == 2 and selection is None:
+            raise ValueError("phase 2 soft level selection needs a feature-selection network (selection=None)")
         run_selection = selection is not None and num_inst > 0 and (self.soft_select or self.lambda_select > 0)
         probs = sel_logits = None
         if run_selection:
