@@ -27,8 +27,8 @@ install: $(STAMP) ## Create .venv (if absent) and install sapd with its dev tool
 train: $(STAMP) ## Train the embedded default: synthetic COCO set, small backbone, CPU (~10 min)
 	$(PY) -m sapd.train $(ARGS)
 
-test: $(STAMP) ## Run the whole test suite
-	$(PY) -m pytest -q $(ARGS)
+test: $(STAMP) ## Run the whole test suite (tests/ and the notebooks)
+	$(PY) -m pytest -q --nbmake tests notebooks $(ARGS)
 
 test-fast: $(STAMP) ## Run the tests that are not marked slow
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
