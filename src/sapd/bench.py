@@ -72,7 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path]:
     p = argparse.ArgumentParser(
         prog="python -m sapd.bench",
         description=__doc__.split("\n\n")[0],
-        epilog="Full CPU run: about 12 minutes on 2 cores. Quick smoke run: --quick (tiny sizes, resnet18).",
+        epilog="Full CPU run: ~7 min on an idle 2-core machine, ~13 min on a loaded one. Smoke run: --quick.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
