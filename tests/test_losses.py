@@ -319,3 +319,18 @@ def test_half_precision_head_outputs_give_float32_losses():
     assert loss["total"].dtype == torch.float32
     assert loss["num_pos"] == ref["num_pos"]
     assert loss["cls"].item() == pytest.approx(ref["cls"].item(), rel=1e-2)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_selection_loss_reaches_features_unless_detached(detach):
+    torch.manual_seed(0)
+    out = head_outputs(num_images=1, channels=8)
+    for f in out["features"]:
+        f.requires_grad_(True)
+    targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 36.0]]), "labels": torch.tensor([0])}]
+    net = FeatureSelectionNet(in_channels=8, channels=16, detach_features=detach)
+    loss = SAPDCriterion(num_classes=2)(out, targets, STRIDES, net, phase=2)
+    grads = torch.autograd.grad(loss["select"], out["features"], allow_unused=True, retain_graph=True)
+    reached = any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert reached is (not detach)  # §4.1: jointly trained by default
+    assert any(g.abs().sum() > 0 for g in torch.autograd.grad(loss["select"], list(net.parameters())))
