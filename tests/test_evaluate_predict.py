@@ -29,7 +29,7 @@ def trained(tmp_path_factory):
 
     cfg = compose_config(
         "train",
-        [*TINY, "trainer.max_epochs=1", "+trainer.limit_train_batches=3", "validate_best=false"],
+        [*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=3", "validate_best=false"],
         out,
     )
     _, objects = train(cfg)

@@ -33,8 +33,8 @@ def test_offline_wandb_run_logs_config_losses_histograms_and_images(tmp_path, mo
             "logger=wandb",
             "callbacks.detection_images.num_images=2",
             "trainer.max_epochs=1",
-            "+trainer.limit_train_batches=2",
-            "+trainer.limit_val_batches=1",
+            "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1",
             "validate_best=false",
             "group=pytest",
         ],
@@ -45,4 +45,6 @@ def test_offline_wandb_run_logs_config_losses_histograms_and_images(tmp_path, mo
     assert len(runs) == 1
     files = {p.name for p in runs[0].rglob("*")}
     assert any(name.endswith(".wandb") for name in files)  # the run's event log
-    assert {"val/map", "val/map_best", "train/cls", "train/loc", "train/select", "train/phase"} <= set(metrics), sorted(metrics)
+    assert {"val/map", "val/map_best", "train/cls", "train/loc", "train/select", "train/phase"} <= set(metrics), sorted(
+        metrics
+    )

@@ -46,8 +46,8 @@ def test_every_experiment_runs_a_step(train_cfg, experiment):
 def test_phase_switch_at_epoch_and_after_resume(train_cfg, tmp_path):
     common = [
         "trainer.max_epochs=3",
-        "+trainer.limit_train_batches=2",
-        "+trainer.limit_val_batches=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
         "callbacks.phase_switch.switch_epoch=2",
         "validate_best=false",
     ]
@@ -57,7 +57,7 @@ def test_phase_switch_at_epoch_and_after_resume(train_cfg, tmp_path):
     assert recorder.phases == {0: {1}, 1: {1}, 2: {2}}
     # default: half of the schedule
     cfg = train_cfg(
-        "trainer.max_epochs=4", "+trainer.limit_train_batches=1", "+trainer.limit_val_batches=1", "validate_best=false"
+        "trainer.max_epochs=4", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "validate_best=false"
     )
     recorder = PhaseRecorder()
     train_with(cfg, recorder)
@@ -67,8 +67,8 @@ def test_phase_switch_at_epoch_and_after_resume(train_cfg, tmp_path):
 def test_resume_after_switch_continues_in_phase_two(train_cfg):
     first = train_cfg(
         "trainer.max_epochs=2",
-        "+trainer.limit_train_batches=2",
-        "+trainer.limit_val_batches=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
         "callbacks.phase_switch.switch_epoch=1",
         "validate_best=false",
     )
@@ -79,8 +79,8 @@ def test_resume_after_switch_continues_in_phase_two(train_cfg):
     assert [int(v) for k, v in state["state_dict"].items() if k.endswith("phase")] == [2]
     resumed = train_cfg(
         "trainer.max_epochs=3",
-        "+trainer.limit_train_batches=2",
-        "+trainer.limit_val_batches=1",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
         "callbacks.phase_switch.switch_epoch=1",
         "validate_best=false",
         f"ckpt_path={last}",
@@ -105,3 +105,24 @@ def train_with(cfg, *extra_callbacks):
         return train(cfg)
     finally:
         train_module.instantiate_group = original
+
+
+def test_bf16_mixed_channels_last_step_on_cpu(train_cfg):
+    """The embedded default's speed settings (bf16 autocast, channels-last) train with finite losses."""
+    cfg = train_cfg("trainer.precision=bf16-mixed", "channels_last=true", "+trainer.fast_dev_run=2")
+    metrics, objects = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["train/total_step"]))
+    assert objects["trainer"].precision == "bf16-mixed"
+
+
+def test_precision_auto(monkeypatch):
+    import sapd.utils as utils
+
+    monkeypatch.setattr(utils.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
+    assert utils.resolve_precision("auto", "cpu") == "bf16-mixed"
+    monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
+    assert utils.resolve_precision("auto", "cpu") == "32-true"
+    assert utils.resolve_precision("16-mixed", "gpu") == "16-mixed"
+    monkeypatch.setattr(utils.torch.cuda, "is_available", lambda: True)
+    assert utils.resolve_precision("auto", "auto") == "16-mixed"

@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 
 from sapd.module import SAPDLitModule
 from sapd.paths import CONFIG_DIR
-from sapd.utils import config_to_dict, format_coco_table, instantiate_group, set_threads
+from sapd.utils import config_to_dict, format_coco_table, instantiate_group, resolve_precision, set_threads
 
 log = logging.getLogger("sapd.train")
 
@@ -64,7 +64,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     loggers = instantiate_group(cfg.get("logger"))
     if not loggers:  # nothing to monitor the learning rate into (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    precision = resolve_precision(cfg.trainer.get("precision", "32-true"), str(cfg.trainer.get("accelerator", "auto")))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision)
     for lg in loggers:
         lg.log_hyperparams(module.run_config)
 

