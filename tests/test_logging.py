@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from conftest import TINY, compose_config
-
 from sapd.loggers import resolve_wandb_mode
 from sapd.train import train
 

@@ -60,12 +60,9 @@ def format_coco_table(table: Mapping[str, float], title: str = "COCO bbox") -> s
 
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 natively (AMX or AVX-512 BF16): bf16 autocast then pays."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+    from sapd.benchmarks.measure import cpu_flags
+
+    return any(flag in cpu_flags() for flag in ("amx_bf16", "avx512_bf16"))
 
 
 def resolve_precision(precision: Any, accelerator: str = "auto") -> Any:

@@ -197,27 +197,27 @@ def measure_extra_memory(fn: Task, device: torch.device | str = "cpu") -> dict[s
 
 def cpu_model() -> str:
     """CPU model name (``/proc/cpuinfo``), or what ``platform`` knows."""
+    for line in _cpuinfo_lines():
+        if line.lower().startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _cpuinfo_lines() -> list[str]:
     try:
         with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+            return fh.readlines()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return []
 
 
 def cpu_flags() -> list[str]:
     """The CPU features that decide bf16 speed on CPU (AVX-512 BF16, AMX)."""
     wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [f for f in wanted if f in have]
-    except OSError:
-        pass
+    for line in _cpuinfo_lines():
+        if line.startswith("flags"):
+            have = set(line.split(":", 1)[1].split())
+            return [f for f in wanted if f in have]
     return []
 
 
