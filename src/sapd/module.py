@@ -283,6 +283,7 @@ class SAPDLitModule(L.LightningModule):
             self.val_map_best(torch.tensor(table["map"]))
             self.log("val/map_best", self.val_map_best.compute(), prog_bar=True)
             self.last_coco_table = table
+            self.last_coco_step = self.global_step
         self._write_results()
 
     def on_test_epoch_start(self) -> None:

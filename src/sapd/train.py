@@ -76,7 +76,15 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
     best = next((c.best_model_path for c in checkpoints if c.monitor and c.best_model_path), "")
     last = next((c.best_model_path for c in checkpoints if not c.monitor and c.best_model_path), "")
-    if cfg.get("validate_best", True) and not trainer.fast_dev_run:
+    best_cb = next((c for c in checkpoints if c.monitor and c.best_model_path), None)
+    # The weights in memory are the best checkpoint's when the last validation (after the last step)
+    # scored the best: then its table stands and validating again would repeat the same pass.
+    best_is_current = (
+        best_cb is not None
+        and getattr(module, "last_coco_step", None) == trainer.global_step
+        and float(best_cb.best_model_score) == module.last_coco_table.get("map")
+    )
+    if cfg.get("validate_best", True) and not trainer.fast_dev_run and not best_is_current:
         results = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         if results:
             metrics.update({k: float(v) for k, v in results[0].items()})
