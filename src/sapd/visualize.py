@@ -6,12 +6,10 @@ import colorsys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from sapd.data.transforms import denormalize
 
 
 def colour(label: int) -> tuple[int, int, int]:
@@ -29,9 +27,7 @@ def unnormalize(image: Tensor, target: Mapping[str, Any] | None = None) -> Image
             padding is cropped and the image resized to its original size, so boxes in original
             pixels line up.
     """
-    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
-    img = (image.detach().float() * std + mean).clamp(0, 1)
+    img = denormalize(image.detach().float()).clamp(0, 1)
     if target is not None:
         h, w = (int(v) for v in target["img_size"])
         img = img[:, :h, :w]
