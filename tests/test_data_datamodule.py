@@ -103,3 +103,29 @@ def test_hydra_configs_instantiate(synthetic_root, monkeypatch):
     dm.setup("validate")
     assert cfg.size_divisor == 32  # the CPU default pads less than COCO's 128
     _check_batch(next(iter(dm.val_dataloader())), min(cfg.val_batch_size, SMALL["num_val"]), divisor=32)
+
+
+def test_aspect_ratio_grouping_and_distributed_resampling(synthetic_root):
+    """Batches hold one orientation; Lightning can swap a DistributedSampler into the batch sampler."""
+    from lightning.fabric.utilities.data import _replace_dunder_methods
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DistributedSampler
+
+    from sapd.data.samplers import AspectRatioBatchSampler
+
+    dm = _dm(synthetic_root, aspect_ratio_groups=2, batch_size=2, flip_prob=0.0, seed=1)
+    dm.setup("fit")
+    landscape = {i: r >= 1 for i, r in zip(dm.train_dataset.ids, dm.train_dataset.aspect_ratios)}
+    with _replace_dunder_methods(BatchSampler):  # what the Trainer does around *_dataloader()
+        loader = dm.train_dataloader()
+    assert isinstance(loader.batch_sampler, AspectRatioBatchSampler) and len(loader) == 5
+    batches = [[t["image_id"] for t in targets] for _, targets in loader]
+    assert sorted(sum(batches, [])) == sorted(dm.train_dataset.ids)
+    assert sum(len({landscape[i] for i in b}) > 1 for b in batches) <= 1  # only the leftover may mix
+    shard = DistributedSampler(dm.train_dataset, num_replicas=2, rank=1, shuffle=True, seed=0)
+    ddp_loader = _update_dataloader(loader, shard)
+    assert isinstance(ddp_loader.batch_sampler, AspectRatioBatchSampler)
+    assert ddp_loader.batch_sampler.sampler is shard and len(ddp_loader) == 3  # 5 of 10 images, batches of 2
+    plain = _dm(synthetic_root, aspect_ratio_groups=0)
+    plain.setup("fit")
+    assert type(plain.train_dataloader().batch_sampler) is BatchSampler

@@ -46,7 +46,8 @@ def eval_size(data_cfg: DictConfig) -> tuple[int, int]:
     min_size = data_cfg.get("val_min_size") or data_cfg.get("min_size", 800)
     if not isinstance(min_size, int):
         min_size = int(max(min_size))
-    return int(min_size), int(data_cfg.get("max_size", 1333))
+    max_size = data_cfg.get("val_max_size") or data_cfg.get("max_size", 1333)
+    return int(min_size), int(max_size)
 
 
 def resolve_device(name: str) -> torch.device:

@@ -216,6 +216,11 @@ class COCODetection(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def aspect_ratios(self) -> list[float]:
+        """``width / height`` of every image, from the annotation file (no image is read)."""
+        return [self._records[i]["orig_size"][1] / self._records[i]["orig_size"][0] for i in self.ids]
+
     def image_path(self, index: int) -> Path:
         return self.img_dir / self._records[self.ids[index]]["file_name"]
 

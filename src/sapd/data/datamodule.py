@@ -18,10 +18,11 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from sapd.data import COCO_HOWTO, DataError
 from sapd.data.coco import COCODetection
+from sapd.data.samplers import AspectRatioBatchSampler, aspect_ratio_groups
 from sapd.data.transforms import build_transforms, collate
 
 
@@ -55,9 +56,14 @@ class COCODataModule(L.LightningDataModule):
         num_workers, persistent_workers (only used when num_workers > 0), pin_memory (None: on
             when CUDA is available).
         min_size: shorter side for training, an int or [min, max] for scale jitter; evaluation
-            uses ``val_min_size`` (None: the max of min_size). max_size caps the longer side.
+            uses ``val_min_size`` (None: the max of min_size). max_size caps the longer side,
+            ``val_max_size`` at evaluation (None: max_size). Evaluating larger than training is
+            a choice of the recipe (see ``conf/data/synthetic.yaml``).
         flip_prob: probability of a horizontal flip in training.
         size_divisor: padded batch sides are multiples of this (128 for P7 at stride 128).
+        aspect_ratio_groups: batch images of similar aspect ratio together, so padding wastes less
+            (:class:`~sapd.data.samplers.AspectRatioBatchSampler`): 2 = landscape / portrait as in
+            detectron2 and MMDetection, k > 2 = k quantile bins, 0 or 1 = off (plain batches).
         drop_empty: drop training images with no box (val / test keep every image).
         skip_bad_images: replace unreadable images by the next good one instead of raising.
         limit_val_images: evaluate on the first n val images only (None: all).
@@ -84,8 +90,10 @@ class COCODataModule(L.LightningDataModule):
         min_size: int | Sequence[int] = 800,
         val_min_size: int | None = None,
         max_size: int | None = 1333,
+        val_max_size: int | None = None,
         flip_prob: float = 0.5,
         size_divisor: int = 128,
+        aspect_ratio_groups: int = 2,
         drop_empty: bool = False,
         skip_bad_images: bool = False,
         limit_val_images: int | None = None,
@@ -110,7 +118,9 @@ class COCODataModule(L.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self.min_size, self.max_size = min_size, max_size
         self.val_min_size = None if val_min_size is None else int(val_min_size)
+        self.val_max_size = None if val_max_size is None else int(val_max_size)
         self.flip_prob, self.size_divisor = float(flip_prob), int(size_divisor)
+        self.aspect_ratio_groups = int(aspect_ratio_groups)
         self.drop_empty, self.skip_bad_images = bool(drop_empty), bool(skip_bad_images)
         self.limit_val_images = None if limit_val_images is None else int(limit_val_images)
         self.seed = seed
@@ -162,7 +172,8 @@ class COCODataModule(L.LightningDataModule):
     def _dataset(self, split: str, *, train: bool, **kw) -> COCODetection:
         ann, images = self.paths(split)
         min_size = self.min_size if train or self.val_min_size is None else self.val_min_size
-        tf = build_transforms(train=train, min_size=min_size, max_size=self.max_size, flip_prob=self.flip_prob)
+        max_size = self.max_size if train or self.val_max_size is None else self.val_max_size
+        tf = build_transforms(train=train, min_size=min_size, max_size=max_size, flip_prob=self.flip_prob)
         return COCODetection(ann, images, transforms=tf, skip_bad_images=self.skip_bad_images, **kw)
 
     def setup(self, stage: str | None = None) -> None:
@@ -185,11 +196,16 @@ class COCODataModule(L.LightningDataModule):
         generator = None
         if train and self.seed is not None:
             generator = torch.Generator().manual_seed(int(self.seed))
+        batch_size = self.batch_size if train else self.val_batch_size
+        if self.aspect_ratio_groups > 1:
+            sampler = RandomSampler(dataset, generator=generator) if train else SequentialSampler(dataset)
+            groups = aspect_ratio_groups(dataset.aspect_ratios, self.aspect_ratio_groups)
+            batching = {"batch_sampler": AspectRatioBatchSampler(sampler, batch_size, False, groups)}
+        else:
+            batching = {"batch_size": batch_size, "shuffle": train, "drop_last": False}
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if train else self.val_batch_size,
-            shuffle=train,
-            drop_last=False,
+            **batching,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers,
             pin_memory=self.pin_memory,
