@@ -88,3 +88,28 @@ def test_no_decay_for_norm_and_bias():
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) == 1  # the conv weight
     assert len(no_decay["params"]) == 3  # conv bias, norm weight, norm bias
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_gradient_clipping_with_a_fused_optimizer(algorithm):
+    """bf16 / fp32 have no loss scaler: a fused AdamW is clipped exactly (Lightning would refuse)."""
+    optim = lambda params, lr=1e-3: torch.optim.AdamW(params, lr=lr, fused=True)  # noqa: E731
+    optimizer, _ = _configured(optim=optim, sched={"name": "cosine"})
+    net = _Net()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    owner = SAPDLitModule(net=net, optimizer=optim, batch_size=2)
+    owner._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))
+    for p in params:
+        p.grad = torch.full_like(p, 3.0)
+    owner.configure_gradient_clipping(optimizer, 1.0, algorithm)
+    grads = torch.cat([p.grad.reshape(-1) for p in params])
+    if algorithm == "norm":
+        assert float(grads.norm()) == pytest.approx(1.0, rel=1e-4)
+    else:
+        assert float(grads.abs().max()) == pytest.approx(1.0)
+    # with a loss scaler (fp16) the decision stays with Lightning, which knows the scaler
+    owner._trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))
+    called = []
+    owner.clip_gradients = lambda *args: called.append(args)
+    owner.configure_gradient_clipping(optimizer, 1.0, algorithm)
+    assert called == [(optimizer, 1.0, algorithm)]

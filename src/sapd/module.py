@@ -349,6 +349,26 @@ class SAPDLitModule(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Clips as Lightning does, and also for fused optimizers when no loss scaler is used.
+
+        Lightning refuses to clip for a ``fused`` optimizer under mixed precision because such an
+        optimizer unscales fp16 gradients itself. With bf16 or fp32 there is no scaler, the
+        gradients are already true and clipping them here is exact.
+        """
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        fused = any(group.get("fused") for group in optimizer.param_groups)
+        if not gradient_clip_val or scaler is not None or not fused:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     # ------------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["sapd_config"] = self.run_config
