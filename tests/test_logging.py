@@ -47,3 +47,14 @@ def test_offline_wandb_run_logs_config_losses_histograms_and_images(tmp_path, mo
     assert {"val/map", "val/map_best", "train/cls", "train/loc", "train/select", "train/phase"} <= set(metrics), sorted(
         metrics
     )
+
+
+def test_logged_detection_images_share_one_size():
+    from PIL import Image
+
+    from sapd.callbacks import _same_size
+
+    pics = _same_size([Image.new("RGB", (30, 20), (255, 0, 0)), Image.new("RGB", (10, 40), (0, 255, 0))])
+    assert [p.size for p in pics] == [(30, 40), (30, 40)]
+    assert pics[0].getpixel((5, 5)) == (255, 0, 0) and pics[0].getpixel((5, 30)) == (127, 127, 127)
+    assert _same_size([]) == []

@@ -77,6 +77,21 @@ class SelectionHistogram(L.Callback):
         pl_module.selection_probs = []
 
 
+def _same_size(pictures: list) -> list:
+    """PIL images padded (bottom / right, grey) to the largest width and height among them."""
+    from PIL import Image
+
+    if not pictures:
+        return pictures
+    w, h = max(p.width for p in pictures), max(p.height for p in pictures)
+    out = []
+    for pic in pictures:
+        canvas = Image.new("RGB", (w, h), (127, 127, 127))
+        canvas.paste(pic.convert("RGB"), (0, 0))
+        out.append(canvas)
+    return out
+
+
 class DetectionImages(L.Callback):
     """Logs a few validation images with predicted (score >= ``min_score``) and true boxes to wandb."""
 
@@ -102,5 +117,6 @@ class DetectionImages(L.Callback):
             pred = {k: v[keep] for k, v in det.items()}
             gt = {"boxes": target["eval_boxes"], "labels": target["eval_labels"]}
             pictures.append(draw_detections(pil, pred, pl_module.class_names, ground_truth=gt))
+        pictures = _same_size(pictures)  # a wandb image list must share one size to display right
         for logger in loggers:
             logger.log_image("val/detections", pictures, step=trainer.global_step)
