@@ -129,3 +129,13 @@ def test_aspect_ratio_grouping_and_distributed_resampling(synthetic_root):
     plain = _dm(synthetic_root, aspect_ratio_groups=0)
     plain.setup("fit")
     assert type(plain.train_dataloader().batch_sampler) is BatchSampler
+
+
+def test_evaluation_size_differs_from_training_size(synthetic_root):
+    dm = _dm(synthetic_root, min_size=64, max_size=80, val_min_size=96, val_max_size=150)
+    dm.setup("fit")
+    _, train_t = next(iter(dm.train_dataloader()))
+    _, val_t = next(iter(dm.val_dataloader()))
+    assert all(max(t["img_size"]) <= 80 for t in train_t)
+    assert all(min(t["img_size"]) == 96 or max(t["img_size"]) == 150 for t in val_t)
+    assert all(max(t["img_size"]) <= 150 and min(t["img_size"]) <= 96 for t in val_t)

@@ -155,3 +155,14 @@ def test_metric_equals_pycocotools_cocoeval(tmp_path):
     keys = ["map", "map_50", "map_75", "map_small", "map_medium", "map_large"]
     assert ev.stats[0] > 0.2  # non-trivial
     np.testing.assert_allclose([float(ours[k]) for k in keys], ev.stats[:6], atol=2e-3)
+
+
+def test_predict_uses_the_evaluation_size_of_the_run():
+    from omegaconf import OmegaConf
+
+    from sapd.predict import eval_size
+
+    assert eval_size(OmegaConf.create({"min_size": [640, 800], "max_size": 1333})) == (800, 1333)
+    run = {"min_size": 224, "max_size": 320, "val_min_size": 320, "val_max_size": 480}
+    assert eval_size(OmegaConf.create(run)) == (320, 480)
+    assert eval_size(OmegaConf.create({**run, "val_max_size": None})) == (320, 320)
