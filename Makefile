@@ -34,8 +34,8 @@ test-fast: $(STAMP) ## Run the tests that are not marked slow
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 lint: $(STAMP) ## Ruff lint and format check
-	$(PY) -m ruff check src tests
-	$(PY) -m ruff format --check src tests
+	$(PY) -m ruff check src tests notebooks
+	$(PY) -m ruff format --check src tests notebooks
 
 format: $(STAMP) ## Ruff autofix and format
 	$(PY) -m ruff check --fix src tests
