@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sapd.checkpoint import load_module
+from sapd.data import transforms
 from sapd.data.transforms import collate, preprocess_image
 from sapd.paths import CONFIG_DIR
 from sapd.utils import set_threads
@@ -41,13 +42,14 @@ def list_images(path: str | Path) -> list[Path]:
     raise FileNotFoundError(f"input not found: {path} (give an image file or a folder of images)")
 
 
-def eval_size(data_cfg: DictConfig) -> tuple[int, int]:
+def eval_size(data_cfg: DictConfig) -> tuple[int, int | None]:
     """The (shorter side, longer-side cap) the model was validated at."""
-    min_size = data_cfg.get("val_min_size") or data_cfg.get("min_size", 800)
-    if not isinstance(min_size, int):
-        min_size = int(max(min_size))
-    max_size = data_cfg.get("val_max_size") or data_cfg.get("max_size", 1333)
-    return int(min_size), int(max_size)
+    return transforms.eval_size(
+        data_cfg.get("min_size", 800),
+        data_cfg.get("max_size", 1333),
+        data_cfg.get("val_min_size"),
+        data_cfg.get("val_max_size"),
+    )
 
 
 def resolve_device(name: str) -> torch.device:

@@ -74,9 +74,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
     checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
-    best = next((c.best_model_path for c in checkpoints if c.monitor and c.best_model_path), "")
-    last = next((c.best_model_path for c in checkpoints if not c.monitor and c.best_model_path), "")
     best_cb = next((c for c in checkpoints if c.monitor and c.best_model_path), None)
+    best = best_cb.best_model_path if best_cb is not None else ""
+    last = next((c.best_model_path for c in checkpoints if not c.monitor and c.best_model_path), "")
     # The weights in memory are the best checkpoint's when the last validation (after the last step)
     # scored the best: then its table stands and validating again would repeat the same pass.
     best_is_current = (

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 from sapd.data import COCO_HOWTO, DataError
 from sapd.data.coco import COCODetection
 from sapd.data.samplers import AspectRatioBatchSampler, aspect_ratio_groups
-from sapd.data.transforms import build_transforms, collate
+from sapd.data.transforms import build_transforms, collate, eval_size
 
 
 def seed_worker(worker_id: int) -> None:
@@ -171,8 +171,9 @@ class COCODataModule(L.LightningDataModule):
 
     def _dataset(self, split: str, *, train: bool, **kw) -> COCODetection:
         ann, images = self.paths(split)
-        min_size = self.min_size if train or self.val_min_size is None else self.val_min_size
-        max_size = self.max_size if train or self.val_max_size is None else self.val_max_size
+        min_size, max_size = self.min_size, self.max_size
+        if not train:
+            min_size, max_size = eval_size(min_size, max_size, self.val_min_size, self.val_max_size)
         tf = build_transforms(train=train, min_size=min_size, max_size=max_size, flip_prob=self.flip_prob)
         return COCODetection(ann, images, transforms=tf, skip_bad_images=self.skip_bad_images, **kw)
 

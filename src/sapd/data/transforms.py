@@ -139,6 +139,18 @@ class Compose:
         return img, target
 
 
+def eval_size(
+    min_size: int | Sequence[int],
+    max_size: int | None,
+    val_min_size: int | None = None,
+    val_max_size: int | None = None,
+) -> tuple[int, int | None]:
+    """(shorter side, longer-side cap) at evaluation: ``val_*`` where set, else the largest
+    ``min_size`` (800 for both 1x and the [640, 800] jitter) and ``max_size``."""
+    short = _size_range(min_size)[1] if val_min_size is None else int(val_min_size)
+    return short, (max_size if val_max_size is None else int(val_max_size))
+
+
 def build_transforms(
     *, train: bool, min_size: int | Sequence[int] = 800, max_size: int | None = 1333, flip_prob: float = 0.5
 ) -> Compose:
