@@ -7,12 +7,15 @@ synthetic COCO-format set, on the CPU) and prints the COCO table of the best che
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
@@ -44,6 +47,65 @@ def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> SAPDLitM
     return module
 
 
+SUMMARY_FILE = "summary.json"
+# Model keys a run summary records: the architecture and the switches that ablations vary.
+REPORTED_MODEL_KEYS = (
+    "_target_",
+    "soft_weight",
+    "soft_select",
+    "eta",
+    "topk",
+    "epsilon",
+    "valid_region",
+    "soft_weight_norm",
+    "normaliser",
+    "unselected",
+    "ignore_epsilon",
+)
+
+
+def _overrides() -> list[str]:
+    """The command-line overrides of this Hydra job (sweep parameters included); [] outside Hydra."""
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def run_summary(
+    cfg: DictConfig,
+    table: dict[str, float],
+    minutes: float,
+    fit_seconds: float,
+    fit_steps: int,
+    global_step: int,
+) -> dict[str, Any]:
+    """What :mod:`sapd.report` tabulates: the run's overrides, seed, model switches, COCO table, times."""
+    model = cfg.get("model", {})
+    switches = {k: model.get(k) for k in REPORTED_MODEL_KEYS if k in model}
+    return {
+        "overrides": _overrides(),
+        "task_name": cfg.get("task_name"),
+        "group": cfg.get("group"),
+        "seed": cfg.get("seed"),
+        "model": switches,
+        "max_epochs": cfg.trainer.get("max_epochs"),
+        "limit_train_batches": cfg.trainer.get("limit_train_batches"),
+        "global_step": int(global_step),
+        "metrics": {k: float(v) for k, v in table.items()},
+        "minutes": round(minutes, 3),
+        "seconds_per_step": round(fit_seconds / fit_steps, 4) if fit_steps else None,
+    }
+
+
+def write_summary(summary: dict[str, Any], output_dir: Path) -> Path:
+    """Writes ``summary.json`` into the run folder (read back by ``python -m sapd.report``)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / SUMMARY_FILE
+    path.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return path
+
+
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fits the model of ``cfg`` on its data, then evaluates the best checkpoint.
 
@@ -69,8 +131,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     for lg in loggers:
         lg.log_hyperparams(module.run_config)
 
+    fit_start, start_step = time.time(), trainer.global_step
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    fit_seconds, fit_steps = time.time() - fit_start, trainer.global_step - start_step
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
     checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
@@ -98,6 +162,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         if last:
             print(f"last checkpoint (resume with ckpt_path=...): {last}")
         print(f"logs and outputs: {cfg.paths.output_dir}")
+    if trainer.is_global_zero and not trainer.fast_dev_run:
+        summary = run_summary(cfg, table or {}, minutes, fit_seconds, fit_steps, trainer.global_step)
+        write_summary(summary, Path(cfg.paths.output_dir))
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             lg.experiment.finish()

@@ -1,0 +1,169 @@
+"""Tables of seeded runs: ``python -m sapd.report DIR [DIR ...]``.
+
+Every training run writes ``summary.json`` into its folder (its overrides, seed, model switches, COCO
+table and times; :func:`sapd.train.run_summary`). This command finds them under the given folders
+(a multirun folder, a results folder, several of them), groups the runs that differ only in their
+seed, and prints one markdown table: mean ± sample standard deviation over seeds of AP, AP50, AP75,
+APs, APm, APl (in %), the per-seed APs, the number of runs n, and minutes and seconds per step.
+
+A row is named by its ablation (FSAF, +SW, +SW+SS, or the architecture for other detectors) and
+by every switch that differs from the paper's setting, so runs of different variants never mix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUMMARY_FILE = "summary.json"
+
+# The paper's setting of each switch (SPEC-level defaults of conf/model/sapd.yaml); a row's variant
+# is the list of switches that differ from these.
+PAPER_SETTING: dict[str, Any] = {
+    "eta": 1.0,
+    "topk": 3,
+    "epsilon": 0.2,
+    "valid_region": "cell_overlap",
+    "soft_weight_norm": "none",
+    "normaliser": "weight_sum",
+    "unselected": "negative",
+    "ignore_epsilon": None,
+}
+METRICS = (
+    ("AP", "map"),
+    ("AP50", "map_50"),
+    ("AP75", "map_75"),
+    ("APs", "map_small"),
+    ("APm", "map_medium"),
+    ("APl", "map_large"),
+)
+ABLATION_ORDER = {"FSAF": 0, "+SW": 1, "+SS": 2, "+SW+SS": 3}
+
+
+@dataclass
+class Row:
+    """The runs of one configuration (all keys but the seed equal)."""
+
+    name: str
+    variant: str
+    budget: str
+    order: tuple
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def values(self, key: str) -> list[float]:
+        # COCOeval reports -1 where a size range has no objects: not a value
+        vals = (float(r.get("metrics", {}).get(key, -1)) for r in self.runs)
+        return [100 * v for v in vals if v >= 0]
+
+    def mean_std(self, key: str) -> tuple[float, float]:
+        vals = self.values(key)
+        if not vals:
+            return math.nan, math.nan
+        return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else math.nan
+
+
+def find_summaries(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Every ``summary.json`` under ``paths`` (files or folders), each with its ``path`` added."""
+    runs = []
+    for root in paths:
+        root = Path(root)
+        if not root.exists():
+            raise FileNotFoundError(f"{root} does not exist: give a run, multirun or results folder")
+        files = [root] if root.is_file() else sorted(root.rglob(SUMMARY_FILE))
+        for f in files:
+            run = json.loads(f.read_text())
+            run["path"] = str(f.parent)
+            runs.append(run)
+    return runs
+
+
+def ablation_name(model: dict[str, Any]) -> str:
+    """FSAF / +SW / +SS / +SW+SS from the switches, or the architecture's class name for other detectors."""
+    target = str(model.get("_target_") or "sapd.models.SAPD")
+    if not target.endswith(".SAPD"):
+        return target.rsplit(".", 1)[-1]
+    sw, ss = bool(model.get("soft_weight", True)), bool(model.get("soft_select", True))
+    return {(False, False): "FSAF", (True, False): "+SW", (False, True): "+SS", (True, True): "+SW+SS"}[(sw, ss)]
+
+
+def variant_name(run: dict[str, Any]) -> str:
+    """The switches that differ from the paper's setting, and a budget other than the default's."""
+    model = run.get("model", {})
+    parts = [f"{k}={model[k]}" for k, v in PAPER_SETTING.items() if k in model and model[k] != v]
+    return ", ".join(parts) if parts else "paper"
+
+
+def budget_name(run: dict[str, Any]) -> str:
+    epochs, limit = run.get("max_epochs"), run.get("limit_train_batches")
+    return f"{epochs} ep" + (f" x {limit} batches" if limit else "")
+
+
+def group_runs(runs: Sequence[dict[str, Any]]) -> list[Row]:
+    """Rows of runs equal in everything that is reported but the seed, ordered variant by variant."""
+    rows: dict[tuple, Row] = {}
+    variants: dict[str, int] = {}
+    for run in runs:
+        name, variant, budget = ablation_name(run.get("model", {})), variant_name(run), budget_name(run)
+        variants.setdefault(variant, len(variants))
+        key = (budget, variant, name)
+        if key not in rows:
+            order = (budget, variants[variant], ABLATION_ORDER.get(name, len(ABLATION_ORDER)), name)
+            rows[key] = Row(name=name, variant=variant, budget=budget, order=order)
+        rows[key].runs.append(run)
+    for row in rows.values():
+        row.runs.sort(key=lambda r: (r.get("seed") is None, r.get("seed")))
+    return sorted(rows.values(), key=lambda r: r.order)
+
+
+def _fmt(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return "-"
+    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
+
+
+def markdown_table(rows: Sequence[Row]) -> str:
+    """The rows as one markdown table (AP in %; mean ± sample std over seeds)."""
+    head = ["row", "variant", "budget", "n", *[m for m, _ in METRICS], "AP per seed", "min / run", "s / step"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        per_seed = ", ".join(f"{v:.1f} (s{r.get('seed')})" for v, r in zip(row.values("map"), row.runs))
+        minutes = [float(r["minutes"]) for r in row.runs if r.get("minutes") is not None]
+        steps = [float(r["seconds_per_step"]) for r in row.runs if r.get("seconds_per_step")]
+        cells = [
+            row.name,
+            row.variant,
+            row.budget,
+            str(len(row.runs)),
+            *[_fmt(*row.mean_std(key)) for _, key in METRICS],
+            per_seed,
+            f"{statistics.fmean(minutes):.1f}" if minutes else "-",
+            f"{statistics.fmean(steps):.3f}" if steps else "-",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def report(paths: Sequence[str | Path]) -> str:
+    runs = find_summaries(paths)
+    if not runs:
+        raise FileNotFoundError(
+            f"no {SUMMARY_FILE} under {', '.join(map(str, paths))}: each finished training run writes one"
+        )
+    return markdown_table(group_runs(runs))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m sapd.report", description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="+", help="run, multirun or results folders (searched for summary.json)")
+    args = parser.parse_args(argv)
+    print(report(args.paths))
+
+
+if __name__ == "__main__":
+    main()
