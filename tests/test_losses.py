@@ -334,3 +334,75 @@ def test_selection_loss_reaches_features_unless_detached(detach):
     reached = any(g is not None and g.abs().sum() > 0 for g in grads)
     assert reached is (not detach)  # §4.1: jointly trained by default
     assert any(g.abs().sum() > 0 for g in torch.autograd.grad(loss["select"], list(net.parameters())))
+
+
+# --- switches: soft-weight normalisation and the Eq. 6 normaliser -------------------------------------
+
+
+def test_level_max_normalised_hand_case():
+    from sapd.models.criterion import level_max_normalised
+
+    f = torch.tensor([0.2, 0.5, 0.1, 0.0, 0.3])
+    group = torch.tensor([0, 0, 1, 2, 0])  # group 2 has only f = 0: its point weighs 1
+    assert level_max_normalised(f, group, 3).tolist() == pytest.approx([0.4, 1.0, 1.0, 1.0, 0.6])
+
+
+def test_soft_weight_level_max_gives_each_levels_best_point_weight_one():
+    out, targets = one_box_outputs()
+    crit = SAPDCriterion(num_classes=2, soft_weight_norm="level_max")
+    loss = crit(out, targets, STRIDES, FixedSelection(PROBS), phase=2)
+    # The four P3 points all have f = 0.36 and the four P4 points f = 1/9 (symmetric about the centre):
+    # divided by their level's best, every point weighs w_l^B alone.
+    weights = [0.4] + [0.2] * 4 + [0.1] * 4
+    cls, loc, norm = expected_losses(out, P5_PTS + P4_PTS + P3_PTS, weights)
+    assert loss["pos_weight_sum"].item() == pytest.approx(1.6, rel=1e-5)
+    assert loss["cls"].item() == pytest.approx(cls.item(), rel=1e-5)
+    assert loss["loc"].item() == pytest.approx(loc.item(), rel=1e-5)
+    # FSAF (soft_weight off) has f = 1 already: the switch changes nothing there.
+    fsaf = dict(soft_weight=False, soft_select=False)
+    a = SAPDCriterion(num_classes=2, **fsaf)(out, targets, STRIDES, FixedSelection(PROBS), phase=2)
+    b = SAPDCriterion(num_classes=2, soft_weight_norm="level_max", **fsaf)(
+        out, targets, STRIDES, FixedSelection(PROBS), phase=2
+    )
+    assert a["total"].item() == b["total"].item()
+
+
+def test_normaliser_num_pos_divides_by_the_number_of_positive_points():
+    out, targets = one_box_outputs()
+    probs = FixedSelection(PROBS)
+    paper = SAPDCriterion(num_classes=2)(out, targets, STRIDES, probs, phase=2)
+    count = SAPDCriterion(num_classes=2, normaliser="num_pos")(out, targets, STRIDES, probs, phase=2)
+    weights = [0.4] + [0.2 / 9] * 4 + [0.1 * 0.36] * 4  # Eq. 5 as in test_phase2_topk_soft_weights_eq5
+    cls, loc, norm = expected_losses(out, P5_PTS + P4_PTS + P3_PTS, weights)
+    assert norm == 1.0  # sum w = 0.63: the paper's normaliser is max(0.63, 1) = 1
+    assert paper["cls"].item() == pytest.approx(cls.item(), rel=1e-5)
+    assert count["cls"].item() == pytest.approx(cls.item() / 9, rel=1e-5)  # 9 positive points
+    assert count["loc"].item() == pytest.approx(loc.item() / 9, rel=1e-5)
+
+
+def test_centre_rule_in_the_criterion_trains_only_central_points():
+    # B = [0, 100]^2 on a 128-px input, exact box predictions on P3 only, so phase 1 picks P3 under both
+    # rules. Its positives: 3 x 3 points under cell_overlap, the 2 x 2 inside B_v under centre
+    # (tests/test_targets.py).
+    sizes = [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]
+    out = head_outputs(sizes)
+    box = torch.tensor([[0.0, 0.0, 100.0, 100.0]])
+    pts, strs, levels = anchor_points(sizes, STRIDES)
+    p3 = torch.nonzero(levels == 0).squeeze(1)
+    out["box_reg"][0, p3] = encode(pts[p3], strs[p3], box.expand(len(p3), 4)).clamp(min=0)
+    targets = [{"boxes": box, "labels": torch.tensor([1])}]
+    num_pos = {}
+    for rule in ("cell_overlap", "centre"):
+        loss = SAPDCriterion(num_classes=2, soft_weight=False, soft_select=False, valid_region=rule)(
+            out, targets, STRIDES, None, phase=1
+        )
+        num_pos[rule] = loss["num_pos"].item()
+    assert num_pos == {"cell_overlap": 9, "centre": 4}
+
+
+@pytest.mark.parametrize(
+    "key, value", [("valid_region", "inside"), ("soft_weight_norm", "max"), ("normaliser", "count")]
+)
+def test_switch_values_are_checked(key, value):
+    with pytest.raises(ValueError, match=f"model.{key} must be one of"):
+        SAPDCriterion(num_classes=2, **{key: value})

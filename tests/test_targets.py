@@ -173,3 +173,69 @@ def test_soft_weight_centre_is_one_and_degenerate_is_zero():
         f = soft_weight(d, eta)
         assert torch.isfinite(f).all()
         assert f.tolist() == pytest.approx([1.0, 0.0, 0.0, 0.0])
+
+
+# --- valid_region="centre": the point itself inside B_v ---------------------------------------------
+
+SIZES_128 = [(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)]  # a 128 x 128 input
+
+
+def _pairs(box, valid_region, sizes=SIZES_128):
+    pts, strs, _ = anchor_points(sizes, STRIDES)
+    _, p = candidate_pairs(torch.tensor([box]), sizes, STRIDES, 0.2, valid_region=valid_region)
+    return {(int(strs[i]), float(pts[i, 0]), float(pts[i, 1])) for i in p.tolist()}
+
+
+def test_centre_rule_keeps_points_inside_valid_box_and_the_nearest_elsewhere():
+    # B = [0, 100]^2, B_v = [40, 60]^2. Stride 8: cells of X = 44, 52, 60 overlap B_v (3 x 3 points under
+    # cell_overlap); X = 60 is on B_v's border, so "centre" keeps X, Y in {44, 52}. Stride 16: X = 40 and
+    # 56 overlap B_v, only 56 lies strictly inside it. Stride 32: (48, 48) is inside B_v. Strides 64 and
+    # 128: the single candidate (32, 32) / (64, 64) is outside B_v, kept as the nearest to the centre.
+    cell = _pairs([0.0, 0.0, 100.0, 100.0], "cell_overlap")
+    centre = _pairs([0.0, 0.0, 100.0, 100.0], "centre")
+    assert len(cell) == 9 + 4 + 1 + 1 + 1
+    assert centre == {
+        (8, 44.0, 44.0),
+        (8, 52.0, 44.0),
+        (8, 44.0, 52.0),
+        (8, 52.0, 52.0),
+        (16, 56.0, 56.0),
+        (32, 48.0, 48.0),
+        (64, 32.0, 32.0),
+        (128, 64.0, 64.0),
+    }
+
+
+def test_centre_rule_keeps_every_nearest_point_on_a_tie():
+    # B = [0, 32]^2, B_v = [12.8, 19.2]^2: no point of stride 8 or 16 is inside B_v and the four candidates
+    # of each are equally near the centre (16, 16), so all are kept: the same pairs as cell_overlap.
+    box = [0.0, 0.0, 32.0, 32.0]
+    assert _pairs(box, "centre", SIZES_64) == _pairs(box, "cell_overlap", SIZES_64) == _positive_points(box)
+
+
+def test_centre_rule_is_a_subset_with_the_same_levels_random_boxes():
+    g = torch.Generator().manual_seed(3)
+    h, w = 211, 300
+    sizes = [(math.ceil(h / s), math.ceil(w / s)) for s in STRIDES]
+    xy = torch.rand(60, 2, generator=g) * torch.tensor([w, h])
+    wh = torch.rand(60, 2, generator=g) ** 2 * torch.tensor([w, h]) + 2
+    boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([w, h]))], 1)
+    _, _, levels = anchor_points(sizes, STRIDES)
+    m_cell, p_cell = candidate_pairs(boxes, sizes, STRIDES)
+    m_cen, p_cen = candidate_pairs(boxes, sizes, STRIDES, valid_region="centre")
+    assert set(zip(m_cen.tolist(), p_cen.tolist())) <= set(zip(m_cell.tolist(), p_cell.tolist()))
+    assert len(m_cen) < len(m_cell)
+    same_levels = set(zip(m_cen.tolist(), levels[p_cen].tolist()))
+    assert same_levels == set(zip(m_cell.tolist(), levels[p_cell].tolist()))
+    # f of Eq. 4 at eta = 1 is at least (0.4 / 0.6)^2 = 4/9 for a point strictly inside B_v (epsilon 0.2).
+    pts, strs, _ = anchor_points(sizes, STRIDES)
+    f = soft_weight(encode(pts[p_cen], strs[p_cen], boxes[m_cen]))
+    valid = shrink_boxes(boxes[m_cen], 0.2)
+    x, y = pts[p_cen, 0], pts[p_cen, 1]
+    inside = (x > valid[:, 0]) & (x < valid[:, 2]) & (y > valid[:, 1]) & (y < valid[:, 3])
+    assert inside.any() and (f[inside] >= 4 / 9 - 1e-6).all()
+
+
+def test_valid_region_must_be_known():
+    with pytest.raises(ValueError, match="valid_region"):
+        candidate_pairs(torch.tensor([[0.0, 0.0, 32.0, 32.0]]), SIZES_64, STRIDES, valid_region="inside")

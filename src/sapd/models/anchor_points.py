@@ -9,7 +9,8 @@ Every function here is one equation of the paper and can be called on its own:
 - :func:`anchor_points` - point locations ``X = s_l (i + 0.5)``, ``Y = s_l (j + 0.5)`` (§3.1).
 - :func:`shrink_boxes` - the valid box ``B_v`` (§3.1, epsilon = 0.2).
 - :func:`inside_valid_box` - dense reference of the "p inside B_v" rule (SPEC §2), ``[P, M]``.
-- :func:`candidate_pairs` - the same rule, sparse and vectorised: only (box, point) pairs that pass.
+- :func:`candidate_pairs` - the same rule, sparse and vectorised: only (box, point) pairs that pass;
+  ``valid_region="centre"`` narrows it to the literal reading (the point itself inside B_v).
 - :func:`assign_owners` - the owner instance (or -1) of every point: smallest area wins (SPEC §2).
 - :func:`encode` / :func:`decode` - Eq. 1 and its exact inverse.
 - :func:`soft_weight` - f of Eq. 4.
@@ -17,6 +18,7 @@ Every function here is one equation of the paper and can be called on its own:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -25,6 +27,9 @@ from torch import Tensor
 # A point counts as inside B_v when its cell overlaps B_v by more than this fraction of the cell's area
 # (MMDetection ``CenterRegionAssigner(min_pos_iof=0.01)``, the FSAF authors' assigner).
 MIN_POS_IOF = 0.01
+# The two readings of "p inside B_v" (docs/design.md, "Valid region"): the point's cell overlaps B_v
+# (the default, as the FSAF authors' assigner), or the point itself lies inside B_v (the paper's text).
+VALID_REGIONS = ("cell_overlap", "centre")
 
 
 def level_strides(num_levels: int = 5, first_stride: int = 8) -> list[int]:
@@ -110,6 +115,7 @@ def candidate_pairs(
     strides: Sequence[int],
     epsilon: float = 0.2,
     box_images: Tensor | None = None,
+    valid_region: str = "cell_overlap",
 ) -> tuple[Tensor, Tensor]:
     """All (box, point) pairs with the point inside B_v of the box (SPEC §2), without a dense [P, M] test.
 
@@ -122,6 +128,11 @@ def candidate_pairs(
         level_sizes, strides: as in :func:`anchor_points` (the same for every image).
         box_images (LongTensor[M] or None): image index of each box; point indices are then global,
             ``image * P + p``, i.e. indices into a batch's points flattened as ``[N * P]``.
+        valid_region: ``"cell_overlap"`` (the rule above) or ``"centre"``: of the pairs the rule above
+            gives a box on one level, only those whose point (X, Y) lies strictly inside B_v; where
+            none does, the point(s) nearest to the box centre (all of them on a tie). A box thus keeps
+            the same levels as under ``"cell_overlap"`` (small boxes are still trained) but only its
+            central points, where f of Eq. 4 is large (>= 0.44 inside B_v at epsilon 0.2).
 
     Returns:
         box_idx (LongTensor[T]), point_idx (LongTensor[T]): the pairs.
@@ -163,10 +174,29 @@ def candidate_pairs(
     st = s[lvl]  # [T]
     xy = torch.stack([(ix.to(boxes.dtype) + 0.5) * st, (iy.to(boxes.dtype) + 0.5) * st], dim=1)  # [T, 2]
     keep = _inside_rule(xy, st, boxes[m], valid[m])
+    if valid_region == "centre":
+        keep = _centre_points(keep, xy, m * num_levels + lvl, boxes[m], valid[m], count.numel())
+    elif valid_region != "cell_overlap":
+        raise ValueError(f"valid_region must be one of {VALID_REGIONS}, got {valid_region!r}")
     m, point = m[keep], (level_start[lvl] + iy * ws[lvl] + ix)[keep]
     if box_images is not None:
         point = point + box_images[m] * num_points
     return m, point
+
+
+def _centre_points(keep: Tensor, xy: Tensor, group: Tensor, boxes: Tensor, valid: Tensor, num_groups: int) -> Tensor:
+    """``valid_region="centre"`` of :func:`candidate_pairs` for enumerated rows [T]: of the rows that pass
+    ``keep``, those with (X, Y) strictly inside B_v, or, in a (box, level) ``group`` with none, the ones
+    nearest to the box centre."""
+    x, y = xy[:, 0], xy[:, 1]
+    in_valid = keep & (x > valid[:, 0]) & (x < valid[:, 2]) & (y > valid[:, 1]) & (y < valid[:, 3])  # [T]
+    has_centre = torch.zeros(num_groups, dtype=torch.bool, device=keep.device)
+    has_centre.index_put_((group[in_valid],), torch.ones_like(group[in_valid], dtype=torch.bool))
+    cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
+    dist = torch.where(keep, (x - cx).square() + (y - cy).square(), torch.full_like(x, math.inf))  # [T]
+    nearest = torch.full((num_groups,), math.inf, dtype=dist.dtype, device=keep.device)
+    nearest.scatter_reduce_(0, group, dist, reduce="amin")
+    return in_valid | (keep & ~has_centre[group] & (dist == nearest[group]))
 
 
 @torch.no_grad()
@@ -177,6 +207,7 @@ def assign_owners(
     epsilon: float = 0.2,
     box_images: Tensor | None = None,
     num_images: int = 1,
+    valid_region: str = "cell_overlap",
 ) -> Tensor:
     """Owner instance of every anchor point (SPEC §2): among the boxes whose B_v contains the point, the
     one of smallest area (ties: lowest index); -1 when none. Each point belongs to one level, so this is
@@ -191,7 +222,7 @@ def assign_owners(
     """
     num_points = sum(h * w for h, w in level_sizes)
     owner = torch.full((num_images * num_points,), -1, dtype=torch.long, device=boxes.device)
-    box_idx, point_idx = candidate_pairs(boxes, level_sizes, strides, epsilon, box_images)
+    box_idx, point_idx = candidate_pairs(boxes, level_sizes, strides, epsilon, box_images, valid_region)
     if box_idx.numel() == 0:
         return owner
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])

@@ -9,6 +9,10 @@ Read top to bottom beside the paper:
 5. point weights w = w_l^B * f (Eq. 4, 5), 1 for negatives;
 6. L = sum w L / max(sum_{p+} w, 1) + lambda L_select (Eq. 6), sums over the whole batch.
 
+Three switches read the paper otherwise where its text leaves room (docs/design.md, "Switches"):
+``valid_region`` (which points are inside B_v), ``soft_weight_norm`` (f relative to the instance's best
+point on the level) and ``normaliser`` (the denominator of Eq. 6).
+
 The batch is flattened: points of all images are indexed ``image * P + p`` (``[N * P]``), instances of
 all images are concatenated (``[M_total]``), and levels are a per-point tensor, so nothing loops over
 instances, points or levels.
@@ -23,9 +27,29 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from sapd.models.anchor_points import anchor_points, assign_owners, candidate_pairs, encode, soft_weight
+from sapd.models.anchor_points import (
+    VALID_REGIONS,
+    anchor_points,
+    assign_owners,
+    candidate_pairs,
+    encode,
+    soft_weight,
+)
 from sapd.models.losses import dense_focal_loss, iou_loss, sigmoid_focal_loss
 from sapd.models.selection import instance_level_losses, select_levels
+
+
+def level_max_normalised(f: Tensor, group: Tensor, num_groups: int) -> Tensor:
+    """f divided by the largest f of its (instance, level) ``group`` (``soft_weight_norm="level_max"``).
+
+    Args:
+        f (FloatTensor[Q]): soft weights of the owned points; group (LongTensor[Q]): ``m * L + l``.
+    Returns:
+        FloatTensor[Q]: in [0, 1], 1 at each group's best point; a group whose f are all 0 gets 1.
+    """
+    best = torch.zeros(num_groups, dtype=f.dtype, device=f.device).scatter_reduce_(0, group, f, reduce="amax")
+    best = best[group]
+    return torch.where(best > 0, f / best.clamp(min=torch.finfo(f.dtype).tiny), torch.ones_like(f))
 
 
 @dataclass
@@ -45,6 +69,13 @@ class SAPDCriterion:
         ignore_epsilon: FSAF ignore region (0.5) or None (off).
         lambda_select: lambda of Eq. 6.
         loc_loss: ``"iou"`` or ``"giou"``.
+        valid_region: ``"cell_overlap"`` (the FSAF authors' assigner) or ``"centre"`` (the point itself
+            inside B_v, at least the nearest point on each level the instance has); see
+            :func:`~sapd.models.anchor_points.candidate_pairs`.
+        soft_weight_norm: ``"none"`` (Eq. 4 as printed) or ``"level_max"``: f divided by the largest f
+            of the instance's points on that level, so its best point there weighs 1.
+        normaliser: denominator of Eq. 6: ``"weight_sum"`` (the paper: sum of w over positives) or
+            ``"num_pos"`` (the number of positive points, as FSAF / RetinaNet).
     """
 
     num_classes: int
@@ -60,10 +91,20 @@ class SAPDCriterion:
     loc_loss: str = "iou"
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
+    valid_region: str = "cell_overlap"
+    soft_weight_norm: str = "none"
+    normaliser: str = "weight_sum"
 
     def __post_init__(self) -> None:
-        if self.unselected not in ("negative", "ignore"):
-            raise ValueError(f"unselected must be 'negative' or 'ignore', got {self.unselected!r}")
+        choices = {
+            "unselected": ("negative", "ignore"),
+            "valid_region": VALID_REGIONS,
+            "soft_weight_norm": ("none", "level_max"),
+            "normaliser": ("weight_sum", "num_pos"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"model.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
 
     def __call__(
         self,
@@ -104,7 +145,9 @@ class SAPDCriterion:
 
         with torch.no_grad():
             # 1. SPEC §2: owner of every point of every image (-1: none).
-            owner = assign_owners(boxes, level_sizes, strides, self.epsilon, box_images, num_images)  # [N*P]
+            owner = assign_owners(
+                boxes, level_sizes, strides, self.epsilon, box_images, num_images, self.valid_region
+            )  # [N*P]
             owned_idx = torch.nonzero(owner >= 0).squeeze(1)  # [Q] global point index
             own_m = owner[owned_idx]  # [Q]
             own_p = owned_idx % num_points  # [Q] point index within the image
@@ -135,6 +178,8 @@ class SAPDCriterion:
             # 5. Eq. 4 / 5: weights of owned points on selected levels; the rest are negatives (w = 1).
             pos_mask = selected[own_m, own_lvl]  # [Q]
             f = soft_weight(own_d, self.eta) if self.soft_weight else torch.ones_like(point_loss)
+            if self.soft_weight and self.soft_weight_norm == "level_max":
+                f = level_max_normalised(f, own_m * num_levels + own_lvl, num_inst * num_levels)
             pos_w = level_weights[own_m, own_lvl] * f  # [Q]
             pos_idx, pos_m, pos_d, pos_w = owned_idx[pos_mask], own_m[pos_mask], own_d[pos_mask], pos_w[pos_mask]
             weights = torch.ones(num_images * num_points, device=device, dtype=dtype)  # [N*P]
@@ -151,7 +196,7 @@ class SAPDCriterion:
 
         # 6. Eq. 2 / 5 / 6: focal loss of every (point, class) and IoU loss of positives, each weighted by
         # w of its point, summed over the whole batch, one normaliser.
-        normaliser = pos_w.sum().clamp(min=1)
+        normaliser = (pos_w.sum() if self.normaliser == "weight_sum" else pos_w.new_tensor(pos_w.numel())).clamp(min=1)
         cls_loss = dense_focal_loss(
             logits, weights, pos_idx, labels[pos_m], ignore_elements, self.focal_alpha, self.focal_gamma
         )

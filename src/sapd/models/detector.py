@@ -33,7 +33,8 @@ class SAPD(nn.Module):
         head: module or partial taking ``in_channels``, ``num_classes``.
         selection: module or partial taking ``in_channels``, ``num_levels`` (None: no selection net).
         eta, topk, epsilon, z, soft_weight, soft_select, unselected, ignore_epsilon, lambda_select,
-            loc_loss, focal_alpha, focal_gamma: see :class:`~sapd.models.criterion.SAPDCriterion`.
+            loc_loss, focal_alpha, focal_gamma, valid_region, soft_weight_norm, normaliser: see
+            :class:`~sapd.models.criterion.SAPDCriterion`.
         score_thresh, pre_nms_topk, nms_thresh, max_detections: see
             :func:`~sapd.models.postprocess.postprocess_detections`.
     """
@@ -58,6 +59,9 @@ class SAPD(nn.Module):
         loc_loss: str = "iou",
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        valid_region: str = "cell_overlap",
+        soft_weight_norm: str = "none",
+        normaliser: str = "weight_sum",
         score_thresh: float = 0.05,
         pre_nms_topk: int = 1000,
         nms_thresh: float = 0.5,
@@ -86,6 +90,9 @@ class SAPD(nn.Module):
             loc_loss=loc_loss,
             focal_alpha=focal_alpha,
             focal_gamma=focal_gamma,
+            valid_region=valid_region,
+            soft_weight_norm=soft_weight_norm,
+            normaliser=normaliser,
         )
         self.z = z
         self.score_thresh = score_thresh
