@@ -41,6 +41,8 @@ class PhaseSwitch(L.Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         net = pl_module.net
+        if not hasattr(net, "set_phase"):  # a detector without phases (model=fcos)
+            return
         phase = self.phase_for_epoch(trainer, trainer.current_epoch)
         if int(net.phase) != phase:
             msg = f"[sapd] epoch {trainer.current_epoch}: switching to phase {phase}" + (
@@ -51,7 +53,7 @@ class PhaseSwitch(L.Callback):
         net.set_phase(phase)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if batch_idx % max(trainer.log_every_n_steps, 1) == 0:
+        if hasattr(pl_module.net, "phase") and batch_idx % max(trainer.log_every_n_steps, 1) == 0:
             pl_module.log("train/phase", float(pl_module.net.phase), on_step=True, on_epoch=False)
 
 
