@@ -44,6 +44,13 @@ METRICS = (
     ("APl", "map_large"),
 )
 ABLATION_ORDER = {"FSAF": 0, "+SW": 1, "+SS": 2, "+SW+SS": 3}
+# Switches that do not change a row's computation: without SW, f := 1 (eta and its normalisation
+# vanish, and sum w over positives is their number); without SS there is no top-k.
+UNUSED = {
+    "FSAF": {"eta", "soft_weight_norm", "normaliser", "topk"},
+    "+SW": {"topk"},
+    "+SS": {"eta", "soft_weight_norm"},
+}
 
 
 @dataclass
@@ -93,9 +100,10 @@ def ablation_name(model: dict[str, Any]) -> str:
 
 
 def variant_name(run: dict[str, Any]) -> str:
-    """The switches that differ from the paper's setting, and a budget other than the default's."""
+    """The switches that differ from the paper's setting and matter to the run's ablation ("paper": none)."""
     model = run.get("model", {})
-    parts = [f"{k}={model[k]}" for k, v in PAPER_SETTING.items() if k in model and model[k] != v]
+    unused = UNUSED.get(ablation_name(model), set())
+    parts = [f"{k}={model[k]}" for k, v in PAPER_SETTING.items() if k in model and k not in unused and model[k] != v]
     return ", ".join(parts) if parts else "paper"
 
 
@@ -149,20 +157,71 @@ def markdown_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def report(paths: Sequence[str | Path]) -> str:
+def pooled_std(a: Row, b: Row, key: str = "map") -> float:
+    """Pooled sample standard deviation of two rows' values (needs >= 2 runs in one of them)."""
+    va, vb = a.values(key), b.values(key)
+    dof = len(va) + len(vb) - 2
+    if dof < 1:
+        return math.nan
+    ss = sum((v - statistics.fmean(va)) ** 2 for v in va) + sum((v - statistics.fmean(vb)) ** 2 for v in vb)
+    return math.sqrt(ss / dof)
+
+
+def decisions(rows: Sequence[Row]) -> str:
+    """The rule fixed before the experiments, applied to every variant with a +SW+SS row.
+
+    A variant becomes the default only if its +SW+SS mean AP beats the paper setting's +SW+SS mean at
+    the same budget by more than the pooled standard deviation of the two rows, and is not below the
+    FSAF row of the same variant (the FSAF row whose switches that matter to FSAF are the variant's).
+    """
+    by_key = {(r.budget, r.variant, r.name): r for r in rows}
+    lines = []
+    for row in rows:
+        if row.name != "+SW+SS" or row.variant == "paper":
+            continue
+        paper = by_key.get((row.budget, "paper", "+SW+SS"))
+        fsaf_variant = variant_name({"model": {**row.runs[0]["model"], "soft_weight": False, "soft_select": False}})
+        fsaf = by_key.get((row.budget, fsaf_variant, "FSAF"))
+        if paper is None:
+            lines.append(f"- {row.variant} ({row.budget}): no paper +SW+SS row at this budget to compare with")
+            continue
+        mean, ref = row.mean_std("map")[0], paper.mean_std("map")[0]
+        spread = pooled_std(row, paper)
+        beats = mean - ref > spread
+        text = f"- {row.variant} ({row.budget}): +SW+SS {mean:.1f} vs paper {ref:.1f}, gain {mean - ref:+.1f}"
+        text += f" {'>' if beats else '<='} pooled std {spread:.1f}"
+        if fsaf is None:
+            text += f"; no FSAF row of this variant ({fsaf_variant})"
+            adopt = False
+        else:
+            fsaf_mean = fsaf.mean_std("map")[0]
+            above = mean >= fsaf_mean
+            text += f"; {'not below' if above else 'below'} its FSAF row ({fsaf_mean:.1f})"
+            adopt = beats and above
+        lines.append(text + (" -> becomes the default" if adopt else " -> not adopted"))
+    return "\n".join(lines)
+
+
+def report(paths: Sequence[str | Path], decide: bool = False) -> str:
     runs = find_summaries(paths)
     if not runs:
         raise FileNotFoundError(
             f"no {SUMMARY_FILE} under {', '.join(map(str, paths))}: each finished training run writes one"
         )
-    return markdown_table(group_runs(runs))
+    rows = group_runs(runs)
+    text = markdown_table(rows)
+    if decide:
+        text += "\n\nDecision rule (sapd.report.decisions):\n"
+        text += decisions(rows) or "- no variant with a +SW+SS row"
+    return text
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sapd.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", help="run, multirun or results folders (searched for summary.json)")
+    parser.add_argument("--decide", action="store_true", help="apply the decision rule to every variant")
     args = parser.parse_args(argv)
-    print(report(args.paths))
+    print(report(args.paths, decide=args.decide))
 
 
 if __name__ == "__main__":
