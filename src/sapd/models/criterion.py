@@ -226,4 +226,7 @@ class SAPDCriterion:
         out["selection_probs"] = (
             probs.detach() if probs is not None else torch.zeros(num_inst, num_levels, device=device, dtype=dtype)
         )
+        # Who trains where, for analysis (sapd.analysis): each positive point's instance (index into the
+        # batch's concatenated boxes), level and weight w of Eq. 5. A dict, so no logger mistakes it for a metric.
+        out["assignment"] = {"instance": pos_m, "level": own_lvl[pos_mask], "weight": pos_w.detach()}
         return out

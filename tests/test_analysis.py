@@ -1,0 +1,62 @@
+"""sapd.analysis: the statistics behind the pictures, and the pictures from a checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, compose_config
+from sapd.analysis import SIZE_NAMES, analyse, size_bin, weight_statistics
+from sapd.checkpoint import load_module
+from sapd.train import train
+
+
+def test_size_bins_by_sqrt_area():
+    boxes = torch.tensor([[0, 0, 4, 4], [0, 0, 8, 8], [0, 0, 10, 40], [0, 0, 200, 100]], dtype=torch.float32)
+    # sqrt(area): 4, 8, 20, 141 -> "< 8", "8-16" (edges belong to the bin above), "16-32", "> 128"
+    assert [SIZE_NAMES[i] for i in size_bin(boxes).tolist()] == ["< 8", "8-16", "16-32", "> 128"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    cfg = compose_config(
+        "train", [*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "validate_best=false"], out
+    )
+    train(cfg)
+    return Path(out) / "checkpoints" / "last.ckpt"
+
+
+def test_weight_shares_and_what_the_switches_leave_alone(checkpoint):
+    module, run_cfg = load_module(checkpoint)
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(run_cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batches = [next(iter(datamodule.train_dataloader()))]
+    stats = weight_statistics(module.net.float().eval(), batches)
+    for key, share in stats["share"].items():
+        assert share.sum().item() == pytest.approx(1.0, abs=1e-5), key
+    # FSAF has f = 1: soft-weight normalisation changes nothing; it does move +SW's weights.
+    for valid in ("cell_overlap", "centre"):
+        assert torch.allclose(stats["share"][("FSAF", valid, "none")], stats["share"][("FSAF", valid, "level_max")])
+    f, bins = stats["f"]["cell_overlap"]
+    assert len(f) == len(bins) > 0 and (f >= 0).all() and (f <= 1).all()
+    best, _ = stats["best_f"]["centre"]
+    assert (best > 0).all()
+    assert stats["objects"].sum() == sum(len(t["boxes"]) for _, targets in batches for t in targets)
+
+
+@pytest.mark.slow
+def test_pictures_are_written(checkpoint, tmp_path):
+    paths = analyse(checkpoint, tmp_path, num_batches=1)
+    names = sorted(p.name for p in paths)
+    assert names == ["f_by_size.png", "selection_by_size.png", "selection_examples.png", "weight_share_by_size.png"]
+    for p in paths:
+        with Image.open(p) as im:
+            assert im.width > 400 and im.height > 300
+            assert len(set(im.convert("L").getdata())) > 20  # a drawing, not a blank canvas
