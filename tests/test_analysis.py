@@ -55,8 +55,16 @@ def test_weight_shares_and_what_the_switches_leave_alone(checkpoint):
 def test_pictures_are_written(checkpoint, tmp_path):
     paths = analyse(checkpoint, tmp_path, num_batches=1)
     names = sorted(p.name for p in paths)
-    assert names == ["f_by_size.png", "selection_by_size.png", "selection_examples.png", "weight_share_by_size.png"]
-    for p in paths:
+    assert names == [
+        "f_by_size.png",
+        "selection_by_size.png",
+        "selection_examples.png",
+        "weight_share_by_size.md",
+        "weight_share_by_size.png",
+    ]
+    table = (tmp_path / "weight_share_by_size.md").read_text()
+    assert "| cell_overlap, level_max | +SW+SS |" in table and "median f" in table
+    for p in (p for p in paths if p.suffix == ".png"):
         with Image.open(p) as im:
             assert im.width > 400 and im.height > 300
             assert len(set(im.convert("L").getdata())) > 20  # a drawing, not a blank canvas

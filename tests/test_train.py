@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
@@ -62,6 +63,27 @@ def test_phase_switch_at_epoch_and_after_resume(train_cfg, tmp_path):
     recorder = PhaseRecorder()
     train_with(cfg, recorder)
     assert recorder.phases == {0: {1}, 1: {1}, 2: {2}, 3: {2}}
+    # every finished run leaves a summary for sapd.report in its folder
+    summary = json.loads((Path(cfg.paths.output_dir) / "summary.json").read_text())
+    assert summary["seed"] == 42 and summary["global_step"] == 4 and summary["max_epochs"] == 4
+    assert summary["model"]["soft_weight"] is True and summary["model"]["valid_region"] == "cell_overlap"
+    assert "trainer.max_epochs=4" in summary["overrides"]
+    assert summary["seconds_per_step"] > 0 and "map" in summary["metrics"]
+
+
+@pytest.mark.parametrize(
+    "search, swept",
+    [("table2", {"ablation", "seed"}), ("table2_screen", {"model.valid_region", "model.soft_weight_norm", "seed"})],
+)
+def test_table2_sweeps_compose(train_cfg, search, swept):
+    cfg = train_cfg(f"hparams_search={search}")
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    assert set(cfg.hydra.sweeper.params) == swept
+    assert all(len(str(v).split(",")) >= 2 for v in cfg.hydra.sweeper.params.values())
+    assert "3" not in str(cfg.hydra.sweeper.params["seed"]).split(",")  # seeds 0, 1, 2
+    assert cfg.group.startswith(search + "_")  # one wandb group per sweep (its start time)
+    if search == "table2_screen":
+        assert cfg.trainer.max_epochs == 4 and cfg.model.soft_weight and cfg.model.soft_select
 
 
 def test_resume_after_switch_continues_in_phase_two(train_cfg):

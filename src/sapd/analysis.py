@@ -111,6 +111,24 @@ def selection_statistics(net, batches: Sequence) -> tuple[Tensor, Tensor, list]:
     return totals / counts.clamp(min=1)[:, None], counts, examples
 
 
+def share_table(stats: dict) -> str:
+    """The weight shares of ``weight_share_by_size.png`` (and the median f of positives) as markdown."""
+    objects = stats["objects"] / stats["objects"].sum().clamp(min=1)
+    head = ["setting", "row", *SIZE_NAMES]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines.append("| share of objects | | " + " | ".join(f"{100 * v:.1f}" for v in objects.tolist()) + " |")
+    for valid, norm in SETTINGS:
+        for row in ROWS:
+            share = stats["share"][(row, valid, norm)]
+            cells = " | ".join(f"{100 * v:.1f}" for v in share.tolist())
+            lines.append(f"| {valid}, {norm} | {row} | {cells} |")
+    for valid in ("cell_overlap", "centre"):
+        f, bins = stats["f"][valid]
+        med = [f"{f[bins == b].median().item():.2f}" if (bins == b).any() else "-" for b in range(len(SIZE_NAMES))]
+        lines.append(f"| {valid} | median f of +SW positives | " + " | ".join(med) + " |")
+    return "\n".join(lines)
+
+
 def _plot_f(stats: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
@@ -226,7 +244,7 @@ def _plot_examples(examples: list, class_names: Sequence[str] | None, path: Path
         bars.grid(axis="y", alpha=0.3)
     fig.suptitle("Selection net: level probabilities of each true box (sqrt(area) at evaluation scale)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
@@ -250,6 +268,12 @@ def analyse(ckpt_path: str | Path, out_dir: str | Path, num_batches: int = 20) -
     _plot_selection(mean, counts, paths[2])
     paths.append(out_dir / "selection_examples.png")
     _plot_examples(examples, module.class_names, paths[3])
+    paths.append(out_dir / "weight_share_by_size.md")
+    paths[4].write_text(
+        f"Share of the positives' weight sum (%) by object size, from {ckpt_path} ({num_batches} training batches)\n\n"
+        + share_table(stats)
+        + "\n"
+    )
     return [p for p in paths if p.is_file()]
 
 
