@@ -85,3 +85,6 @@ def test_cli_prints_the_table_and_refuses_empty_folders(sweep, tmp_path, capsys)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no summary.json"):
         report([tmp_path / "empty"])
+    with pytest.raises(SystemExit) as exit_info:  # one line for the user, no traceback
+        main([str(tmp_path / "missing")])
+    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err

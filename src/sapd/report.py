@@ -115,13 +115,11 @@ def budget_name(run: dict[str, Any]) -> str:
 def group_runs(runs: Sequence[dict[str, Any]]) -> list[Row]:
     """Rows of runs equal in everything that is reported but the seed, ordered variant by variant."""
     rows: dict[tuple, Row] = {}
-    variants: dict[str, int] = {}
     for run in runs:
         name, variant, budget = ablation_name(run.get("model", {})), variant_name(run), budget_name(run)
-        variants.setdefault(variant, len(variants))
         key = (budget, variant, name)
-        if key not in rows:
-            order = (budget, variants[variant], ABLATION_ORDER.get(name, len(ABLATION_ORDER)), name)
+        if key not in rows:  # the paper's setting first, then variants by name; FSAF, +SW, +SW+SS within
+            order = (budget, variant != "paper", variant, ABLATION_ORDER.get(name, len(ABLATION_ORDER)), name)
             rows[key] = Row(name=name, variant=variant, budget=budget, order=order)
         rows[key].runs.append(run)
     for row in rows.values():
@@ -221,7 +219,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("paths", nargs="+", help="run, multirun or results folders (searched for summary.json)")
     parser.add_argument("--decide", action="store_true", help="apply the decision rule to every variant")
     args = parser.parse_args(argv)
-    print(report(args.paths, decide=args.decide))
+    try:
+        print(report(args.paths, decide=args.decide))
+    except FileNotFoundError as exc:
+        parser.exit(2, f"sapd.report: {exc}\n")
 
 
 if __name__ == "__main__":
