@@ -1,4 +1,4 @@
-"""sapd.bench (issue #5): the quick run produces the whole table, and the measurement pieces behave.
+"""sapd.bench: the quick run produces the whole table, and the measurement pieces behave.
 
 No assertion is about speed: timings on a shared CPU are only printed. The quick run uses one thread
 (a 2-thread run on a loaded 2-core machine measures the scheduler, not the model).

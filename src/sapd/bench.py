@@ -1,4 +1,4 @@
-"""Speed and memory of SAPD against torchvision RetinaNet and FCOS, and the cost of every part (issue #5).
+"""Speed and memory of SAPD against torchvision RetinaNet and FCOS, and the cost of every part.
 
 ``python -m sapd.bench`` (``make bench``) measures, in one process, interleaved, on the same backbone,
 input tensor and threads:

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sapd.utils import TABLE_COLUMNS
+
 SUMMARY_FILE = "summary.json"
 
 # The paper's setting of each switch (SPEC-level defaults of conf/model/sapd.yaml); a row's variant
@@ -35,14 +37,7 @@ PAPER_SETTING: dict[str, Any] = {
     "unselected": "negative",
     "ignore_epsilon": None,
 }
-METRICS = (
-    ("AP", "map"),
-    ("AP50", "map_50"),
-    ("AP75", "map_75"),
-    ("APs", "map_small"),
-    ("APm", "map_medium"),
-    ("APl", "map_large"),
-)
+METRICS = TABLE_COLUMNS  # (column, COCO key): AP, AP50, AP75, APs, APm, APl
 ABLATION_ORDER = {"FSAF": 0, "+SW": 1, "+SS": 2, "+SW+SS": 3}
 # Switches that do not change a row's computation: without SW, f := 1 (eta and its normalisation
 # vanish, and sum w over positives is their number); without SS there is no top-k.

@@ -29,7 +29,7 @@ def ratio(num: float | None, den: float | None) -> float:
 
 
 def evaluate_goals(results: dict) -> list[dict]:
-    """The goals of issue #5 as rows ``{goal, value, target, unit, status}`` (PASS / MISS / N/A)."""
+    """The speed goals as rows ``{goal, value, target, unit, status}`` (PASS / MISS / N/A)."""
     r = results["ratios"]
     share = results.get("share", {})
     mem = results.get("memory", {})

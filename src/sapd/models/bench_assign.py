@@ -1,4 +1,4 @@
-"""Benchmark of the SAPD training objective alone (issue #3, item 9): targets + losses + selection net.
+"""Benchmark of the SAPD training objective alone: targets + losses + selection net.
 
 Times forward + backward of :meth:`SAPD.loss`'s work (ownership, per-point and per-instance losses,
 level selection, the feature-selection network, Eq. 6) on fixed head outputs for a batch of images at
