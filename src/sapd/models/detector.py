@@ -23,6 +23,16 @@ def _finish(part: nn.Module | Callable[..., nn.Module] | None, **kwargs) -> nn.M
     return part(**kwargs)
 
 
+def attach_pyramid(detector: nn.Module, backbone: nn.Module, neck: nn.Module | Callable[..., nn.Module]) -> int:
+    """Sets ``detector.backbone``, ``.neck`` (finished with the backbone's channels), ``.num_levels`` and
+    ``.strides`` (s_l of P3..); returns the pyramid's channels. Shared by every dense detector here."""
+    detector.backbone = backbone
+    detector.neck = _finish(neck, in_channels=list(backbone.out_channels))
+    detector.num_levels = getattr(detector.neck, "num_levels", 5)
+    detector.strides = level_strides(detector.num_levels, backbone.strides[0])
+    return detector.neck.out_channels
+
+
 class SAPD(nn.Module):
     """Soft Anchor-Point Detector (Zhu et al., ECCV 2020); arguments as in docs/contracts.md.
 
@@ -69,11 +79,7 @@ class SAPD(nn.Module):
     ):
         super().__init__()
         self.num_classes = num_classes
-        self.backbone = backbone
-        self.neck = _finish(neck, in_channels=list(backbone.out_channels))
-        channels = self.neck.out_channels
-        self.num_levels = getattr(self.neck, "num_levels", 5)
-        self.strides = level_strides(self.num_levels, backbone.strides[0])
+        channels = attach_pyramid(self, backbone, neck)
         self.head = _finish(head, in_channels=channels, num_classes=num_classes)
         self.selection = _finish(selection, in_channels=channels, num_levels=self.num_levels)
         self.criterion = SAPDCriterion(

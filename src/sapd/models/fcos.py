@@ -20,8 +20,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.image_list import ImageList
 
-from sapd.models.anchor_points import level_strides
-from sapd.models.detector import _finish
+from sapd.models.detector import attach_pyramid
 
 __all__ = ["FCOSDetector"]
 
@@ -55,16 +54,12 @@ class FCOSDetector(nn.Module):
     ):
         super().__init__()
         self.num_classes = num_classes
-        self.backbone = backbone
-        self.neck = _finish(neck, in_channels=list(backbone.out_channels))
-        channels = self.neck.out_channels
+        channels = attach_pyramid(self, backbone, neck)
         if channels % 32:
             raise ValueError(
                 f"model.neck.out_channels={channels}: torchvision's FCOS head normalises with GroupNorm(32), "
                 "so the FPN width must be a multiple of 32 (64 for model=fcos)"
             )
-        self.num_levels = getattr(self.neck, "num_levels", 5)
-        self.strides = level_strides(self.num_levels, backbone.strides[0])
         features = nn.Identity()  # torchvision's FCOS wants a backbone object; ours runs outside it
         features.out_channels = channels
         anchors = AnchorGenerator(tuple((s,) for s in self.strides), ((1.0,),) * self.num_levels)
