@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format bench bench-data clean
+.PHONY: help install train test test-fast lint format bench bench-data bench-assign clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -34,18 +34,21 @@ test-fast: $(STAMP) ## Run the tests that are not marked slow
 	$(PY) -m pytest -q -m "not slow" $(ARGS)
 
 lint: $(STAMP) ## Ruff lint and format check
-	$(PY) -m ruff check src tests notebooks
-	$(PY) -m ruff format --check src tests notebooks
+	$(PY) -m ruff check src tests notebooks benchmarks
+	$(PY) -m ruff format --check src tests notebooks benchmarks
 
 format: $(STAMP) ## Ruff autofix and format
-	$(PY) -m ruff check --fix src tests
-	$(PY) -m ruff format src tests
+	$(PY) -m ruff check --fix src tests benchmarks
+	$(PY) -m ruff format src tests benchmarks
 
-bench: $(STAMP) ## Speed of SAPD vs torchvision RetinaNet and FCOS (writes benchmarks/results.*)
-	$(PY) -m sapd.bench $(ARGS)
+bench: $(STAMP) ## Speed of SAPD vs torchvision RetinaNet and FCOS (writes benchmarks/results.*; ARGS=help)
+	$(PY) -m benchmarks suite=speed $(ARGS)
 
 bench-data: $(STAMP) ## Images/s of the train loader (synthetic and 800-px images)
-	$(PY) -m sapd.data.bench $(ARGS)
+	$(PY) -m benchmarks suite=data $(ARGS)
+
+bench-assign: $(STAMP) ## Targets + losses + selection net alone, by instances per image
+	$(PY) -m benchmarks suite=assign $(ARGS)
 
 clean: ## Remove caches, outputs and logs (keeps .venv and the data cache)
 	rm -rf .pytest_cache .ruff_cache outputs multirun logs wandb

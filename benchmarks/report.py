@@ -1,4 +1,4 @@
-"""Ratios, goals and the Markdown table of a ``sapd.bench`` run (the JSON is the results dict itself)."""
+"""Ratios, goals and the Markdown table of a speed run (the JSON is the results dict itself)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-# Table 5 / Table 6 of the paper, FPS on one 1080Ti (SPEC §7); SAPD rows include BFP.
+# Table 5 / Table 6 of the paper, FPS on one 1080Ti; SAPD rows include BFP.
 PAPER_FPS = {
     "resnet50": 14.9,
     "resnet101": 11.2,
@@ -71,7 +71,7 @@ def _mib(mem: dict | None) -> str:
 
 
 def to_markdown(res: dict) -> str:
-    """The whole run as Markdown (what ``sapd.bench`` prints and writes beside the JSON)."""
+    """The whole run as Markdown (what ``python -m benchmarks`` prints and writes beside the JSON)."""
     cfg, meta, t = res["config"], res["meta"], res["timings"]
     m, mem, r = meta["machine"], res.get("memory", {}), res["ratios"]
     hp, wp = res["padded_size"]
@@ -92,6 +92,8 @@ def to_markdown(res: dict) -> str:
         f"input {cfg['size'][0]}x{cfg['size'][1]} padded to {hp}x{wp} (divisor {cfg['pad']}), the same tensor "
         f"for every model; {cfg['num_classes']} classes; post-processing mode `{cfg['post']}`; "
         f"channels_last={cfg['channels_last']}, amp={cfg['amp']}" + (f" ({cfg['amp_dtype']})" if cfg["amp"] else ""),
+        "- SAPD composed from the project's conf/ (`model=sapd`, random weights"
+        + (f"; overrides `{' '.join(cfg['overrides'])}`)" if cfg.get("overrides") else ")"),
         f"- repetitions (median of): inference {cfg['reps_infer']}, training {cfg['reps_train']}, "
         f"assignment {cfg['reps_assign']}; {cfg['warmup']} warm-up round(s) dropped; tasks interleaved round-robin",
         "",
@@ -195,7 +197,7 @@ def to_markdown(res: dict) -> str:
             "weights and casts per op; `bf16_weights` casts the model once (`model.bfloat16()`)."
         )
     else:
-        lines.append("not measured (`--no-options`).")
+        lines.append("not measured (`options=false`).")
 
     lines += ["", "## GPU: FPS at 800x1333, batch 1 (SAPD with BFP, e2e)", ""]
     fps = res.get("fps")
@@ -212,7 +214,7 @@ def to_markdown(res: dict) -> str:
         lines.append("")
         lines.append(
             "Not measured on a GPU here (no CUDA device on this machine); run "
-            "`python -m sapd.bench --device cuda` (800x1333, FPS and the same ratios)."
+            "`python -m benchmarks device=cuda` (800x1333, FPS and the same ratios)."
             + (" The FPS rows above were measured on the CPU." if fps else "")
         )
     if res.get("profile"):

@@ -1,4 +1,4 @@
-"""How ``sapd.bench`` measures: interleaved wall-clock timing, peak memory, and the machine it ran on.
+"""How the benchmarks measure: interleaved wall-clock timing, peak memory, and the machine they ran on.
 
 Timing: every repetition runs every task once, round-robin, with the order rotated by one task per
 repetition (no task always follows the same neighbour); warm-up repetitions are run and dropped;
@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable, Mapping
 
 import torch
+
+from sapd.utils import cpu_flags
 
 Task = Callable[[], object]
 
@@ -197,28 +199,11 @@ def measure_extra_memory(fn: Task, device: torch.device | str = "cpu") -> dict[s
 
 def cpu_model() -> str:
     """CPU model name (``/proc/cpuinfo``), or what ``platform`` knows."""
-    for line in _cpuinfo_lines():
-        if line.lower().startswith("model name"):
-            return line.split(":", 1)[1].strip()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as fh:
+        for line in fh:
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
-
-
-def _cpuinfo_lines() -> list[str]:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            return fh.readlines()
-    except OSError:
-        return []
-
-
-def cpu_flags() -> list[str]:
-    """The CPU features that decide bf16 speed on CPU (AVX-512 BF16, AMX)."""
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-    for line in _cpuinfo_lines():
-        if line.startswith("flags"):
-            have = set(line.split(":", 1)[1].split())
-            return [f for f in wanted if f in have]
-    return []
 
 
 def machine_info(device: torch.device | str) -> dict:

@@ -1,8 +1,8 @@
-"""Peak memory of one benchmark task in a fresh process (``sapd.bench --memory subprocess``).
+"""Peak memory of one speed-suite task in a fresh process (``python -m benchmarks memory=subprocess``).
 
 Reads ``{"config": BenchConfig dict, "task": name}`` as JSON on stdin, builds only what the task needs,
 runs it once as warm-up (lazy initialisation, optimizer state), then measures a second call with
-:func:`sapd.benchmarks.measure.measure_extra_memory`, and prints the result as one JSON line on stdout.
+:func:`benchmarks.measure.measure_extra_memory`, and prints the result as one JSON line on stdout.
 A fresh process per task means no allocator cache left by other models can hide a task's peak.
 """
 
@@ -13,8 +13,8 @@ import sys
 
 import torch
 
-from sapd.benchmarks.measure import measure_extra_memory
-from sapd.benchmarks.workloads import BenchConfig, Workbench
+from .measure import measure_extra_memory
+from .workloads import BenchConfig, Workbench
 
 
 def measure_task(wb: Workbench, name: str) -> dict:

@@ -1,7 +1,7 @@
 """Speed and memory of SAPD against torchvision RetinaNet and FCOS, and the cost of every part.
 
-``python -m sapd.bench`` (``make bench``) measures, in one process, interleaved, on the same backbone,
-input tensor and threads:
+``python -m benchmarks [key=value ...]`` (``make bench``, run from the repository root) measures, in one
+process, interleaved, on the same backbone, input tensor and threads:
 
 - inference latency at batch 1, network only and end to end, for SAPD (with and without BFP),
   RetinaNet and FCOS;
@@ -10,17 +10,17 @@ input tensor and threads:
   with 1 ... 500 instances per image;
 - peak extra memory of each (a fresh process per measurement by default);
 - speed options (channels_last, bf16 autocast, bf16 weights, torch.compile) on SAPD inference;
-- on CUDA (or with ``--fps``): FPS of SAPD R-50 / R-101 / X-101-64x4d with and without DCN beside the
+- on CUDA (or with ``fps=true``): FPS of SAPD R-50 / R-101 / X-101-64x4d with and without DCN beside the
   paper's 1080Ti figures.
 
-It prints the Markdown table, and writes it with the JSON (``--out``, default ``benchmarks/results.json``
-and ``benchmarks/results.md``). How each number is taken is in :mod:`sapd.benchmarks.measure` and
-:mod:`sapd.benchmarks.workloads`.
+It prints the Markdown table, and writes it with the JSON (``out=``, default ``benchmarks/results.json``
+and ``benchmarks/results.md``). How each number is taken is in :mod:`benchmarks.measure` and
+:mod:`benchmarks.workloads`; the SAPD models are composed from the project's ``conf/``
+(:mod:`benchmarks.configs`). ``python -m benchmarks help`` lists every key.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -30,14 +30,11 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-# On a shared machine OpenMP's default spin-then-sleep barriers made 2-thread runs up to 20x slower
-# (a descheduled thread stalls every parallel region); sleeping waiters keep the numbers meaningful.
-# Must be set before torch loads its OpenMP runtime; OMP_WAIT_POLICY=ACTIVE in the environment overrides.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # OMP_WAIT_POLICY is set before this by the package (benchmarks/__init__.py)
 
-import torch  # noqa: E402
-
-from sapd.benchmarks.measure import (  # noqa: E402
+from .cli import parse
+from .configs import REPO_ROOT
+from .measure import (
     log,
     machine_info,
     measure_extra_memory,
@@ -45,8 +42,8 @@ from sapd.benchmarks.measure import (  # noqa: E402
     summarize,
     time_call,
 )
-from sapd.benchmarks.report import evaluate_goals, ratio, to_markdown, write_results  # noqa: E402
-from sapd.benchmarks.workloads import BenchConfig, Workbench, padded_size  # noqa: E402
+from .report import evaluate_goals, ratio, to_markdown, write_results
+from .workloads import BenchConfig, Workbench, padded_size
 
 INFER_MODELS = ("sapd", "sapd_bfp", "retinanet", "fcos")
 
@@ -67,82 +64,37 @@ QUICK = {
 }
 
 
-def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, Path]:
-    """CLI -> :class:`BenchConfig` and the JSON output path."""
-    p = argparse.ArgumentParser(
-        prog="python -m sapd.bench",
-        description=__doc__.split("\n\n")[0],
-        epilog="Full CPU run: ~7 min on an idle 2-core machine, ~13 min on a loaded one. Smoke run: --quick.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
-    p.add_argument(
-        "--size", type=int, nargs=2, metavar=("H", "W"), help="input before padding [512 853 CPU, 800 1333 CUDA]"
-    )
-    p.add_argument("--pad", type=int, default=128, help="size divisor of the padded input (SAPD collate: 128)")
-    p.add_argument("--backbone", default=None, help="timm/torchvision ResNet name for all three [resnet50]")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: all logical cores)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up rounds dropped before timing [1]")
-    p.add_argument("--reps-infer", type=int, default=None, help="timed rounds for inference [5]")
-    p.add_argument("--reps-train", type=int, default=None, help="timed rounds for training steps [5]")
-    p.add_argument(
-        "--reps-assign", type=int, default=None, help="timed rounds for the loss part [7]; 3 at the big size"
-    )
-    p.add_argument("--train-instances", type=int, default=10, help="ground-truth boxes per image in training")
-    p.add_argument("--share-instances", type=int, nargs="+", default=None, help="instances for the share [10 100]")
-    p.add_argument("--assign-instances", type=int, nargs="+", default=None, help="instances [1 10 100 500]")
-    p.add_argument("--assign-memory-size", type=int, nargs=2, metavar=("H", "W"), default=None,
-                   help="input of the big-assignment memory check [800 1333]")  # fmt: skip
-    p.add_argument("--assign-memory-instances", type=int, default=None, help="instances per image there [500]")
-    p.add_argument("--memory", choices=("subprocess", "inprocess", "off"), default=None,
-                   help="peak memory: fresh process per measurement, this process, or none [subprocess]")  # fmt: skip
-    p.add_argument("--channels-last", action="store_true", help="all models and inputs in channels_last")
-    p.add_argument("--amp", action="store_true", help="autocast for all models (bf16 on CPU, see --amp-dtype)")
-    p.add_argument("--amp-dtype", choices=("bfloat16", "float16"), default=None, help="[bfloat16 CPU, float16 CUDA]")
-    p.add_argument("--compile", action="store_true", help="also time torch.compile of the SAPD network (slow on CPU)")
-    p.add_argument("--no-options", dest="options", action="store_false", help="skip the speed-options section")
-    p.add_argument("--fps", action="store_true", help="run the FPS table on this device (default: CUDA only)")
-    p.add_argument("--fps-backbones", nargs="+", default=None, help="[resnet50 resnet101 resnext101_64x4d]")
-    p.add_argument("--post", choices=("cap", "init"), default="cap",
-                   help="cap: scores ~0.5, every level fills 1000 NMS candidates; init: prior-0.01 bias")  # fmt: skip
-    p.add_argument("--profile", action="store_true", help="add torch.profiler tables of the SAPD step and inference")
-    p.add_argument("--quick", action="store_true", help="tiny sizes, resnet18, 1-2 repetitions (tests)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results.json"), help="JSON path; .md beside it")
-    a = p.parse_args(argv)
+CUDA = {
+    "size": (800, 1333),
+    "warmup": 3,
+    "reps_infer": 20,
+    "reps_train": 10,
+    "reps_assign": 20,
+    "amp_dtype": "float16",
+    "memory": "inprocess",
+    "fps": True,
+}
 
-    cuda = a.device.startswith("cuda")
-    cfg = BenchConfig(device=a.device, pad=a.pad, threads=a.threads, train_instances=a.train_instances,
-                      channels_last=a.channels_last,
-                      amp=a.amp, compile=a.compile, options=a.options, fps=a.fps or cuda, post=a.post,
-                      profile=a.profile, seed=a.seed, quick=a.quick)  # fmt: skip
-    if cuda:
-        cfg.size, cfg.warmup, cfg.reps_infer, cfg.reps_train, cfg.reps_assign = (800, 1333), 3, 20, 10, 20
-        cfg.amp_dtype, cfg.memory = "float16", "inprocess"
-    if a.quick:
-        for k, v in QUICK.items():
-            setattr(cfg, k, v)
-    overrides = {
-        "size": a.size,
-        "backbone": a.backbone,
-        "warmup": a.warmup,
-        "reps_infer": a.reps_infer,
-        "reps_train": a.reps_train,
-        "reps_assign": a.reps_assign,
-        "share_instances": a.share_instances,
-        "assign_instances": a.assign_instances,
-        "assign_memory_size": a.assign_memory_size,
-        "assign_memory_instances": a.assign_memory_instances,
-        "memory": a.memory,
-        "amp_dtype": a.amp_dtype,
-        "fps_backbones": a.fps_backbones,
-    }
-    for k, v in overrides.items():
-        if v is not None:
-            setattr(cfg, k, tuple(v) if isinstance(v, list) else v)
+PROG = "python -m benchmarks"
+
+
+def _presets(cfg) -> list[dict]:
+    """The CUDA sizes and repetitions for ``device=cuda``, then the ``quick=true`` ones; the command line wins."""
+    return ([CUDA] if str(cfg.device).startswith("cuda") else []) + ([QUICK] if cfg.quick else [])
+
+
+def parse_args(argv: Sequence[str] | None = None) -> BenchConfig:
+    """``key=value`` command line -> :class:`BenchConfig` (``help`` prints every key)."""
+    cfg = parse(
+        BenchConfig,
+        [] if argv is None else argv,
+        prog=PROG,
+        summary=__doc__.split("\n\n")[0] + "\nFull CPU run: ~7 min on an idle 2-core machine. Smoke run: quick=true.",
+        presets=_presets,
+    )
     if cfg.threads <= 0:
         cfg.threads = os.cpu_count() or 1
-    return cfg, a.out
+    return cfg
 
 
 # --------------------------------------------------------------------------- sections
@@ -172,13 +124,14 @@ def _memory(cfg: BenchConfig, wb: Workbench, names: list[str]) -> dict[str, dict
 
 def _memory_subprocess(cfg: BenchConfig, name: str) -> dict:
     request = json.dumps({"config": cfg.to_dict(), "task": name})
+    path = os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)
     proc = subprocess.run(
-        [sys.executable, "-m", "sapd.benchmarks.memory_worker"],
+        [sys.executable, "-m", "benchmarks.memory_worker"],
         input=request,
         capture_output=True,
         text=True,
         check=False,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path},
     )
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}")
@@ -203,7 +156,7 @@ def _profile(wb: Workbench, names: list[str]) -> dict[str, dict]:
     return out
 
 
-def run(cfg: BenchConfig, command: str = "python -m sapd.bench") -> dict:
+def run(cfg: BenchConfig, command: str = PROG) -> dict:
     """Runs every section of the benchmark and returns the results dict (what is written as JSON).
 
     Sets the thread count and flush-denormal mode for the run and restores them afterwards.
@@ -336,12 +289,12 @@ def _run(cfg: BenchConfig, command: str) -> dict:
     notes += [
         "Taken while other processes used the CPU; ratios come from interleaved samples of one loop.",
         "torchvision models use FrozenBatchNorm2d and trainable_layers=3 (their configuration with a pretrained "
-        "backbone); their P6 is computed from P5, SAPD's from C5 (SPEC §1).",
+        "backbone); their P6 is computed from P5, SAPD's from C5 (as in the paper).",
         f"SGD lr {cfg.lr} (tiny, keeps random weights stable; the work per step does not depend on it).",
         "Inference always under torch.inference_mode(); the SAPD feature-selection net never runs at inference.",
     ]
     if wb.device.type != "cuda":
-        notes.append("GPU FPS (800x1333) not measured here: no CUDA device; run with --device cuda.")
+        notes.append("GPU FPS (800x1333) not measured here: no CUDA device; run with device=cuda.")
     hp, wp = padded_size(cfg.size, cfg.pad)
     results = {
         "meta": meta,
@@ -376,19 +329,15 @@ def _load() -> list[float] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    """CLI entry point: run, print the Markdown table and the goals, write JSON + Markdown."""
+    """Command-line entry: run, print the Markdown table and the goals, write JSON + Markdown."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     argv = list(sys.argv[1:] if argv is None else argv)
-    cfg, out = parse_args(argv)
-    command = "python -m sapd.bench" + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
+    cfg = parse_args(argv)
+    command = PROG + ("" if not argv else " " + " ".join(shlex.quote(a) for a in argv))
     results = run(cfg, command)
-    json_path, md_path = write_results(results, out)
+    json_path, md_path = write_results(results, Path(cfg.out))
     print(to_markdown(results))
     for g in results["goals"]:
         print(f"{g['status']:4s}  {g['goal']}: {g['value']} (target <= {g['target']} {g['unit']})")
     log(f"wrote {json_path} and {md_path} ({results['meta']['wall_s']:.0f} s)")
     return results
-
-
-if __name__ == "__main__":
-    main()

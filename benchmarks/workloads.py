@@ -1,10 +1,12 @@
-"""What ``sapd.bench`` runs: the models, the shared inputs, and one closure per measured call.
+"""What the speed suite runs: the models, the shared inputs, and one closure per measured call.
 
 All detectors get the same backbone configuration, the same padded input tensor and the same
 post-processing numbers:
 
-- SAPD: ``TimmBackbone(name, pretrained=False)`` (frozen BatchNorm, stem and first stage frozen), FPN
-  P3-P7 of 256 channels (optionally BFP), a 4 x 256 head, the feature-selection net.
+- SAPD: composed from the project's ``conf/`` (``model=sapd`` with random weights, :mod:`.configs`):
+  timm backbone with frozen BatchNorm and frozen stem and first stage, FPN P3-P7 of 256 channels
+  (``sapd_bfp``: with BFP), a 4 x 256 head, the feature-selection net; ``overrides`` change it as on
+  the training command line.
 - torchvision RetinaNet / FCOS: ``resnet_fpn_backbone(norm_layer=FrozenBatchNorm2d, trainable_layers=3,
   returned_layers=[2, 3, 4], extra_blocks=LastLevelP6P7(256, 256))`` - the backbone that
   ``retinanet_resnet50_fpn`` / ``fcos_resnet50_fpn`` build when ``weights_backbone`` is given
@@ -13,8 +15,10 @@ post-processing numbers:
   detector anyone trains; with random weights here the two are the same network otherwise.
   Their ``GeneralizedRCNNTransform`` is replaced by one that neither normalises nor resizes, only pads
   to the same size divisor, so they see the very tensor SAPD sees.
-- Post-processing: score > 0.05, top 1000 per level, NMS IoU 0.5, 100 detections (SPEC §5) for all
-  three (torchvision's defaults differ: FCOS 0.2 / 0.6, RetinaNet 300 detections).
+- Post-processing: the numbers of SAPD's ``model.postprocess`` node (score > 0.05, top 1000 per level,
+  NMS IoU 0.5, 100 detections) for all three (torchvision's defaults differ: FCOS 0.2 / 0.6,
+  RetinaNet 300 detections).
+- Padding: the project's :func:`sapd.data.transforms.collate` pads every batch.
 - ``post="cap"`` sets every classification bias to 0 in the inference models: with random weights
   the scores are then ~0.5, every level fills its 1000 pre-NMS candidates and NMS sees 5 x 1000 boxes,
   the worst case a trained detector meets on a busy image. ``post="init"`` keeps the prior-0.01 bias:
@@ -28,63 +32,91 @@ import copy
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
+
+from sapd.data.transforms import collate
+
+from .cli import option
+from .configs import sapd_config
+from .measure import synchronize
 
 Task = Callable[[], object]
 
 
+CHOICES = {"memory": ("subprocess", "inprocess", "off"), "post": ("cap", "init"), "amp_dtype": ("bfloat16", "float16")}
+
+
 @dataclass
 class BenchConfig:
-    """Every setting of a benchmark run (the CLI maps onto it one to one; stored in the results)."""
+    """Every setting of a speed run: the command line maps onto it one to one; stored in the results."""
 
-    device: str = "cpu"
-    size: tuple[int, int] = (512, 853)  # (H, W) of the image before padding
-    pad: int = 128  # size divisor of the padded batch (SPEC §6: 128)
-    backbone: str = "resnet50"
-    num_classes: int = 80
-    threads: int = 0  # 0: all logical cores
-    warmup: int = 1
-    reps_infer: int = 5
-    reps_train: int = 5
-    reps_assign: int = 7
-    train_batch: int = 2
-    train_instances: int = 10
-    share_instances: tuple[int, ...] = (10, 100)
-    assign_instances: tuple[int, ...] = (1, 10, 100, 500)
-    assign_memory_size: tuple[int, int] = (800, 1333)
-    assign_memory_instances: int = 500
-    memory: str = "subprocess"  # subprocess | inprocess | off
-    channels_last: bool = False
-    amp: bool = False
-    amp_dtype: str = "bfloat16"
-    compile: bool = False
-    options: bool = True
-    fps: bool = False
-    fps_backbones: tuple[str, ...] = ("resnet50", "resnet101", "resnext101_64x4d")
-    fps_reps: int = 10
-    post: str = "cap"  # cap | init
-    lr: float = 1e-6
-    seed: int = 0
-    profile: bool = False
-    quick: bool = False
+    device: str = option("cpu", "cpu or cuda[:i]; cuda also sets size=[800,1333], more repetitions, fps, fp16")
+    size: tuple[int, int] = option((512, 853), "[H,W] of the image before padding (CUDA: [800,1333])")
+    pad: int = option(128, "size divisor of the padded input (the SAPD collate of COCO: 128)")
+    backbone: str = option("resnet50", "timm / torchvision ResNet name for all three detectors")
+    num_classes: int = option(80, "K, the number of classes")
+    threads: int = option(0, "torch threads (0: all logical cores)")
+    warmup: int = option(1, "warm-up rounds dropped before timing")
+    reps_infer: int = option(5, "timed rounds for inference")
+    reps_train: int = option(5, "timed rounds for training steps")
+    reps_assign: int = option(7, "timed rounds for the loss part (3 at assign_memory_size)")
+    train_batch: int = option(2, "images per training step")
+    train_instances: int = option(10, "ground-truth boxes per image in training")
+    share_instances: tuple[int, ...] = option((10, 100), "instances per image for the loss part's share of a step")
+    assign_instances: tuple[int, ...] = option((1, 10, 100, 500), "instances per image for the loss part alone")
+    assign_memory_size: tuple[int, int] = option((800, 1333), "[H,W] of the big-assignment memory check")
+    assign_memory_instances: int = option(500, "instances per image there")
+    memory: str = option("subprocess", "peak memory: subprocess (fresh process each) | inprocess | off")
+    channels_last: bool = option(False, "all models and inputs in channels_last")
+    amp: bool = option(False, "autocast for all models (see amp_dtype)")
+    amp_dtype: str = option("bfloat16", "bfloat16 | float16 (CUDA default: float16)")
+    compile: bool = option(False, "also time torch.compile of the SAPD network (slow on CPU)")
+    options: bool = option(True, "the speed-options section (false skips it)")
+    fps: bool = option(False, "the FPS table on this device (always on with cuda)")
+    fps_backbones: tuple[str, ...] = option(("resnet50", "resnet101", "resnext101_64x4d"), "backbones of the FPS table")
+    fps_reps: int = option(10, "timed rounds of the FPS table")
+    post: str = option("cap", "cap: scores ~0.5, every level fills 1000 NMS candidates; init: prior-0.01 bias")
+    overrides: tuple[str, ...] = option((), "Hydra overrides of conf/ for every SAPD, e.g. [model.neck.bfp=true]")
+    lr: float = option(1e-6, "SGD learning rate (tiny: keeps random weights stable; same work per step)")
+    seed: int = option(0, "seed of the weights and the inputs")
+    profile: bool = option(False, "add torch.profiler tables of the SAPD step and inference")
+    quick: bool = option(False, "tiny sizes, resnet18, 1-2 repetitions, memory in process (smoke runs, tests)")
+    out: str = option("benchmarks/results.json", "JSON path; the Markdown is written beside it (.md)")
+
+    def __post_init__(self) -> None:
+        for f in fields(self):  # YAML lists from the command line -> the tuples above
+            value = getattr(self, f.name)
+            if isinstance(value, list):
+                setattr(self, f.name, tuple(value))
+        if str(self.memory).lower() == "false":  # YAML reads memory=off as the boolean false
+            self.memory = "off"
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> BenchConfig:
-        tuples = {"size", "share_instances", "assign_instances", "assign_memory_size", "fps_backbones"}
-        return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+        return cls(**data)
 
 
 def padded_size(size: tuple[int, int], divisor: int) -> tuple[int, int]:
-    """``(H, W)`` rounded up to multiples of ``divisor`` (as the SAPD collate and torchvision pad)."""
+    """``(H, W)`` rounded up to multiples of ``divisor``: the ``pad_size`` the project's collate gives."""
     h, w = size
     return math.ceil(h / divisor) * divisor, math.ceil(w / divisor) * divisor
+
+
+def batch_images(images: list[Tensor], divisor: int) -> Tensor:
+    """Images FloatTensor[3, h_i, w_i] -> the padded batch [N, 3, Hp, Wp] of :func:`sapd.data.transforms.collate`."""
+    batch, _ = collate([(im, {}) for im in images], size_divisor=divisor)
+    return batch
 
 
 def random_images(num: int, size: tuple[int, int], generator: torch.Generator) -> list[Tensor]:
@@ -120,31 +152,7 @@ def random_targets(
     ]
 
 
-def pad_batch(images: list[Tensor], divisor: int) -> Tensor:
-    """Zero-pad images at the bottom/right to a common size divisible by ``divisor`` -> [N, 3, Hp, Wp]."""
-    h = max(im.shape[-2] for im in images)
-    w = max(im.shape[-1] for im in images)
-    hp, wp = padded_size((h, w), divisor)
-    batch = images[0].new_zeros(len(images), images[0].shape[0], hp, wp)
-    for i, im in enumerate(images):
-        batch[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
-    return batch
-
-
 # --------------------------------------------------------------------------- builders
-
-
-def build_sapd(backbone: str = "resnet50", *, num_classes: int = 80, bfp: bool = False, dcn: bool = False) -> nn.Module:
-    """SAPD of SPEC §1 with random weights: timm backbone, FPN 256 (optionally BFP), 4 x 256 head."""
-    from sapd.models import FPN, SAPD, FeatureSelectionNet, SAPDHead, TimmBackbone
-
-    return SAPD(
-        num_classes=num_classes,
-        backbone=TimmBackbone(name=backbone, pretrained=False, dcn=dcn),
-        neck=partial(FPN, out_channels=256, num_levels=5, bfp=bfp),
-        head=partial(SAPDHead, feat_channels=256, num_convs=4),
-        selection=partial(FeatureSelectionNet, roi_size=7, channels=256),
-    )
 
 
 def _no_resize_transform(size_divisible: int) -> nn.Module:
@@ -163,13 +171,36 @@ def _no_resize_transform(size_divisible: int) -> nn.Module:
     return PadOnlyTransform(1, 1, [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], size_divisible=size_divisible)
 
 
-def build_torchvision(kind: str, backbone: str = "resnet50", *, num_classes: int = 80, pad: int = 128) -> nn.Module:
-    """torchvision ``RetinaNet`` or ``FCOS`` on a frozen-BN ResNet-FPN (see the module docstring)."""
+def torchvision_postprocess(postprocess: DictConfig | dict) -> dict:
+    """SAPD's ``model.postprocess`` node as the keyword arguments of torchvision's RetinaNet / FCOS."""
+    return {
+        "score_thresh": float(postprocess["score_thresh"]),
+        "nms_thresh": float(postprocess["nms_thresh"]),
+        "detections_per_img": int(postprocess["max_detections"]),
+        "topk_candidates": int(postprocess["pre_nms_topk"]),
+    }
+
+
+def build_torchvision(
+    kind: str,
+    backbone: str = "resnet50",
+    *,
+    num_classes: int = 80,
+    pad: int = 128,
+    postprocess: DictConfig | dict | None = None,
+) -> nn.Module:
+    """torchvision ``RetinaNet`` or ``FCOS`` on a frozen-BN ResNet-FPN (see the module docstring).
+
+    Args:
+        postprocess: SAPD's ``model.postprocess`` node (None: the one of ``conf/model/sapd.yaml``).
+    """
     from torchvision.models.detection import FCOS, RetinaNet
     from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
     from torchvision.ops import FrozenBatchNorm2d
     from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+    if postprocess is None:
+        postprocess = sapd_config().model.postprocess
     body = resnet_fpn_backbone(
         backbone_name=backbone,
         weights=None,
@@ -178,7 +209,7 @@ def build_torchvision(kind: str, backbone: str = "resnet50", *, num_classes: int
         returned_layers=[2, 3, 4],
         extra_blocks=LastLevelP6P7(256, 256),
     )
-    post = {"score_thresh": 0.05, "nms_thresh": 0.5, "detections_per_img": 100, "topk_candidates": 1000}
+    post = torchvision_postprocess(postprocess)
     if kind == "retinanet":
         model = RetinaNet(body, num_classes, **post)
     elif kind == "fcos":
@@ -215,8 +246,8 @@ class Workbench:
         gen = torch.Generator().manual_seed(cfg.seed)
         self.images = [im.to(self.device) for im in random_images(cfg.train_batch, cfg.size, gen)]
         self.image1 = self.images[:1]
-        self.x1 = pad_batch(self.image1, cfg.pad)  # [1, 3, Hp, Wp]: the network-only input of every model
-        self.x_train = pad_batch(self.images, cfg.pad)
+        self.x1 = batch_images(self.image1, cfg.pad)  # [1, 3, Hp, Wp]: the network-only input of every model
+        self.x_train = batch_images(self.images, cfg.pad)
         self._gen_seed = cfg.seed + 1
 
     # ---- helpers
@@ -226,7 +257,7 @@ class Workbench:
         return self._cache[key]
 
     def autocast(self, enabled: bool | None = None):
-        """``torch.autocast`` for ``--amp`` (bf16 on CPU by default), else a null context."""
+        """``torch.autocast`` for ``amp=true`` (bf16 on CPU by default), else a null context."""
         enabled = self.cfg.amp if enabled is None else enabled
         if not enabled:
             return contextlib.nullcontext()
@@ -250,6 +281,29 @@ class Workbench:
         return self._cached(("targets", instances, size), make)
 
     # ---- models
+    def sapd_config(self, *, bfp: bool = False, backbone: str | None = None, dcn: bool = False) -> DictConfig:
+        """The composed training config whose ``model`` node builds this run's SAPD (cached)."""
+        backbone = backbone or self.cfg.backbone
+        key = ("sapd_config", bfp, backbone, dcn)
+        return self._cached(key, lambda: sapd_config(backbone, bfp=bfp, dcn=dcn, extra=self.cfg.overrides))
+
+    def build_sapd(self, *, bfp: bool = False, backbone: str | None = None, dcn: bool = False) -> nn.Module:
+        """A new SAPD with random weights: ``instantiate(cfg.model, num_classes=K)`` of :meth:`sapd_config`."""
+        from hydra.utils import instantiate
+
+        cfg = self.sapd_config(bfp=bfp, backbone=backbone, dcn=dcn)
+        return instantiate(cfg.model, num_classes=self.cfg.num_classes)
+
+    def build_torchvision(self, name: str, backbone: str | None = None) -> nn.Module:
+        """torchvision ``retinanet`` / ``fcos`` with SAPD's post-processing numbers and this run's padding."""
+        return build_torchvision(
+            name,
+            backbone or self.cfg.backbone,
+            num_classes=self.cfg.num_classes,
+            pad=self.cfg.pad,
+            postprocess=self.sapd_config().model.postprocess,
+        )
+
     def infer_model(self, name: str, backbone: str | None = None, dcn: bool = False) -> nn.Module:
         """An eval-mode detector ``sapd`` / ``sapd_bfp`` / ``retinanet`` / ``fcos`` for inference."""
         backbone = backbone or self.cfg.backbone
@@ -257,9 +311,9 @@ class Workbench:
         def make():
             torch.manual_seed(self.cfg.seed)
             if name in ("sapd", "sapd_bfp"):
-                model = build_sapd(backbone, num_classes=self.cfg.num_classes, bfp=name == "sapd_bfp", dcn=dcn)
+                model = self.build_sapd(bfp=name == "sapd_bfp", backbone=backbone, dcn=dcn)
             else:
-                model = build_torchvision(name, backbone, num_classes=self.cfg.num_classes, pad=self.cfg.pad)
+                model = self.build_torchvision(name, backbone)
             if self.cfg.post == "cap":
                 with torch.no_grad():
                     cls_bias(model).zero_()
@@ -269,15 +323,13 @@ class Workbench:
         return self._cached(("infer", name, backbone, dcn), make)
 
     def train_model(self, name: str) -> tuple[nn.Module, torch.optim.Optimizer]:
-        """A train-mode ``sapd`` or ``fcos`` with its SGD optimizer (momentum 0.9, wd 1e-4, SPEC §6; a tiny
-        lr keeps the random weights stable over the repetitions, the work per step is the same)."""
+        """A train-mode ``sapd`` or ``fcos`` with its SGD optimizer (momentum 0.9, weight decay 1e-4 as the
+        COCO recipe; a tiny lr keeps the random weights stable over the repetitions, the work per step is the
+        same)."""
 
         def make():
             torch.manual_seed(self.cfg.seed)
-            if name == "sapd":
-                model = build_sapd(self.cfg.backbone, num_classes=self.cfg.num_classes)
-            else:
-                model = build_torchvision(name, self.cfg.backbone, num_classes=self.cfg.num_classes, pad=self.cfg.pad)
+            model = self.build_sapd() if name == "sapd" else self.build_torchvision(name)
             model = self._memory_format(model.to(self.device).train(), self.cfg.channels_last)
             params = [p for p in model.parameters() if p.requires_grad]
             opt = torch.optim.SGD(params, lr=self.cfg.lr, momentum=0.9, weight_decay=1e-4)
@@ -332,7 +384,7 @@ class Workbench:
 
             def run():
                 with torch.inference_mode(), amp():
-                    batch = self._input(pad_batch(self.image1, self.cfg.pad), self.cfg.channels_last)
+                    batch = self._input(batch_images(self.image1, self.cfg.pad), self.cfg.channels_last)
                     dets = model.postprocess(model(batch), image_sizes)
                 return {"detections": float(len(dets[0]["boxes"]))}
         else:
@@ -348,7 +400,7 @@ class Workbench:
         model, opt = self.train_model("sapd")
         targets = self.targets(instances)
         x = self._input(self.x_train, self.cfg.channels_last)
-        sync = partial(_sync, self.device)
+        sync = partial(synchronize, self.device)
 
         def run():
             model.set_phase(phase)
@@ -393,7 +445,7 @@ class Workbench:
             gen = torch.Generator().manual_seed(self.cfg.seed + 2)
             imgs = [im.to(self.device) for im in random_images(self.cfg.train_batch, size, gen)]
             with torch.no_grad():
-                out = model(pad_batch(imgs, self.cfg.pad))
+                out = model(batch_images(imgs, self.cfg.pad))
 
             def leaf(t: Tensor) -> Tensor:
                 return t.detach().clone().requires_grad_(True)
@@ -470,15 +522,10 @@ class Workbench:
 
         def run():
             with torch.inference_mode(), self.autocast():
-                batch = self._input(pad_batch(self.image1, self.cfg.pad), self.cfg.channels_last)
+                batch = self._input(batch_images(self.image1, self.cfg.pad), self.cfg.channels_last)
                 return {"detections": float(len(model.postprocess(model(batch), image_sizes)[0]["boxes"]))}
 
         return run
 
     def num_parameters(self, name: str) -> int:
         return sum(p.numel() for p in self.infer_model(name).parameters())
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

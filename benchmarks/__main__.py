@@ -1,0 +1,41 @@
+"""``python -m benchmarks [suite=speed|data|assign] [key=value ...]``: one entry, a choice of suite.
+
+``suite`` picks the benchmark (default ``speed``); every other ``key=value`` goes to that suite
+(``python -m benchmarks suite=data help`` lists its keys).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from importlib import import_module
+
+SUITES = {
+    "speed": "SAPD vs torchvision RetinaNet and FCOS: inference, training, loss part, memory (writes results.*)",
+    "data": "images/s of the training data loader (synthetic set, 800-px images)",
+    "assign": "targets + losses + selection net alone, forward + backward, by instances per image",
+}
+
+
+def suite_main(name: str) -> Callable[[list[str]], object]:
+    """The ``main(argv)`` of suite ``name`` (:mod:`benchmarks.<name>`)."""
+    if name not in SUITES:
+        raise SystemExit(f"python -m benchmarks: error: unknown suite {name!r}; choose one of {', '.join(SUITES)}")
+    return import_module(f"{__package__ or 'benchmarks'}.{name}").main
+
+
+def main(argv: Sequence[str] | None = None) -> object:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    suites = [a.split("=", 1)[1] for a in argv if a.startswith("suite=")]
+    rest = [a for a in argv if not a.startswith("suite=")]
+    if not suites and any(a in ("-h", "--help", "help") for a in rest):
+        print(__doc__.strip().splitlines()[0] + "\n\nsuites:")
+        for name, text in SUITES.items():
+            print(f"  suite={name:7s} {text}")
+        print("\n`python -m benchmarks suite=<name> help` lists the keys of one suite.")
+        return None
+    return suite_main(suites[-1] if suites else "speed")(rest)
+
+
+if __name__ == "__main__":
+    main()
