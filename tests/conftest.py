@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, open_dict
@@ -16,7 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
-from sapd.paths import CONFIG_DIR  # noqa: E402
+from sapd.paths import initialize_configs  # noqa: E402
 
 # A tiny but complete run: small synthetic set, small images, a slim network, CPU, no logger.
 TINY = [
@@ -66,7 +66,7 @@ def _data_cache(tmp_path_factory) -> Path:
 def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
     """The real config ``name`` with ``overrides``, its Hydra runtime set as a run would."""
     GlobalHydra.instance().clear()
-    with initialize_config_dir(version_base="1.3", config_dir=CONFIG_DIR):
+    with initialize_configs():
         cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)

@@ -1,24 +1,77 @@
-"""Where sapd's Hydra configs live (``conf/`` at the repository root)."""
+"""Where sapd's Hydra configs live: the single place every entry point asks.
+
+The configs are kept in the repository's top-level ``conf/`` folder, and the build maps that folder
+into the package as ``sapd.conf`` (``[tool.setuptools.package-dir]`` in pyproject.toml), so both an
+editable install (``pip install -e .``, what ``make install`` does) and a normal wheel carry them.
+Hydra reads them through the package, as ``pkg://sapd.conf``; nothing depends on the working directory.
+
+``SAPD_CONFIG_DIR`` points sapd at a conf folder of your own instead (for instance an edited copy of
+``conf/`` that keeps its layout: ``train.yaml``, ``eval.yaml``, ``predict.yaml`` and the group folders).
+
+When sapd runs from a checkout's ``src/`` put first on ``PYTHONPATH`` (a second worktree, say) while
+``sapd.conf`` is installed from somewhere else, the checkout's own ``conf/`` is used, so code and
+configs always come from the same tree.
+
+Use :data:`CONFIG_PATH` as ``@hydra.main(config_path=CONFIG_PATH, ...)`` and
+:func:`initialize_configs` around ``hydra.compose`` (tests, notebooks).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
+from hydra import initialize_config_dir, initialize_config_module
 
-def config_dir() -> str:
-    """The ``conf`` folder: $SAPD_CONFIG_DIR, else the repository's ``conf/`` beside ``src/``."""
+CONFIG_MODULE = "sapd.conf"
+_PKG = "pkg://"
+
+
+def _installed_conf() -> Path | None:
+    """The folder of the importable ``sapd.conf`` package, or None when it is not installed."""
+    try:
+        spec = importlib.util.find_spec(CONFIG_MODULE)
+    except ModuleNotFoundError:
+        return None
+    if spec is None or spec.origin is None:
+        return None
+    return Path(spec.origin).resolve().parent
+
+
+def config_path() -> str:
+    """Hydra's ``config_path`` for sapd: an absolute folder, or ``pkg://sapd.conf``.
+
+    In order: ``$SAPD_CONFIG_DIR``; the ``conf/`` of the checkout whose ``src/`` this sapd was
+    imported from, when the installed ``sapd.conf`` is another folder; else ``pkg://sapd.conf``.
+    """
     env = os.environ.get("SAPD_CONFIG_DIR")
     if env:
-        return str(Path(env).resolve())
-    here = Path(__file__).resolve()
-    for candidate in (here.parents[2] / "conf", here.parent / "conf", Path.cwd() / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return str(candidate)
-    raise FileNotFoundError(
-        "sapd cannot find its Hydra configs (conf/train.yaml): install sapd from a checkout "
-        "(pip install -e .) or set SAPD_CONFIG_DIR to the conf/ folder"
-    )
+        folder = Path(env).expanduser().resolve()
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"SAPD_CONFIG_DIR={env} is not a folder: point it at a copy of sapd's conf/ or unset it."
+            )
+        return str(folder)
+    installed = _installed_conf()
+    package = Path(__file__).resolve().parent
+    checkout_conf = package.parents[1] / "conf"
+    if package.parent.name == "src" and (checkout_conf / "__init__.py").is_file() and installed != checkout_conf:
+        return str(checkout_conf)
+    if installed is None:
+        raise FileNotFoundError(
+            "sapd's Hydra configs (the package sapd.conf) are not installed: reinstall sapd "
+            "(pip install -e . in a checkout, or pip install its wheel) or set SAPD_CONFIG_DIR to a conf folder."
+        )
+    return _PKG + CONFIG_MODULE
 
 
-CONFIG_DIR = config_dir()
+def initialize_configs(job_name: str = "app"):
+    """Hydra's ``initialize_*`` context on the same configs as :data:`CONFIG_PATH`, for ``hydra.compose``."""
+    path = config_path()
+    if path.startswith(_PKG):
+        return initialize_config_module(config_module=path[len(_PKG) :], job_name=job_name, version_base="1.3")
+    return initialize_config_dir(config_dir=path, job_name=job_name, version_base="1.3")
+
+
+CONFIG_PATH = config_path()
