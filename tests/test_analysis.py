@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 import torch
+from hydra import compose
+from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from conftest import TINY, compose_config
-from sapd.analysis import SIZE_NAMES, analyse, size_bin, weight_statistics
+from sapd.analysis import SIZE_NAMES, main, size_bin, weight_statistics
 from sapd.checkpoint import load_module
+from sapd.paths import initialize_configs
 from sapd.train import train
+
+
+def analysis_config(*overrides: str):
+    """conf/analysis.yaml with ``overrides``, as ``python -m sapd.analysis`` composes it."""
+    GlobalHydra.instance().clear()
+    with initialize_configs():
+        return compose("analysis", overrides=list(overrides))
 
 
 def test_size_bins_by_sqrt_area():
@@ -30,6 +41,7 @@ def checkpoint(tmp_path_factory):
     return Path(out) / "checkpoints" / "last.ckpt"
 
 
+@pytest.mark.slow
 def test_weight_shares_and_what_the_switches_leave_alone(checkpoint):
     module, run_cfg = load_module(checkpoint)
     from hydra.utils import instantiate
@@ -51,9 +63,26 @@ def test_weight_shares_and_what_the_switches_leave_alone(checkpoint):
     assert stats["objects"].sum() == sum(len(t["boxes"]) for _, targets in batches for t in targets)
 
 
+def test_cli_errors_are_one_line_and_exit_code_2(tmp_path, caplog):
+    for overrides, message in (
+        ([f"ckpt_path={tmp_path / 'nope.ckpt'}"], "checkpoint not found"),
+        ([], "give the checkpoint to analyse"),
+    ):
+        caplog.clear()
+        with pytest.raises(SystemExit) as exit_info:
+            main(analysis_config(*overrides, f"out={tmp_path / 'figures'}"))
+        assert exit_info.value.code == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and errors[0].startswith("sapd.analysis: ") and message in errors[0]
+    assert not (tmp_path / "figures").exists()
+
+
 @pytest.mark.slow
-def test_pictures_are_written(checkpoint, tmp_path):
-    paths = analyse(checkpoint, tmp_path, num_batches=1)
+def test_pictures_are_written(checkpoint, tmp_path, caplog):
+    with caplog.at_level(logging.INFO):
+        main(analysis_config(f"ckpt_path={checkpoint}", f"out={tmp_path}", "batches=1"))
+    paths = [tmp_path / r.getMessage().removeprefix("wrote ") for r in caplog.records if "wrote" in r.getMessage()]
+    assert all(p.is_file() for p in paths)
     names = sorted(p.name for p in paths)
     assert names == [
         "f_by_size.png",

@@ -97,12 +97,29 @@ def test_hydra_configs_instantiate(synthetic_root, monkeypatch):
 
     cfg = OmegaConf.load(CONF / "synthetic.yaml")
     assert cfg.synthetic.num_train == 2000 and cfg.synthetic.num_val == 250  # the embedded default
-    cfg = OmegaConf.merge(cfg, {"root": str(synthetic_root), "synthetic": SMALL, "num_workers": 0})
+    assert OmegaConf.to_container(cfg)["cache_dir"] == "${paths.data_dir}"  # no folder of its own
+    cfg = OmegaConf.merge(cfg, {"root": str(synthetic_root), "cache_dir": None, "synthetic": SMALL, "num_workers": 0})
     dm = instantiate(cfg)
     assert isinstance(dm, SyntheticCOCODataModule) and dm.root == synthetic_root
     dm.setup("validate")
     assert cfg.size_divisor == 32  # the CPU default pads less than COCO's 128
     _check_batch(next(iter(dm.val_dataloader())), min(cfg.val_batch_size, SMALL["num_val"]), divisor=32)
+
+
+def test_synthetic_cache_folder_comes_from_the_paths_config(tmp_path, monkeypatch):
+    """$SAPD_DATA_DIR is read by conf/paths (paths.data_dir) and reaches the data module as cache_dir."""
+    from conftest import compose_config
+    from sapd.data.synthetic import SyntheticParams
+
+    monkeypatch.setenv("SAPD_DATA_DIR", str(tmp_path / "elsewhere"))
+    cfg = compose_config("train", ["data.synthetic.num_train=3"], tmp_path)
+    assert cfg.data.cache_dir == cfg.paths.data_dir == str(tmp_path / "elsewhere")
+    dm = instantiate(cfg.data)  # nothing is drawn before prepare_data
+    params = SyntheticParams(**OmegaConf.to_container(cfg.data.synthetic))
+    assert dm.root == tmp_path / "elsewhere" / f"synthetic-{params.digest()}"
+    explicit = instantiate(cfg.data, root=str(tmp_path / "mine"))
+    assert explicit.root == tmp_path / "mine"
+    assert not (tmp_path / "elsewhere").exists()
 
 
 def test_aspect_ratio_grouping_and_distributed_resampling(synthetic_root):

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hydra import compose
+from hydra.core.global_hydra import GlobalHydra
 from pycocotools import mask as mask_utils
 from torchvision.ops import box_iou
 
 from sapd.data import DataError
 from sapd.data import synthetic as syn
 from sapd.data.coco import COCODetection
+from sapd.paths import initialize_configs
 
 TINY = {"num_train": 6, "num_val": 3, "min_side": 64, "max_side": 96, "max_objects": 6, "min_object_size": 6}
 
@@ -86,19 +91,42 @@ def test_refuses_a_foreign_folder_and_bad_parameters(tmp_path):
         syn.make_synthetic_coco(tmp_path / "x", num_trian=3)
 
 
-def test_default_root_uses_env_and_hash(monkeypatch, tmp_path):
-    monkeypatch.setenv("SAPD_DATA_DIR", str(tmp_path))
-    a, b = syn.default_root(syn.SyntheticParams()), syn.default_root(syn.SyntheticParams(seed=1))
+def test_default_root_is_the_cache_folder_and_hash(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAPD_DATA_DIR", str(tmp_path / "ignored"))  # the paths config reads it, not Python
+    a, b = syn.default_root(syn.SyntheticParams(), tmp_path), syn.default_root(syn.SyntheticParams(seed=1), tmp_path)
     assert a.parent == tmp_path and a.name.startswith("synthetic-") and a != b
+    assert syn.default_root(syn.SyntheticParams()) == Path("~/.cache/sapd").expanduser() / a.name
+    root = syn.make_synthetic_coco(cache_dir=tmp_path / "cache", **TINY)
+    assert root == syn.default_root(syn.SyntheticParams(**TINY), tmp_path / "cache") and root.is_dir()
+    assert not (tmp_path / "ignored").exists()
 
 
-def test_cli_writes_and_prints_the_folder(tmp_path, capsys):
-    assert syn.main(["--out", str(tmp_path / "cli"), "--num-train", "2", "--num-val", "1", "--min-side", "64",
-                     "--max-side", "64", "--min-object-size", "6"]) == 0  # fmt: skip
-    out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1] == str(tmp_path / "cli")
+def _synthetic_config(*overrides: str):
+    """conf/synthetic.yaml with ``overrides``, as ``python -m sapd.data.synthetic`` composes it."""
+    GlobalHydra.instance().clear()
+    with initialize_configs():
+        return compose("synthetic", overrides=list(overrides))
+
+
+SMALL_OVERRIDES = [f"data.synthetic.{k}={v}" for k, v in TINY.items()]
+
+
+def test_cli_draws_the_training_set_and_prints_its_folder(tmp_path, capsys, caplog):
+    cfg = _synthetic_config(*SMALL_OVERRIDES)
+    # no out=: the folder training reads, under paths.data_dir ($SAPD_DATA_DIR, set by conftest)
+    expected = syn.default_root(syn.SyntheticParams(**TINY), os.environ["SAPD_DATA_DIR"])
+    assert cfg.data.cache_dir == os.environ["SAPD_DATA_DIR"] and cfg.out is None
+    syn.main(cfg)
+    assert capsys.readouterr().out.strip() == str(expected)
+    assert (expected / "annotations" / "instances_val.json").is_file()
+    syn.main(_synthetic_config(f"out={tmp_path / 'cli'}", *SMALL_OVERRIDES))
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cli")
     assert (tmp_path / "cli" / "annotations" / "instances_val.json").is_file()
-    assert syn.main(["--out", str(tmp_path / "bad"), "--min-side", "8"]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        syn.main(_synthetic_config(f"out={tmp_path / 'bad'}", "data.synthetic.min_side=8"))
+    assert exit_info.value.code == 2 and capsys.readouterr().out == ""
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "min_side" in errors[0]
 
 
 def test_rle_encode_round_trips_through_pycocotools():

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import subprocess
+import sys
 
 import pytest
+from hydra import compose
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
 
-from sapd.report import decisions, find_summaries, group_runs, main, markdown_table, pooled_std, report
+from sapd.paths import initialize_configs
+from sapd.report import decisions, find_summaries, folders, group_runs, main, markdown_table, pooled_std, report
 
 SWITCHES = {"soft_weight_norm": "none", "valid_region": "cell_overlap", "eta": 1.0, "topk": 3}
 ABLATIONS = {"FSAF": (False, False), "+SW": (True, False), "+SW+SS": (True, True)}
@@ -78,13 +85,73 @@ def test_decision_rule_rejects_a_variant_below_fsaf(tmp_path):
     assert "below its FSAF row (48.0)" in text and text.endswith("not adopted")
 
 
-def test_cli_prints_the_table_and_refuses_empty_folders(sweep, tmp_path, capsys):
-    main([str(sweep), "--decide"])
+def report_config(*overrides: str):
+    """conf/report.yaml with ``overrides``, as ``python -m sapd.report`` composes it."""
+    GlobalHydra.instance().clear()
+    with initialize_configs():
+        return compose("report", overrides=list(overrides))
+
+
+def test_dirs_may_be_one_folder_or_a_list():
+    assert folders("results/a") == ["results/a"]
+    assert folders(OmegaConf.create({"d": ["a", "b"]}).d) == ["a", "b"]
+    for bad in ([], 3, [["a"]]):
+        with pytest.raises(ValueError, match="dirs must be a folder or a list of folders"):
+            folders(bad)
+
+
+def test_cli_prints_the_table_and_refuses_empty_folders(sweep, tmp_path, capsys, caplog):
+    main(report_config(f"dirs={sweep}", "decide=true"))
     out = capsys.readouterr().out
     assert out.startswith("| row | variant |") and "Decision rule" in out
+    main(report_config(f"dirs=[{sweep},{sweep}]"))
+    twice = capsys.readouterr().out
+    assert "Decision rule" not in twice and "| +SW+SS | paper | 8 ep | 6 |" in twice  # both folders read
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no summary.json"):
         report([tmp_path / "empty"])
-    with pytest.raises(SystemExit) as exit_info:  # one line for the user, no traceback
-        main([str(tmp_path / "missing")])
-    assert exit_info.value.code == 2 and "does not exist" in capsys.readouterr().err
+    for overrides, message in (
+        ([f"dirs={tmp_path / 'missing'}"], "does not exist"),
+        ([], "give the folders to tabulate"),
+        ([f"dirs={tmp_path / 'empty'}"], "no summary.json"),
+    ):
+        caplog.clear()
+        with pytest.raises(SystemExit) as exit_info:  # one line for the user, no traceback
+            main(report_config(*overrides))
+        assert exit_info.value.code == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0]
+    assert capsys.readouterr().out == ""
+
+
+def _run_report(args: list[str], cwd) -> subprocess.CompletedProcess:
+    cwd.mkdir(exist_ok=True)
+    return subprocess.run(
+        [sys.executable, "-m", "sapd.report", *args], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_command_line_writes_nothing_but_the_table(sweep, tmp_path):
+    """The real command: table on stdout, no Hydra run folder, .hydra/ or log file in the working folder."""
+    cwd = tmp_path / "cwd"
+    done = _run_report([f"dirs={sweep / 'multirun'}", "decide=true"], cwd)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("| row | variant |") and "becomes the default" in done.stdout
+    assert list(cwd.iterdir()) == []
+    failed = _run_report([f"dirs=[{tmp_path / 'missing'}]"], cwd)
+    assert failed.returncode == 2 and failed.stdout == ""
+    assert failed.stderr.strip().splitlines() == [
+        f"sapd.report: {tmp_path / 'missing'} does not exist: give a run, multirun or results folder"
+    ]
+    assert list(cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["report", "analysis", "synthetic"])
+def test_tools_make_no_run_folder_and_no_log_file(name):
+    """report, analysis and synthetic run in place: no outputs/ or .hydra/ folder, no log file, messages on stderr."""
+    GlobalHydra.instance().clear()
+    with initialize_configs():
+        hydra_cfg = compose(name, return_hydra_config=True).hydra
+    assert hydra_cfg.output_subdir is None and hydra_cfg.run.dir == "."
+    handlers = hydra_cfg.job_logging.handlers
+    assert list(handlers) == ["console"] and handlers.console.stream == "ext://sys.stderr"

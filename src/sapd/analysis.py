@@ -1,5 +1,5 @@
 """Pictures that explain how SAPD's soft weights and level selection treat objects of each size:
-``python -m sapd.analysis CKPT [--out DIR] [--batches N]``.
+``python -m sapd.analysis ckpt_path=CKPT [out=DIR] [batches=N]`` (config ``conf/analysis.yaml``).
 
 From a trained checkpoint and its own training / validation data, three PNG files:
 
@@ -18,23 +18,35 @@ Sizes are sqrt(area) in pixels of the network input (training scale for training
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import logging
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import hydra
 import torch
 from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from sapd.checkpoint import load_module
+from sapd.checkpoint import CheckpointError, load_module
+from sapd.data import DataError
+from sapd.logs import configure_logging
 from sapd.models.criterion import SAPDCriterion
+from sapd.paths import CONFIG_PATH
+
+log = logging.getLogger(__name__)
 
 SIZE_EDGES = (0.0, 8.0, 16.0, 32.0, 64.0, 128.0, float("inf"))
 SIZE_NAMES = ("< 8", "8-16", "16-32", "32-64", "64-128", "> 128")
 LEVEL_NAMES = ("P3", "P4", "P5", "P6", "P7")
 ROWS = {"FSAF": (False, False, 1), "+SW": (True, False, 1), "+SW+SS": (True, True, 2)}  # sw, ss, phase
 SETTINGS = [(v, n) for v in ("cell_overlap", "centre") for n in ("none", "level_max")]
+
+
+class AnalysisError(ValueError):
+    """A checkpoint these pictures cannot be drawn for."""
 
 
 def size_bin(boxes: Tensor) -> Tensor:
@@ -76,7 +88,7 @@ def weight_statistics(net, batches: Sequence) -> dict:
                 crit = dataclasses.replace(
                     base, soft_weight=sw, soft_select=ss, valid_region=valid, soft_weight_norm=norm
                 )
-                a = crit(out, targets, net.strides, net.selection, phase)["assignment"]
+                a = crit(out, targets, net.strides, net.selection, phase, z=net.z)["assignment"]
                 sums[(row, valid, norm)] += torch.bincount(bins[a["instance"]], a["weight"], minlength=nb)
                 if row == "+SW" and norm == "none":  # w = f: phase-1 selection, soft weights, Eq. 4 as printed
                     f_pairs[valid].append((a["weight"], bins[a["instance"]]))
@@ -253,7 +265,9 @@ def analyse(ckpt_path: str | Path, out_dir: str | Path, num_batches: int = 20) -
     module, run_cfg = load_module(ckpt_path)
     net = module.net.float().eval()
     if not hasattr(net, "criterion") or net.selection is None:
-        raise ValueError(f"{ckpt_path} is not a SAPD model with a feature-selection net: nothing to analyse")
+        raise AnalysisError(
+            f"{ckpt_path} is not a SAPD model with a feature-selection net: give a checkpoint of a SAPD run"
+        )
     datamodule = instantiate(run_cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -277,14 +291,19 @@ def analyse(ckpt_path: str | Path, out_dir: str | Path, num_batches: int = 20) -
     return [p for p in paths if p.is_file()]
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sapd.analysis", description=__doc__.split("\n\n")[0])
-    parser.add_argument("ckpt", help="a sapd checkpoint (SAPD model)")
-    parser.add_argument("--out", default="docs/figures", help="folder for the PNG files (default: docs/figures)")
-    parser.add_argument("--batches", type=int, default=20, help="training and validation batches to read")
-    args = parser.parse_args(argv)
-    for path in analyse(args.ckpt, args.out, args.batches):
-        print(path)
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="analysis")
+def main(cfg: DictConfig) -> None:
+    """Writes the pictures and logs their paths; a bad checkpoint or data is one line on stderr, exit code 2."""
+    configure_logging()
+    try:
+        if OmegaConf.is_missing(cfg, "ckpt_path"):
+            raise AnalysisError("give the checkpoint to analyse: python -m sapd.analysis ckpt_path=PATH")
+        paths = analyse(cfg.ckpt_path, cfg.out, int(cfg.batches))
+    except (CheckpointError, DataError, AnalysisError) as exc:
+        log.error("sapd.analysis: %s", exc)
+        sys.exit(2)
+    for path in paths:
+        log.info("wrote %s", path)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,17 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from sapd.checkpoint import load_module
-from sapd.data import transforms
+from sapd.data import DataError, transforms
+from sapd.data.io import read_image
 from sapd.data.transforms import collate, preprocess_image
-from sapd.paths import CONFIG_DIR
+from sapd.logs import configure_logging
+from sapd.paths import CONFIG_PATH
 from sapd.utils import set_threads
 from sapd.visualize import draw_detections
 
-log = logging.getLogger("sapd.predict")
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -75,10 +76,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     written, failed = 0, []
     for path in list_images(cfg.input):
         try:
-            with Image.open(path) as raw:
-                pil = ImageOps.exif_transpose(raw).convert("RGB")
-        except (OSError, UnidentifiedImageError) as exc:
-            log.error("cannot read image %s (%s): skipped", path, exc)
+            pil = read_image(path)
+        except DataError as exc:
+            log.error("%s: skipped", exc)
             failed.append(str(path))
             continue
         tensor, meta = preprocess_image(pil, min_size=min_size, max_size=max_size)
@@ -101,15 +101,18 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         (out_dir / f"{path.stem}.json").write_text(json.dumps(doc, indent=1))
         draw_detections(pil, det, names).save(out_dir / f"{path.stem}.png")
         written += 1
-    print(
-        f"wrote {written} predictions (JSON + PNG) to {out_dir}"
-        + (f"; {len(failed)} unreadable skipped" if failed else "")
+    log.info(
+        "wrote %d predictions (JSON + PNG) to %s%s",
+        written,
+        out_dir,
+        f"; {len(failed)} unreadable skipped" if failed else "",
     )
     return {"written": written, "failed": failed, "output": str(out_dir)}
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="predict")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
 def main(cfg: DictConfig) -> None:
+    configure_logging()
     predict(cfg)
 
 

@@ -1,4 +1,5 @@
-"""Tables of seeded runs: ``python -m sapd.report DIR [DIR ...]``.
+"""Tables of seeded runs: ``python -m sapd.report dirs=DIR [decide=true]`` (several folders:
+``dirs='[DIR,DIR]'``; the config is ``conf/report.yaml``).
 
 Every training run writes ``summary.json`` into its folder (its overrides, seed, model switches, COCO
 table and times; :func:`sapd.train.run_summary`). This command finds them under the given folders
@@ -12,20 +13,28 @@ by every switch that differs from the paper's setting, so runs of different vari
 
 from __future__ import annotations
 
-import argparse
 import json
+import logging
 import math
 import statistics
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import hydra
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from sapd.logs import configure_logging
+from sapd.paths import CONFIG_PATH
 from sapd.utils import TABLE_COLUMNS
+
+log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 
-# The paper's setting of each switch (SPEC-level defaults of conf/model/sapd.yaml); a row's variant
+# The paper's setting of each switch (the defaults of conf/model/sapd.yaml); a row's variant
 # is the list of switches that differ from these.
 PAPER_SETTING: dict[str, Any] = {
     "eta": 1.0,
@@ -79,7 +88,10 @@ def find_summaries(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
             raise FileNotFoundError(f"{root} does not exist: give a run, multirun or results folder")
         files = [root] if root.is_file() else sorted(root.rglob(SUMMARY_FILE))
         for f in files:
-            run = json.loads(f.read_text())
+            try:
+                run = json.loads(f.read_text())
+            except ValueError as exc:
+                raise ValueError(f"{f} is not a run summary (not json: {exc}); delete it or rerun that run") from None
             run["path"] = str(f.parent)
             runs.append(run)
     return runs
@@ -209,15 +221,27 @@ def report(paths: Sequence[str | Path], decide: bool = False) -> str:
     return text
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m sapd.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", help="run, multirun or results folders (searched for summary.json)")
-    parser.add_argument("--decide", action="store_true", help="apply the decision rule to every variant")
-    args = parser.parse_args(argv)
+def folders(dirs: Any) -> list[str]:
+    """``dirs`` of the config as a list of paths: one path (a string) or a list of them."""
+    if isinstance(dirs, str | Path):
+        return [str(dirs)]
+    if isinstance(dirs, ListConfig | list | tuple) and dirs and all(isinstance(d, str | Path) for d in dirs):
+        return [str(d) for d in dirs]
+    raise ValueError(f"dirs must be a folder or a list of folders, e.g. dirs='[a,b]', got {dirs!r}")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="report")
+def main(cfg: DictConfig) -> None:
+    """Prints the table (stdout); a missing folder, no runs or a bad ``dirs`` is one line on stderr, exit code 2."""
+    configure_logging()
     try:
-        print(report(args.paths, decide=args.decide))
-    except FileNotFoundError as exc:
-        parser.exit(2, f"sapd.report: {exc}\n")
+        if OmegaConf.is_missing(cfg, "dirs"):
+            raise FileNotFoundError("give the folders to tabulate: python -m sapd.report dirs=results/table2_screen")
+        text = report(folders(cfg.dirs), decide=bool(cfg.decide))
+    except (FileNotFoundError, ValueError) as exc:
+        log.error("sapd.report: %s", exc)
+        sys.exit(2)
+    print(text)
 
 
 if __name__ == "__main__":

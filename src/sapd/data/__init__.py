@@ -1,4 +1,5 @@
-"""Data for SAPD: COCO-format data sets, transforms, the Lightning data module and a synthetic set.
+"""Data for SAPD: the image reader (:mod:`sapd.data.io`), COCO-format data sets, transforms, the
+Lightning data module and a synthetic set.
 
 Every data error a user can cause (missing files, corrupt images, inconsistent annotations)
 raises :class:`DataError` with one line that names the offending path or id.

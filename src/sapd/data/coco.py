@@ -9,42 +9,19 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from sapd.data import COCO_HOWTO, DataError
-
-log = logging.getLogger(__name__)
+from sapd.data.io import read_image
 
 Transform = Callable[[Image.Image, dict], tuple[torch.Tensor, dict]]
-
-
-def load_rgb(path: str | Path, *, exif: bool = True) -> Image.Image:
-    """Decode an image file as RGB: EXIF orientation applied unless ``exif=False`` (phones store
-    portraits as rotated landscapes plus a flag), grayscale / RGBA / palette / CMYK -> RGB.
-
-    Raises DataError (one line, naming the file) when it is missing or cannot be decoded.
-    """
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im) if exif else im.copy()  # a copy: the file closes on exit
-            if im.mode != "RGB":
-                # palette images with transparency go through RGBA first, as PIL recommends
-                im = im.convert("RGBA") if im.mode == "P" and "transparency" in im.info else im
-                im = im.convert("RGB")
-            im.load()
-            return im
-    except FileNotFoundError:
-        raise DataError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"cannot decode image {path}: {e}") from None
 
 
 def load_coco(ann_file: str | Path):
@@ -221,17 +198,14 @@ class COCODetection(Dataset):
         """``width / height`` of every image, from the annotation file (no image is read)."""
         return [self._records[i]["orig_size"][1] / self._records[i]["orig_size"][0] for i in self.ids]
 
-    def image_path(self, index: int) -> Path:
-        return self.img_dir / self._records[self.ids[index]]["file_name"]
-
     def _load(self, index: int) -> Image.Image:
         rec = self._records[self.ids[index]]
         path = self.img_dir / rec["file_name"]
-        img = load_rgb(path)
+        img = read_image(path)
         # the annotations live in the upright frame (detectron2 `check_image_size` does this check);
         # an annotation file made from the stored, unrotated pixels is read in that frame instead
         if (img.height, img.width) == rec["orig_size"][::-1] != rec["orig_size"]:
-            raw = load_rgb(path, exif=False)
+            raw = read_image(path, exif=False)
             if (raw.height, raw.width) == rec["orig_size"]:
                 if not self._warned_exif:
                     self._warned_exif = True

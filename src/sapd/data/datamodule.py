@@ -42,7 +42,7 @@ COCO_FILES = {
 
 
 class COCODataModule(L.LightningDataModule):
-    """COCO-format detection data for training, validation, test and prediction.
+    """COCO-format detection data for training, validation and test.
 
     Args:
         root: data folder (``${oc.env:COCO_ROOT,data/coco}`` in ``conf/data/coco.yaml``).
@@ -50,8 +50,8 @@ class COCODataModule(L.LightningDataModule):
             ``root`` (or absolute); None -> COCO 2017's names (see module docstring).
         name: a label for titles and logs ("coco", "synthetic").
         test_split: "test-dev" (image info only, no ground truth: a results json for the evaluation
-            server) or "val" (test = the val files). ``predict_dataloader`` uses the test set.
-        batch_size / val_batch_size: images per batch for training / for val, test, predict
+            server) or "val" (test = the val files).
+        batch_size / val_batch_size: images per batch for training / for val and test
             (val_batch_size None -> batch_size).
         num_workers, persistent_workers (only used when num_workers > 0), pin_memory (None: on
             when CUDA is available).
@@ -224,19 +224,23 @@ class COCODataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_dataset, train=False, name="test")
 
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, train=False, name="predict")
-
 
 class SyntheticCOCODataModule(COCODataModule):
     """The embedded default: :func:`sapd.data.synthetic.make_synthetic_coco` drawn once in
-    ``prepare_data`` (cached; ``root=None`` -> ``$SAPD_DATA_DIR`` or ``~/.cache/sapd``), then read
-    through the same COCO loader. ``synthetic`` holds the generator's parameters
+    ``prepare_data`` (cached; ``root=None`` -> ``<cache_dir>/synthetic-<hash of params>``, where
+    ``cache_dir=None`` means ``~/.cache/sapd``; ``conf/data/synthetic.yaml`` passes ``paths.data_dir``),
+    then read through the same COCO loader. ``synthetic`` holds the generator's parameters
     (num_train, num_val, seed, min_side, max_side, max_objects, ...). Test = val.
     """
 
     def __init__(
-        self, root: str | Path | None = None, *, synthetic: Mapping | None = None, name: str = "synthetic", **kwargs
+        self,
+        root: str | Path | None = None,
+        *,
+        cache_dir: str | Path | None = None,
+        synthetic: Mapping | None = None,
+        name: str = "synthetic",
+        **kwargs,
     ) -> None:
         from sapd.data.synthetic import SyntheticParams, default_root
 
@@ -245,7 +249,7 @@ class SyntheticCOCODataModule(COCODataModule):
             params = SyntheticParams(**self.synthetic)
         except TypeError as e:
             raise DataError(f"data.synthetic: {e}") from None
-        root = Path(root) if root is not None else default_root(params)
+        root = Path(root) if root is not None else default_root(params, cache_dir)
         kwargs.setdefault("test_split", "val")
         for split in ("train", "val"):
             kwargs.setdefault(f"{split}_ann", f"annotations/instances_{split}.json")

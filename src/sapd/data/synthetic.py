@@ -18,15 +18,17 @@ image with overlaps (an occluded object is annotated with its full box; one more
 small objects of one class annotated once with ``iscrowd=1`` and an uncompressed RLE mask);
 distractor lines and blobs that are not objects; solid / stripes / noise / gradient textures.
 
-CLI: ``python -m sapd.data.synthetic --out DIR [--num-train N] [--num-val N] [--seed S] ...``
+CLI: ``python -m sapd.data.synthetic [out=DIR] [data.synthetic.num_train=N] [data.synthetic.seed=S] ...``
+(``conf/synthetic.yaml``) draws the set that ``data=synthetic`` trains on, with the same parameters
+and cache folder (``paths.data_dir``), and prints its folder.
 """
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import hashlib
 import json
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -37,14 +39,23 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import hydra
 import numpy as np
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 
 from sapd.data import DataError
+from sapd.logs import configure_logging
+from sapd.paths import CONFIG_PATH
+
+log = logging.getLogger(__name__)
 
 # Bump when the drawing code changes, so cached sets made by older code are not reused.
 GENERATOR_VERSION = 1
 MARKER = "synthetic.json"
+# Where drawn sets are cached when a Python caller gives no folder. The Hydra configs pass
+# ``paths.data_dir`` instead (``$SAPD_DATA_DIR``, else this same folder).
+DEFAULT_CACHE_DIR = Path("~/.cache/sapd")
 
 # Non-contiguous ids, like COCO's gaps (COCO 2017 uses 80 ids out of 1..90).
 CATEGORIES: list[dict] = [
@@ -100,9 +111,9 @@ class SyntheticParams:
         return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-def default_root(params: SyntheticParams) -> Path:
-    """``${SAPD_DATA_DIR:-~/.cache/sapd}/synthetic-<hash of params>``."""
-    base = Path(os.environ.get("SAPD_DATA_DIR") or Path.home() / ".cache" / "sapd").expanduser()
+def default_root(params: SyntheticParams, cache_dir: str | os.PathLike | None = None) -> Path:
+    """``<cache_dir>/synthetic-<hash of params>``; ``cache_dir=None``: ``DEFAULT_CACHE_DIR`` (``~/.cache/sapd``)."""
+    base = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR).expanduser()
     return base / f"synthetic-{params.digest()}"
 
 
@@ -382,15 +393,24 @@ def _is_complete(root: Path, params: SyntheticParams) -> bool:
 
 
 def make_synthetic_coco(
-    root: str | os.PathLike | None = None, *, workers: int | None = None, verbose: bool = False, **params
+    root: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    workers: int | None = None,
+    verbose: bool = False,
+    **params,
 ) -> Path:
     """Write the synthetic set (once) and return its root folder.
 
     Args:
-        root: destination; None -> ``default_root(params)`` (``$SAPD_DATA_DIR`` or ``~/.cache/sapd``).
+        root: destination; None -> ``default_root(params, cache_dir)``, i.e.
+            ``<cache_dir>/synthetic-<hash of params>``.
             An existing set there is reused when its parameters match, and replaced otherwise;
             a non-empty folder that is not a synthetic set is never touched (DataError).
+        cache_dir: folder of the cached sets when ``root`` is None; None -> ``~/.cache/sapd``
+            (the Hydra configs pass ``paths.data_dir``, which ``$SAPD_DATA_DIR`` moves).
         workers: processes for drawing (default ``min(2, cpu_count)``; small sets draw in-process).
+        verbose: log (at INFO) how long drawing took.
         **params: fields of :class:`SyntheticParams` (num_train, num_val, seed, min_side, ...).
 
     Returns:
@@ -400,7 +420,7 @@ def make_synthetic_coco(
         p = SyntheticParams(**params)
     except TypeError as e:
         raise DataError(f"synthetic: {e} (known: {', '.join(SyntheticParams.__dataclass_fields__)})") from None
-    root = Path(root).expanduser() if root is not None else default_root(p)
+    root = Path(root).expanduser() if root is not None else default_root(p, cache_dir)
     if _is_complete(root, p):
         return root
     if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
@@ -440,29 +460,32 @@ def make_synthetic_coco(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if verbose:
-        print(f"synthetic set ({p.num_train} train + {p.num_val} val) drawn in {time.perf_counter() - t0:.1f} s")
+        seconds = time.perf_counter() - t0
+        log.info("synthetic set (%d train + %d val) drawn in %.1f s: %s", p.num_train, p.num_val, seconds, root)
     return root
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="python -m sapd.data.synthetic", description="Write a synthetic COCO-format detection set."
+def draw(cfg: DictConfig) -> Path:
+    """The set of ``cfg.data`` (``data.synthetic`` parameters, ``data.cache_dir``) written to ``cfg.out``
+    (None: the cache folder training reads); returns its folder."""
+    params = OmegaConf.to_container(cfg.data.synthetic, resolve=True)
+    out = cfg.get("out")
+    return make_synthetic_coco(
+        out, cache_dir=cfg.data.get("cache_dir"), workers=cfg.get("workers"), verbose=True, **params
     )
-    ap.add_argument("--out", default=None, help="destination folder (default: the cache folder)")
-    defaults = SyntheticParams()
-    for name, value in asdict(defaults).items():
-        ap.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
-    ap.add_argument("--workers", type=int, default=None)
-    args = vars(ap.parse_args(argv))
-    out, workers = args.pop("out"), args.pop("workers")
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="synthetic")
+def main(cfg: DictConfig) -> None:
+    """``python -m sapd.data.synthetic [out=DIR] [data.synthetic.KEY=VALUE ...]``: prints the set's folder."""
+    configure_logging()
     try:
-        root = make_synthetic_coco(out, workers=workers, verbose=True, **args)
+        root = draw(cfg)
     except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        log.error("sapd.data.synthetic: %s", e)
+        sys.exit(2)
     print(root)
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

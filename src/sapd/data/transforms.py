@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from sapd.data import DataError
+from sapd.data.io import to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -154,7 +155,7 @@ def eval_size(
 def build_transforms(
     *, train: bool, min_size: int | Sequence[int] = 800, max_size: int | None = 1333, flip_prob: float = 0.5
 ) -> Compose:
-    """SPEC §6: train = jittered resize + flip + normalise; eval = resize to the largest
+    """Paper §4.1: train = jittered resize + flip + normalise; eval = resize to the largest
     ``min_size`` (800 for both 1x and the [640, 800] jitter) + normalise."""
     if train:
         return Compose([Resize(min_size, max_size), RandomHorizontalFlip(flip_prob), ToTensorNormalize()])
@@ -189,18 +190,15 @@ def collate(batch: Sequence[tuple[torch.Tensor, dict]], size_divisor: int = 128)
 def preprocess_image(
     image: Image.Image, *, min_size: int | Sequence[int] = 800, max_size: int | None = 1333
 ) -> tuple[torch.Tensor, dict]:
-    """Inference preprocessing of one raw PIL image (any mode; EXIF orientation applied).
+    """Inference preprocessing of one PIL image of any mode, brought upright and to RGB by
+    :func:`sapd.data.io.to_rgb` (an image read by :func:`sapd.data.io.read_image` already is).
 
     Returns:
         FloatTensor[3, h, w] normalised (not padded: pass a list through :func:`collate`, or pad),
         and ``meta`` with ``orig_size`` (H, W), ``img_size`` (h, w) and ``scale_factor`` (sx, sy):
         a box predicted in the resized image maps back by dividing by (sx, sy, sx, sy).
     """
-    from PIL import ImageOps
-
-    image = ImageOps.exif_transpose(image)
-    if image.mode != "RGB":
-        image = image.convert("RGBA").convert("RGB") if image.mode == "P" else image.convert("RGB")
+    image = to_rgb(image)
     target = {"orig_size": (image.height, image.width), "scale_factor": (1.0, 1.0)}
     img, target = Resize(_size_range(min_size)[1], max_size)(image, target)
     meta = {k: target[k] for k in ("orig_size", "img_size", "scale_factor")}
