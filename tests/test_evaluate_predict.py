@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def trained(tmp_path_factory):
     return ckpt, objects["datamodule"]
 
 
+@pytest.mark.slow
 def test_evaluate_prints_table_and_writes_results(trained, tmp_path, capsys):
     ckpt, datamodule = trained
     results = tmp_path / "results.json"
@@ -65,7 +67,8 @@ def test_evaluate_missing_checkpoint_is_one_clear_error(tmp_path):
         load_module(bogus)
 
 
-def test_predict_writes_json_and_png_per_image(trained, tmp_path, capsys):
+@pytest.mark.slow
+def test_predict_writes_json_and_png_per_image(trained, tmp_path, caplog):
     ckpt, datamodule = trained
     images = tmp_path / "images"
     images.mkdir()
@@ -78,7 +81,8 @@ def test_predict_writes_json_and_png_per_image(trained, tmp_path, capsys):
     cfg = compose_config(
         "predict", [f"ckpt_path={ckpt}", f"input={images}", f"output={out}", "score_thresh=0.0"], tmp_path
     )
-    summary = predict(cfg)
+    with caplog.at_level(logging.INFO, logger="sapd.predict"):
+        summary = predict(cfg)
     assert summary["written"] == 2 and len(summary["failed"]) == 1 and "broken.jpg" in summary["failed"][0]
     for src in sources:
         doc = json.loads((out / f"{src.stem}.json").read_text())
@@ -93,9 +97,11 @@ def test_predict_writes_json_and_png_per_image(trained, tmp_path, capsys):
             assert 0 <= x1 <= x2 <= doc["width"] and 0 <= y1 <= y2 <= doc["height"]
             assert det["category_id"] in datamodule.label_to_cat_id
             assert det["category_name"] == datamodule.class_names[det["label"]]
-    assert "unreadable skipped" in capsys.readouterr().out
+    assert any("broken.jpg" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
+    assert "wrote 2 predictions" in caplog.text and "1 unreadable skipped" in caplog.text
 
 
+@pytest.mark.slow
 def test_predict_missing_input(trained, tmp_path):
     ckpt, _ = trained
     cfg = compose_config("predict", [f"ckpt_path={ckpt}", f"input={tmp_path / 'none'}"], tmp_path)
@@ -103,6 +109,7 @@ def test_predict_missing_input(trained, tmp_path):
         predict(cfg)
 
 
+@pytest.mark.slow
 def test_metric_equals_pycocotools_cocoeval(tmp_path):
     """The module's COCO numbers equal COCOeval run directly on the results json and annotations.
 
@@ -166,3 +173,74 @@ def test_predict_uses_the_evaluation_size_of_the_run():
     run = {"min_size": 224, "max_size": 320, "val_min_size": 320, "val_max_size": 480}
     assert eval_size(OmegaConf.create(run)) == (320, 480)
     assert eval_size(OmegaConf.create({**run, "val_max_size": None})) == (320, 320)
+
+
+@pytest.mark.slow
+def test_checkpoint_of_the_flat_config_layout_loads_with_a_warning(trained, tmp_path, caplog):
+    """Checkpoints written before model.criterion / model.postprocess existed still load, and say so."""
+    ckpt_path, _ = trained
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    model = ckpt["sapd_config"]["model"]
+    criterion, post = model.pop("criterion"), model.pop("postprocess")
+    model.update({k: v for k, v in criterion.items() if k != "_target_"})
+    model.update({k: v for k, v in post.items() if k != "_target_"})
+    model["eta"] = 2.0  # a non-default value must reach the rebuilt criterion
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    with caplog.at_level(logging.WARNING, logger="sapd"):
+        module, run_cfg = load_module(old)
+    assert "model.eta -> model.criterion.eta" in caplog.text and "model.score_thresh" in caplog.text
+    assert module.net.criterion.eta == 2.0 and run_cfg.model.criterion.eta == 2.0
+    new, _ = load_module(ckpt_path)
+    assert module.net.postprocessor == new.net.postprocessor
+    images = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(module(images)["cls_logits"], new(images)["cls_logits"])
+
+
+@pytest.mark.slow
+def test_checkpoint_whose_config_cannot_build_is_one_clear_error(trained, tmp_path):
+    ckpt_path, _ = trained
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt["sapd_config"]["model"]["criterion"]["topk"] = 0
+    bad = tmp_path / "bad.ckpt"
+    torch.save(ckpt, bad)
+    with pytest.raises(CheckpointError, match=r"cannot rebuild the model of .*bad.ckpt.*model.criterion.topk"):
+        load_module(bad)
+
+
+@pytest.mark.slow
+def test_one_builder_for_training_and_loading(trained):
+    """load_module and training build the module through sapd.build.build_module: same classes, same net."""
+    ckpt_path, datamodule = trained
+    module, run_cfg = load_module(ckpt_path)
+    assert module.label_to_cat_id == list(datamodule.label_to_cat_id)
+    assert module.class_names == list(datamodule.class_names)
+    assert module.optimizer_factory is not None  # the run's optimiser is rebuilt too (fine-tuning from it works)
+    assert type(module.net).__name__ == run_cfg.model._target_.rsplit(".", 1)[1]
+
+
+@pytest.mark.slow
+def test_evaluate_takes_the_checkpoints_data_unless_a_data_config_is_chosen(trained, tmp_path, monkeypatch):
+    ckpt, datamodule = trained
+    assert compose_config("eval", [f"ckpt_path={ckpt}"], tmp_path).get("data") is None  # the checkpoint's
+    # the README's test-dev command builds the COCO data module at the given root
+    cfg = compose_config("eval", [f"ckpt_path={ckpt}", "split=test", "data=coco", "data.root=/nowhere/coco"], tmp_path)
+    assert cfg.data._target_.endswith("COCODataModule") and cfg.data.root == "/nowhere/coco"
+    # a chosen data config is the one evaluated: a smaller synthetic validation set scores fewer images
+    results = tmp_path / "chosen.json"
+    cfg = compose_config(
+        "eval",
+        [
+            f"ckpt_path={ckpt}",
+            f"results_file={results}",
+            "trainer=cpu",
+            "score_thresh=0.0",
+            "data=synthetic",
+            "data.limit_val_images=3",
+            "data.num_workers=0",
+        ],
+        tmp_path,
+    )
+    evaluate(cfg)
+    assert len({d["image_id"] for d in json.loads(results.read_text())}) == 3

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
 from conftest import TINY, compose_config
+from sapd.callbacks import SelectionHistogram
 from sapd.loggers import resolve_wandb_mode
+from sapd.logs import RankZeroFilter, configure_logging
 from sapd.train import train
 
 
@@ -21,6 +28,7 @@ def test_wandb_mode_auto(monkeypatch, tmp_path):
     assert resolve_wandb_mode("offline") == "offline"
 
 
+@pytest.mark.slow
 def test_offline_wandb_run_logs_config_losses_histograms_and_images(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -39,7 +47,11 @@ def test_offline_wandb_run_logs_config_losses_histograms_and_images(tmp_path, mo
         ],
         tmp_path,
     )
-    metrics, _ = train(cfg)
+    metrics, objects = train(cfg)
+    # the selection net's probabilities reach the histogram callback through training_step's outputs
+    hist = next(c for c in objects["trainer"].callbacks if isinstance(c, SelectionHistogram))
+    assert hist.last_epoch is not None and hist.last_epoch.shape[1] == 5
+    assert torch.allclose(hist.last_epoch.sum(1), torch.ones(len(hist.last_epoch)), atol=1e-3)
     runs = list((Path(cfg.paths.output_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     files = {p.name for p in runs[0].rglob("*")}
@@ -58,3 +70,17 @@ def test_logged_detection_images_share_one_size():
     assert [p.size for p in pics] == [(30, 40), (30, 40)]
     assert pics[0].getpixel((5, 5)) == (255, 0, 0) and pics[0].getpixel((5, 30)) == (127, 127, 127)
     assert _same_size([]) == []
+
+
+def test_messages_come_from_rank_zero_and_library_chatter_is_quiet(monkeypatch):
+    configure_logging()
+    record = logging.LogRecord("sapd.train", logging.INFO, __file__, 1, "best checkpoint: x", None, None)
+    warning = logging.LogRecord("sapd.module", logging.WARNING, __file__, 1, "non-finite loss", None, None)
+    rank_filter = RankZeroFilter()
+    assert rank_filter.filter(record) and rank_filter.filter(warning)
+    monkeypatch.setattr(rank_zero_only, "rank", 1)
+    assert not rank_filter.filter(record) and rank_filter.filter(warning)  # rank 1: warnings only
+    assert logging.getLogger("sapd").getEffectiveLevel() == logging.INFO
+    # Lightning's tips and accelerator inventory are INFO records of this logger: not shown
+    assert not logging.getLogger("lightning.pytorch.utilities.rank_zero").isEnabledFor(logging.INFO)
+    assert all(any(isinstance(f, RankZeroFilter) for f in h.filters) for h in logging.getLogger().handlers)

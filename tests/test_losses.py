@@ -1,4 +1,4 @@
-"""Losses, level selection, Eq. 5 weights and the Eq. 6 normaliser, on hand-built head outputs (SPEC §3-§4)."""
+"""Losses, level selection, Eq. 5 weights and the Eq. 6 normaliser, on hand-built head outputs (paper §3.2-§3.3)."""
 
 import math
 
@@ -164,7 +164,7 @@ def test_feature_selection_net_table1_shapes_and_init():
 
 def test_phase1_one_level_weight_one():
     out, targets = one_box_outputs()
-    crit = SAPDCriterion(num_classes=2)
+    crit = SAPDCriterion()
     loss = crit(out, targets, STRIDES, FixedSelection(PROBS), phase=1)
     cls, loc, norm = expected_losses(out, P5_PTS, [1.0])  # argmin level P5, f(centre) = 1
     assert loss["num_pos"] == 1 and loss["pos_weight_sum"] == pytest.approx(1.0)
@@ -181,7 +181,7 @@ def test_phase1_one_level_weight_one():
 @pytest.mark.parametrize("topk", [3, 2])
 def test_phase2_topk_soft_weights_eq5(topk):
     out, targets = one_box_outputs()
-    loss = SAPDCriterion(num_classes=2, topk=topk)(out, targets, STRIDES, FixedSelection(PROBS), phase=2)
+    loss = SAPDCriterion(topk=topk)(out, targets, STRIDES, FixedSelection(PROBS), phase=2)
     # Eq. 4: f(12, 12 in [0, 32]^2) = (12/20)^2 = 0.36 on P3; f(8, 8) = (8/24)^2 = 1/9 on P4; 1 on P5.
     levels = {5: (P5_PTS, 0.4 * 1.0), 4: (P4_PTS, 0.2 / 9), 3: (P3_PTS, 0.1 * 0.36)}
     chosen = [5, 4, 3][:topk]
@@ -199,7 +199,7 @@ def test_phase2_topk_soft_weights_eq5(topk):
 
 def test_soft_weight_off_and_normaliser_above_one():
     out, targets = one_box_outputs()
-    crit = SAPDCriterion(num_classes=2, soft_weight=False)
+    crit = SAPDCriterion(soft_weight=False)
     loss = crit(out, targets, STRIDES, FixedSelection(PROBS), phase=2)
     weights = [0.4] + [0.2] * 4 + [0.1] * 4  # f := 1
     cls, loc, norm = expected_losses(out, P5_PTS + P4_PTS + P3_PTS, weights)
@@ -211,7 +211,7 @@ def test_soft_weight_off_and_normaliser_above_one():
 
 def test_soft_select_off_ignores_phase():
     out, targets = one_box_outputs()
-    crit = SAPDCriterion(num_classes=2, soft_select=False)
+    crit = SAPDCriterion(soft_select=False)
     one = crit(out, targets, STRIDES, FixedSelection(PROBS), phase=1)
     two = crit(out, targets, STRIDES, FixedSelection(PROBS), phase=2)
     for key in ("cls", "loc", "num_pos", "pos_weight_sum"):
@@ -222,15 +222,15 @@ def test_soft_select_off_ignores_phase():
 def test_unselected_points_negative_or_ignored():
     out, targets = one_box_outputs()
     out["cls_logits"][0, P3_PTS + P4_PTS, 1] = 2.0  # confident on unselected owned points
-    neg = SAPDCriterion(num_classes=2)(out, targets, STRIDES, FixedSelection(PROBS), phase=1)
-    ign = SAPDCriterion(num_classes=2, unselected="ignore")(out, targets, STRIDES, FixedSelection(PROBS), phase=1)
+    neg = SAPDCriterion()(out, targets, STRIDES, FixedSelection(PROBS), phase=1)
+    ign = SAPDCriterion(unselected="ignore")(out, targets, STRIDES, FixedSelection(PROBS), phase=1)
     cls_neg, _, _ = expected_losses(out, P5_PTS, [1.0])
     cls_ign, _, _ = expected_losses(out, P5_PTS, [1.0], zero_class_weight=P3_PTS + P4_PTS)
     assert neg["cls"].item() == pytest.approx(cls_neg.item(), rel=1e-5)
     assert ign["cls"].item() == pytest.approx(cls_ign.item(), rel=1e-5)
     assert ign["cls"] < neg["cls"]
     with pytest.raises(ValueError):
-        SAPDCriterion(num_classes=2, unselected="drop")
+        SAPDCriterion(unselected="drop")
 
 
 def test_fsaf_ignore_region():
@@ -241,8 +241,8 @@ def test_fsaf_ignore_region():
     pts, strs, _ = anchor_points(SIZES_64, STRIDES)
     ignored = inside_valid_box(pts, strs, box, 0.5)[:, 0] & ~inside_valid_box(pts, strs, box, 0.2)[:, 0]
     assert ignored.sum() > 0  # the 0.5-shrunk box reaches further than B_v
-    plain = SAPDCriterion(num_classes=2)(out, targets, STRIDES, FixedSelection(PROBS), phase=1)
-    ign = SAPDCriterion(num_classes=2, ignore_epsilon=0.5)(out, targets, STRIDES, FixedSelection(PROBS), phase=1)
+    plain = SAPDCriterion()(out, targets, STRIDES, FixedSelection(PROBS), phase=1)
+    ign = SAPDCriterion(ignore_epsilon=0.5)(out, targets, STRIDES, FixedSelection(PROBS), phase=1)
     assert ign["pos_weight_sum"] == plain["pos_weight_sum"]
     norm = max(plain["pos_weight_sum"].item(), 1.0)
     # Ignored points lose their focal loss in the instance's class (as negatives there) and nothing else.
@@ -262,7 +262,7 @@ def test_detection_loss_gives_no_gradient_to_selection_net():
         {"boxes": torch.tensor([[4.0, 4.0, 60.0, 60.0]]), "labels": torch.tensor([1])},
     ]
     net = FeatureSelectionNet(in_channels=8, channels=16)
-    loss = SAPDCriterion(num_classes=2)(out, targets, STRIDES, net, phase=2)
+    loss = SAPDCriterion()(out, targets, STRIDES, net, phase=2)
     assert loss["pos_weight_sum"] > 0
     params = list(net.parameters())
     det = torch.autograd.grad(loss["cls"] + loss["loc"], params, retain_graph=True, allow_unused=True)
@@ -278,7 +278,7 @@ def test_empty_ground_truth():
     out["cls_logits"].requires_grad_(True)
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
     for sel, phase in ((FixedSelection(PROBS), 2), (None, 1)):
-        loss = SAPDCriterion(num_classes=2)(out, [empty, empty], STRIDES, sel, phase=phase)
+        loss = SAPDCriterion()(out, [empty, empty], STRIDES, sel, phase=phase)
         assert torch.isfinite(loss["total"]) and loss["loc"] == 0 and loss["num_pos"] == 0
         assert loss["selection_probs"].shape == (0, 5)
         ref = torchvision.ops.sigmoid_focal_loss(out["cls_logits"], torch.zeros(2, 86, 2), reduction="sum")
@@ -289,7 +289,7 @@ def test_empty_ground_truth():
 def test_unassigned_instances_counted():
     out, _ = one_box_outputs()
     targets = [{"boxes": torch.tensor([[0.0, 0.0, 32.0, 32.0], [2.0, 2.0, 5.0, 5.0]]), "labels": torch.tensor([1, 0])}]
-    loss = SAPDCriterion(num_classes=2)(out, targets, STRIDES, FixedSelection(PROBS), phase=1)
+    loss = SAPDCriterion()(out, targets, STRIDES, FixedSelection(PROBS), phase=1)
     assert loss["num_unassigned"] == 1 and loss["num_pos"] == 1
 
 
@@ -301,7 +301,7 @@ def test_500_instances_800x1333():
     wh = torch.rand(500, 2, generator=g) ** 3 * torch.tensor([600.0, 400.0]) + 1
     boxes = torch.cat([xy, xy + wh], 1)
     targets = [{"boxes": boxes, "labels": torch.randint(0, 3, (500,), generator=g)}]
-    loss = SAPDCriterion(num_classes=3)(out, targets, STRIDES, FixedSelection(PROBS), phase=2)
+    loss = SAPDCriterion()(out, targets, STRIDES, FixedSelection(PROBS), phase=2)
     assert torch.isfinite(loss["total"])
     # Unassigned = instances owning no point, from the dense rule and smallest-area ownership.
     pts, strs, _ = anchor_points(sizes, STRIDES)
@@ -313,9 +313,9 @@ def test_500_instances_800x1333():
 
 def test_half_precision_head_outputs_give_float32_losses():
     out, targets = one_box_outputs()
-    ref = SAPDCriterion(num_classes=2)(out, targets, STRIDES, FixedSelection(PROBS), phase=1)
+    ref = SAPDCriterion()(out, targets, STRIDES, FixedSelection(PROBS), phase=1)
     half = dict(out, cls_logits=out["cls_logits"].bfloat16(), box_reg=out["box_reg"].bfloat16())
-    loss = SAPDCriterion(num_classes=2)(half, targets, STRIDES, FixedSelection(PROBS), phase=1)
+    loss = SAPDCriterion()(half, targets, STRIDES, FixedSelection(PROBS), phase=1)
     assert loss["total"].dtype == torch.float32
     assert loss["num_pos"] == ref["num_pos"]
     assert loss["cls"].item() == pytest.approx(ref["cls"].item(), rel=1e-2)
@@ -329,7 +329,7 @@ def test_selection_loss_reaches_features_unless_detached(detach):
         f.requires_grad_(True)
     targets = [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 36.0]]), "labels": torch.tensor([0])}]
     net = FeatureSelectionNet(in_channels=8, channels=16, detach_features=detach)
-    loss = SAPDCriterion(num_classes=2)(out, targets, STRIDES, net, phase=2)
+    loss = SAPDCriterion()(out, targets, STRIDES, net, phase=2)
     grads = torch.autograd.grad(loss["select"], out["features"], allow_unused=True, retain_graph=True)
     reached = any(g is not None and g.abs().sum() > 0 for g in grads)
     assert reached is (not detach)  # §4.1: jointly trained by default
@@ -349,7 +349,7 @@ def test_level_max_normalised_hand_case():
 
 def test_soft_weight_level_max_gives_each_levels_best_point_weight_one():
     out, targets = one_box_outputs()
-    crit = SAPDCriterion(num_classes=2, soft_weight_norm="level_max")
+    crit = SAPDCriterion(soft_weight_norm="level_max")
     loss = crit(out, targets, STRIDES, FixedSelection(PROBS), phase=2)
     # The four P3 points all have f = 0.36 and the four P4 points f = 1/9 (symmetric about the centre):
     # divided by their level's best, every point weighs w_l^B alone.
@@ -360,18 +360,16 @@ def test_soft_weight_level_max_gives_each_levels_best_point_weight_one():
     assert loss["loc"].item() == pytest.approx(loc.item(), rel=1e-5)
     # FSAF (soft_weight off) has f = 1 already: the switch changes nothing there.
     fsaf = dict(soft_weight=False, soft_select=False)
-    a = SAPDCriterion(num_classes=2, **fsaf)(out, targets, STRIDES, FixedSelection(PROBS), phase=2)
-    b = SAPDCriterion(num_classes=2, soft_weight_norm="level_max", **fsaf)(
-        out, targets, STRIDES, FixedSelection(PROBS), phase=2
-    )
+    a = SAPDCriterion(**fsaf)(out, targets, STRIDES, FixedSelection(PROBS), phase=2)
+    b = SAPDCriterion(soft_weight_norm="level_max", **fsaf)(out, targets, STRIDES, FixedSelection(PROBS), phase=2)
     assert a["total"].item() == b["total"].item()
 
 
 def test_normaliser_num_pos_divides_by_the_number_of_positive_points():
     out, targets = one_box_outputs()
     probs = FixedSelection(PROBS)
-    paper = SAPDCriterion(num_classes=2)(out, targets, STRIDES, probs, phase=2)
-    count = SAPDCriterion(num_classes=2, normaliser="num_pos")(out, targets, STRIDES, probs, phase=2)
+    paper = SAPDCriterion()(out, targets, STRIDES, probs, phase=2)
+    count = SAPDCriterion(normaliser="num_pos")(out, targets, STRIDES, probs, phase=2)
     weights = [0.4] + [0.2 / 9] * 4 + [0.1 * 0.36] * 4  # Eq. 5 as in test_phase2_topk_soft_weights_eq5
     cls, loc, norm = expected_losses(out, P5_PTS + P4_PTS + P3_PTS, weights)
     assert norm == 1.0  # sum w = 0.63: the paper's normaliser is max(0.63, 1) = 1
@@ -393,7 +391,7 @@ def test_centre_rule_in_the_criterion_trains_only_central_points():
     targets = [{"boxes": box, "labels": torch.tensor([1])}]
     num_pos = {}
     for rule in ("cell_overlap", "centre"):
-        loss = SAPDCriterion(num_classes=2, soft_weight=False, soft_select=False, valid_region=rule)(
+        loss = SAPDCriterion(soft_weight=False, soft_select=False, valid_region=rule)(
             out, targets, STRIDES, None, phase=1
         )
         num_pos[rule] = loss["num_pos"].item()
@@ -404,5 +402,5 @@ def test_centre_rule_in_the_criterion_trains_only_central_points():
     "key, value", [("valid_region", "inside"), ("soft_weight_norm", "max"), ("normaliser", "count")]
 )
 def test_switch_values_are_checked(key, value):
-    with pytest.raises(ValueError, match=f"model.{key} must be one of"):
-        SAPDCriterion(num_classes=2, **{key: value})
+    with pytest.raises(ValueError, match=f"model.criterion.{key} must be one of"):
+        SAPDCriterion(**{key: value})

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
-from sapd.models import FPN, SAPD, FeatureSelectionNet, SAPDHead, TimmBackbone
+from sapd.models import FPN, SAPD, FeatureSelectionNet, PostProcess, SAPDCriterion, SAPDHead, TimmBackbone
 from sapd.models.backbone import DeformConv3x3
 from sapd.models.head import group_norm
 from sapd.models.neck import NonLocal2d
@@ -56,7 +56,7 @@ TARGETS = [
 
 
 def test_backbone_frozen_defaults():
-    bb = TimmBackbone(name="resnet10t")  # frozen_stages=1, norm_eval=True (SPEC §1)
+    bb = TimmBackbone(name="resnet10t")  # frozen_stages=1, norm_eval=True (paper §4.1)
     assert bb.out_channels == [128, 256, 512] and bb.strides == [8, 16, 32]
     assert not any(isinstance(m, nn.BatchNorm2d) for m in bb.modules())
     assert any(isinstance(m, FrozenBatchNorm2d) for m in bb.modules())
@@ -80,6 +80,7 @@ def test_backbone_trainable_batchnorm_from_scratch():
     assert not bb.body.bn1.training and bb.body.layer1.training
 
 
+@pytest.mark.slow
 def test_dcn_equals_plain_at_init():
     torch.manual_seed(0)
     plain = TimmBackbone(name="resnet10t", frozen_stages=-1, norm_eval=False)
@@ -187,6 +188,7 @@ def test_head_shapes_init_and_relu():
 # --- detector contract -----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [(97, 203), (128, 256)])
 def test_sapd_forward_loss_shapes(size):
     torch.manual_seed(0)
@@ -247,7 +249,7 @@ def test_modules_instead_of_partials():
         model.loss(out, [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}])
 
 
-# --- post-processing (SPEC §5) ----------------------------------------------------------------------------
+# --- post-processing (paper §3.4) ----------------------------------------------------------------------------
 
 
 def hand_outputs():
@@ -290,6 +292,7 @@ def test_postprocess_maps_to_original_pixels_and_limits():
         neck=functools.partial(FPN, out_channels=16, num_levels=2),
         head=functools.partial(SAPDHead, num_convs=0),
         selection=None,
+        criterion=SAPDCriterion(topk=2),
     )
     outputs = {"cls_logits": logits, "box_reg": reg, "level_sizes": sizes, "features": []}
     det2 = model.postprocess(outputs, [(30, 40)], [(2.0, 0.5)])[0]
@@ -316,6 +319,7 @@ def synthetic_image(h=128, w=160):
     return img, boxes, torch.tensor([0, 1, 2])
 
 
+@pytest.mark.slow
 def test_tiny_model_overfits_one_image():
     torch.manual_seed(0)
     img, boxes, labels = synthetic_image()
@@ -336,3 +340,65 @@ def test_tiny_model_overfits_one_image():
         mine = det["boxes"][det["labels"] == label]
         assert len(mine) > 0
         assert box_iou(box[None], mine[:1]).item() >= 0.5  # best-scoring detection of the class
+
+
+# --- configuration objects -------------------------------------------------------------------------------
+
+
+def test_criterion_and_postprocess_are_objects_the_detector_uses():
+    crit, post = SAPDCriterion(eta=2.0, topk=2), PostProcess(score_thresh=0.6, nms_thresh=0.95)
+    model = SAPD(
+        num_classes=2,
+        backbone=TinyBackbone(),
+        neck=functools.partial(FPN, out_channels=16, num_levels=2),
+        head=functools.partial(SAPDHead, num_convs=0),
+        selection=None,
+        criterion=crit,
+        postprocess=post,
+        z=4.0,
+    )
+    assert model.criterion is crit and model.postprocessor is post
+    logits, reg, sizes, strides = hand_outputs()
+    outputs = {"cls_logits": logits, "box_reg": reg, "level_sizes": sizes, "features": []}
+    det = model.postprocess(outputs, [(30, 40)])[0]
+    # hand_outputs: scores 0.953, 0.881, 0.731, 0.5; 0.6 keeps three, NMS at 0.95 suppresses none of them
+    assert det["scores"].numel() == 3
+    post.score_thresh = 0.9  # the object is live: evaluate's score_thresh override changes it in place
+    assert model.postprocess(outputs, [(30, 40)])[0]["scores"].numel() == 1
+    # z is the detector's: the decoded box of the P4 point scales with it
+    model.z = 8.0
+    box = model.postprocess(outputs, [(30, 40)])[0]["boxes"][0]
+    assert box.tolist() == pytest.approx([0.0, 0.0, 40.0, 30.0])  # (4, 4) -+ 1 * z * 8 = 64 px, clipped
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"topk": 0}, "topk"),
+        ({"topk": 2.5}, "topk"),
+        ({"eta": -1.0}, "eta"),
+        ({"epsilon": 0.0}, "epsilon"),
+        ({"epsilon": 1.5}, "epsilon"),
+        ({"lambda_select": -0.1}, "lambda_select"),
+        ({"loc_loss": "l1"}, "loc_loss"),
+        ({"ignore_epsilon": 0.1}, "ignore_epsilon"),  # must lie outside B_v (epsilon 0.2)
+    ],
+)
+def test_criterion_refuses_values_outside_their_range(kwargs, match):
+    with pytest.raises(ValueError, match=f"model.criterion.{match}"):
+        SAPDCriterion(**kwargs)
+
+
+def test_topk_beyond_the_levels_and_bad_postprocess_are_refused():
+    with pytest.raises(ValueError, match="topk=6 exceeds the 5 pyramid levels"):
+        SAPD(
+            num_classes=2,
+            backbone=TinyBackbone(),
+            neck=functools.partial(FPN, out_channels=16),
+            head=functools.partial(SAPDHead, num_convs=0),
+            selection=None,
+            criterion=SAPDCriterion(topk=6),
+        )
+    for kwargs in ({"score_thresh": 1.0}, {"nms_thresh": 0.0}, {"max_detections": 0}, {"pre_nms_topk": 0}):
+        with pytest.raises(ValueError, match="model.postprocess"):
+            PostProcess(**kwargs)

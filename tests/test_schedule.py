@@ -1,4 +1,4 @@
-"""SPEC §6: learning-rate schedule (warm-up, milestones, linear scaling) as the optimiser sees it."""
+"""Paper §4.1: learning-rate schedule (warm-up, milestones, linear scaling) as the optimiser sees it."""
 
 from types import SimpleNamespace
 
@@ -42,7 +42,7 @@ def _lr_at(optimizer, scheduler, step):
 
 
 def test_paper_schedule_at_warmup_and_milestones():
-    # 8 GPUs x 2 images = batch 16: lr 0.01 (SPEC §6); 1000 iterations per epoch, 12 epochs.
+    # 8 GPUs x 2 images = batch 16: lr 0.01 (paper §4.1, docs/design.md §3); 1000 iterations per epoch, 12 epochs.
     optimizer, scheduler = _configured(steps_per_epoch=1000, epochs=12, batch_size=2, devices=8)
     assert optimizer.param_groups[0]["initial_lr"] == pytest.approx(0.01)
     assert _lr_at(optimizer, scheduler, 0) == pytest.approx(0.01 * 0.001)  # warm-up start

@@ -1,4 +1,4 @@
-"""Anchor points, B_v membership, ownership, Eq. 1 and Eq. 4 on hand-computed cases (SPEC §2)."""
+"""Anchor points, B_v membership, ownership, Eq. 1 and Eq. 4 on hand-computed cases (docs/design.md §2-§3)."""
 
 import math
 
@@ -63,7 +63,7 @@ def test_inside_valid_box_32px_box_every_level():
 
 
 def test_inside_valid_box_reads_cell_overlap_not_centre():
-    # The point (12, 12) is not inside B_v = [12.8, 19.2]^2, but its cell overlaps it (SPEC §2).
+    # The point (12, 12) is not inside B_v = [12.8, 19.2]^2, but its cell overlaps it (docs/design.md §3).
     assert (8, 12.0, 12.0) in _positive_points([0.0, 0.0, 32.0, 32.0])
 
 

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import TO_SYNTHETIC
+from conftest import TO_SYNTHETIC, compose_config
 from sapd.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
@@ -25,6 +25,7 @@ class PhaseRecorder(L.Callback):
         self.phases.setdefault(trainer.current_epoch, set()).add(int(pl_module.net.phase))
 
 
+@pytest.mark.slow
 def test_default_config_fast_dev_run(train_cfg):
     cfg = train_cfg("+trainer.fast_dev_run=true")
     metrics, objects = train(cfg)
@@ -32,6 +33,7 @@ def test_default_config_fast_dev_run(train_cfg):
     assert objects["module"].net.num_classes == objects["datamodule"].num_classes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_experiment_runs_a_step(train_cfg, experiment):
     cfg = train_cfg(f"experiment={experiment}", *TO_SYNTHETIC, "+trainer.fast_dev_run=true")
@@ -40,10 +42,11 @@ def test_every_experiment_runs_a_step(train_cfg, experiment):
     net = objects["module"].net
     assert torch.isfinite(torch.tensor(metrics["train/total_step"]))
     # the experiment's own switches survive the tiny-model overrides
-    assert net.criterion.soft_weight == cfg.model.soft_weight
-    assert net.criterion.soft_select == cfg.model.soft_select
+    assert net.criterion.soft_weight == cfg.model.criterion.soft_weight
+    assert net.criterion.soft_select == cfg.model.criterion.soft_select
 
 
+@pytest.mark.slow
 def test_phase_switch_at_epoch_and_after_resume(train_cfg, tmp_path):
     common = [
         "trainer.max_epochs=3",
@@ -73,7 +76,10 @@ def test_phase_switch_at_epoch_and_after_resume(train_cfg, tmp_path):
 
 @pytest.mark.parametrize(
     "search, swept",
-    [("table2", {"ablation", "seed"}), ("table2_screen", {"model.valid_region", "model.soft_weight_norm", "seed"})],
+    [
+        ("table2", {"ablation", "seed"}),
+        ("table2_screen", {"model.criterion.valid_region", "model.criterion.soft_weight_norm", "seed"}),
+    ],
 )
 def test_table2_sweeps_compose(train_cfg, search, swept):
     cfg = train_cfg(f"hparams_search={search}")
@@ -83,9 +89,23 @@ def test_table2_sweeps_compose(train_cfg, search, swept):
     assert "3" not in str(cfg.hydra.sweeper.params["seed"]).split(",")  # seeds 0, 1, 2
     assert cfg.group.startswith(search + "_")  # one wandb group per sweep (its start time)
     if search == "table2_screen":
-        assert cfg.trainer.max_epochs == 4 and cfg.model.soft_weight and cfg.model.soft_select
+        assert cfg.trainer.max_epochs == 4 and cfg.model.criterion.soft_weight and cfg.model.criterion.soft_select
 
 
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.startswith(("r", "x", "table2"))])
+def test_coco_experiments_state_the_papers_loss(tmp_path, experiment):
+    """The COCO experiments keep the paper's reading of the loss whatever the CPU default is."""
+    criterion = compose_config("train", [f"experiment={experiment}"], tmp_path).model.criterion
+    assert (criterion.valid_region, criterion.soft_weight_norm, criterion.normaliser) == (
+        "cell_overlap",
+        "none",
+        "weight_sum",
+    )
+    text = (Path(__file__).parents[1] / "conf" / "experiment" / f"{experiment}.yaml").read_text()
+    assert "the paper's" in text  # each file says which setting it uses
+
+
+@pytest.mark.slow
 def test_resume_after_switch_continues_in_phase_two(train_cfg):
     first = train_cfg(
         "trainer.max_epochs=2",
@@ -129,6 +149,7 @@ def train_with(cfg, *extra_callbacks):
         train_module.instantiate_group = original
 
 
+@pytest.mark.slow
 def test_bf16_mixed_channels_last_step_on_cpu(train_cfg):
     """The embedded default's speed settings (bf16 autocast, channels-last) train with finite losses."""
     cfg = train_cfg("trainer.precision=bf16-mixed", "channels_last=true", "+trainer.fast_dev_run=2")

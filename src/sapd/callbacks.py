@@ -45,11 +45,8 @@ class PhaseSwitch(L.Callback):
             return
         phase = self.phase_for_epoch(trainer, trainer.current_epoch)
         if int(net.phase) != phase:
-            msg = f"[sapd] epoch {trainer.current_epoch}: switching to phase {phase}" + (
-                " (soft-selected pyramid levels, top-k)" if phase == 2 else " (FSAF single level)"
-            )
-            log.info(msg)
-            pl_module.print(msg)
+            what = "soft-selected pyramid levels, top-k" if phase == 2 else "FSAF single level"
+            log.info("epoch %d: switching to phase %d (%s)", trainer.current_epoch, phase, what)
         net.set_phase(phase)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -58,13 +55,28 @@ class PhaseSwitch(L.Callback):
 
 
 class SelectionHistogram(L.Callback):
-    """Logs, every training epoch, a histogram per pyramid level of the selection weights w_l^B."""
+    """Logs, every training epoch, a histogram per pyramid level of the selection weights w_l^B.
+
+    It collects the ``selection_probs`` [M, L] that ``SAPDLitModule.training_step`` returns with the loss.
+    """
+
+    def __init__(self) -> None:
+        self.probs: list[torch.Tensor] = []  # this epoch's batches
+        self.last_epoch: torch.Tensor | None = None  # [sum M, L] of the latest finished epoch
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.probs = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        probs = outputs.get("selection_probs") if isinstance(outputs, dict) else None
+        if isinstance(probs, torch.Tensor) and probs.numel():
+            self.probs.append(probs.detach().float().cpu())
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        probs = getattr(pl_module, "selection_probs", None)
-        if not probs:
+        if not self.probs:
             return
-        probs = torch.cat(probs)  # [sum M, L]
+        probs = self.last_epoch = torch.cat(self.probs)  # [sum M, L]
+        self.probs = []
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 import wandb
@@ -76,7 +88,6 @@ class SelectionHistogram(L.Callback):
                     for i in range(probs.shape[1])
                 }
                 logger.experiment.log({**data, "trainer/global_step": trainer.global_step})
-        pl_module.selection_probs = []
 
 
 def _same_size(pictures: list) -> list:

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from sapd.build import build_module, migrate_model_config
 from sapd.module import SAPDLitModule
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
@@ -32,31 +35,33 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 
 def load_module(path: str | Path) -> tuple[SAPDLitModule, DictConfig]:
-    """The Lightning module of a sapd checkpoint, weights loaded, and the run's config.
+    """The Lightning module of a sapd checkpoint, weights loaded, in eval mode, and the run's config.
 
-    The backbone is built without downloading pretrained weights: the checkpoint holds them.
+    The module is built by :func:`sapd.build.build_module` from the config inside the checkpoint, the
+    backbone without downloading pretrained weights (the checkpoint holds them). A checkpoint written
+    before ``model.criterion`` / ``model.postprocess`` existed is read with its keys moved there.
     """
     ckpt = read_checkpoint(path)
     run_cfg = OmegaConf.create(ckpt["sapd_config"])
+    model_cfg, moved = migrate_model_config(run_cfg.model)
+    if moved:
+        log.warning("%s has the config layout of an older sapd; read with %s", path, ", ".join(moved))
+        run_cfg.model = OmegaConf.create(model_cfg)
     classes = ckpt.get("sapd_classes") or {}
     label_to_cat_id = classes.get("label_to_cat_id")
-    class_names = classes.get("class_names")
-    num_classes = len(label_to_cat_id) if label_to_cat_id else int(run_cfg.model.get("num_classes"))
-    model_cfg = OmegaConf.merge(run_cfg.model, {"backbone": {"pretrained": False, "checkpoint_path": None}})
-    net = instantiate(model_cfg, num_classes=num_classes)
-    module = SAPDLitModule(
-        net=net,
-        optimizer=torch.optim.SGD,
-        label_to_cat_id=label_to_cat_id,
-        class_names=class_names,
-        batch_size=int(run_cfg.data.get("batch_size", 1)),
-    )
+    if not label_to_cat_id:
+        label_to_cat_id = list(range(int(run_cfg.model.get("num_classes"))))
+    try:
+        module = build_module(
+            run_cfg, label_to_cat_id=label_to_cat_id, class_names=classes.get("class_names"), pretrained=False
+        )
+    except Exception as exc:  # noqa: BLE001 - instantiate wraps every error of every constructor
+        raise CheckpointError(f"cannot rebuild the model of {path} from its config: {exc}") from None
     missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
     missing = [k for k in missing if not k.startswith(("val_map", "test_map"))]
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not match the model of its own config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    module.run_config = ckpt["sapd_config"]
     module.eval()
     return module, run_cfg

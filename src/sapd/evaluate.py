@@ -1,44 +1,35 @@
-"""Evaluate a checkpoint: ``python -m sapd.evaluate ckpt_path=PATH [split=val|test] [data.root=...]``.
+"""Evaluate a checkpoint: ``python -m sapd.evaluate ckpt_path=PATH [split=val|test] [data=coco data.root=...]``.
 
 ``split=val`` prints the COCO table and writes the detections as a COCO results json (original
 category ids); ``split=test`` (COCO test-dev, no annotations) writes the results json only, in the
-format of the test-dev submission server. The model and the data config come from the checkpoint;
-overriding ``data``/``data.*``/``experiment`` on the command line takes the data config from here.
+format of the test-dev submission server. The model and the data config come from the checkpoint
+unless a data config is chosen here (``data=coco`` or ``data=synthetic``, then ``data.*`` keys).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import hydra
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sapd.checkpoint import load_module
-from sapd.paths import CONFIG_DIR
+from sapd.logs import configure_logging
+from sapd.paths import CONFIG_PATH
 from sapd.utils import format_coco_table, instantiate_group, set_threads
-
-log = logging.getLogger("sapd.evaluate")
-
-
-def _data_overridden() -> bool:
-    try:
-        overrides = HydraConfig.get().overrides.task
-    except ValueError:
-        return False
-    return any(o.lstrip("+~").startswith(("data", "experiment")) for o in overrides)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Runs the checkpoint over ``cfg.split`` and returns the COCO table (empty for test-dev)."""
     set_threads(cfg.get("num_threads"))
+    if cfg.split not in ("val", "test"):
+        raise ValueError(f"split must be 'val' or 'test', not {cfg.split!r}")
     module, run_cfg = load_module(cfg.ckpt_path)
-    source = cfg.get("data_source", "auto")
-    use_config = source == "config" or (source == "auto" and _data_overridden())
-    data_cfg = OmegaConf.create(OmegaConf.to_container(cfg.data if use_config else run_cfg.data, resolve=False))
+    chosen = cfg.get("data")  # data=<group> on the command line; else the checkpoint's data config
+    # resolved here, where ${paths...} of the chosen config can be; the checkpoint's is stored resolved
+    data_cfg = OmegaConf.create(OmegaConf.to_container(chosen or run_cfg.data, resolve=True))
     with open_dict(data_cfg):
         if cfg.get("batch_size"):
             data_cfg.val_batch_size = int(cfg.batch_size)
@@ -46,7 +37,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     module.results_file = str(cfg.results_file) if cfg.get("results_file") else None
     if cfg.get("score_thresh") is not None:
-        module.net.score_thresh = float(cfg.score_thresh)
+        module.net.postprocessor.score_thresh = float(cfg.score_thresh)
     if list(datamodule.label_to_cat_id) != list(module.label_to_cat_id or []):
         raise ValueError(
             "the data's categories differ from the checkpoint's: evaluate on the data set the model was "
@@ -56,21 +47,19 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     table: dict[str, float] = {}
     if cfg.split == "val":
         trainer.validate(module, datamodule=datamodule, verbose=False)
-        table = getattr(module, "last_coco_table", {})
-        if table:
-            print("\n" + format_coco_table(table, title=f"COCO bbox, {cfg.split} ({cfg.ckpt_path})"))
-    elif cfg.split == "test":
-        trainer.test(module, datamodule=datamodule, verbose=False)
-        table = getattr(module, "last_coco_table", {})
     else:
-        raise ValueError(f"split must be 'val' or 'test', not {cfg.split!r}")
-    if module.results_file:
+        trainer.test(module, datamodule=datamodule, verbose=False)
+    table = module.last_coco_table
+    if table and trainer.is_global_zero:  # the command's product: on stdout
+        print("\n" + format_coco_table(table, title=f"COCO bbox, {cfg.split} ({cfg.ckpt_path})"))
+    if module.results_file and trainer.is_global_zero:
         print(f"detections (COCO results json): {module.results_file}")
     return table
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def main(cfg: DictConfig) -> None:
+    configure_logging()
     evaluate(cfg)
 
 

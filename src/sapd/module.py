@@ -1,6 +1,6 @@
 """The Lightning wrapper around the plain-PyTorch SAPD detector.
 
-``SAPDLitModule`` owns what is training-loop specific — optimiser and schedule (SPEC §6), logging,
+``SAPDLitModule`` owns what is training-loop specific — optimiser and schedule (paper §4.1, docs/design.md §3), logging,
 COCO evaluation — and nothing of the model: ``net`` is a :class:`sapd.models.SAPD`.
 
 One forward gives both the validation loss and the detections (the detector's ``forward`` does not
@@ -22,19 +22,10 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric
 from torchmetrics.detection import MeanAveragePrecision
 
-# faster-coco-eval prints its whole summary at INFO level on every evaluation; sapd prints its own table.
-logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
+log = logging.getLogger(__name__)
 
-# Keys of the COCO table as torchmetrics names them, and how sapd logs them.
-COCO_KEYS = {
-    "map": "map",
-    "map_50": "map_50",
-    "map_75": "map_75",
-    "map_small": "map_small",
-    "map_medium": "map_medium",
-    "map_large": "map_large",
-    "mar_100": "mar_100",
-}
+# The COCO numbers logged after each evaluation (torchmetrics' names), as ``<stage>/<key>``.
+COCO_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -53,7 +44,7 @@ def lr_factor(
     warmup_ratio: float = 0.001,
     min_ratio: float = 0.0,
 ) -> float:
-    """Multiplier of the base learning rate at optimiser step ``step`` (0-based), SPEC §6.
+    """Multiplier of the base learning rate at optimiser step ``step`` (0-based); paper §4.1.
 
     Linear warm-up from ``warmup_ratio`` to 1 over ``warmup_iters`` steps (MMDetection's
     ``warmup='linear'``), multiplied by the decay: ``multistep`` divides by ``1/gamma`` at the start
@@ -83,7 +74,8 @@ class SAPDLitModule(L.LightningModule):
     Args:
         net: the detector (plain PyTorch).
         optimizer: a partial optimiser (Hydra ``_partial_: true``); its ``lr`` is the learning rate
-            at ``base_batch_size`` and is scaled linearly to the real total batch size.
+            at ``base_batch_size`` and is scaled linearly to the real total batch size. Needed to
+            train only (None: evaluation and prediction).
         scheduler: keyword arguments of :func:`lr_factor` (``name``, ``milestones``, ``gamma``,
             ``warmup_iters``, ``warmup_ratio``, ``min_ratio``); stepped every optimiser step.
         batch_size: images per device per step (the data module's).
@@ -100,7 +92,7 @@ class SAPDLitModule(L.LightningModule):
         self,
         *,
         net: nn.Module,
-        optimizer: Callable[..., torch.optim.Optimizer],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         scheduler: dict[str, Any] | None = None,
         batch_size: int = 16,
         base_batch_size: int = 16,
@@ -126,9 +118,10 @@ class SAPDLitModule(L.LightningModule):
         self.val_map = self._new_metric()
         self.test_map = self._new_metric()
         self.val_map_best = MaxMetric()
+        self.last_coco_table: dict[str, float] = {}  # COCO numbers of the latest evaluation (val or test)
+        self.last_coco_step: int | None = None  # global step of the latest validation with a table
         self._bad_steps = 0
         self._results: list[dict[str, Any]] = []
-        self.selection_probs: list[Tensor] = []  # per training epoch, for histograms
 
     @staticmethod
     def _new_metric() -> MeanAveragePrecision:
@@ -165,7 +158,7 @@ class SAPDLitModule(L.LightningModule):
         if not torch.isfinite(total):
             self._bad_steps += 1
             ids = [int(t["image_id"]) for t in targets]
-            self.print(f"[sapd] non-finite loss at step {self.global_step} (images {ids}); step skipped")
+            log.warning("non-finite loss at step %d (images %s); step skipped", self.global_step, ids)
             if self._bad_steps >= self.hparams.max_bad_steps:
                 raise NonFiniteLossError(
                     f"loss was non-finite for {self._bad_steps} consecutive steps; lower optim.optimizer.lr "
@@ -175,13 +168,8 @@ class SAPDLitModule(L.LightningModule):
         self._bad_steps = 0
         bs = images.shape[0]
         self._log_losses("train", losses, bs, on_step=True)
-        probs = losses.get("selection_probs")
-        if isinstance(probs, Tensor) and probs.numel():
-            self.selection_probs.append(probs.detach().float().cpu())
-        return total
-
-    def on_train_epoch_start(self) -> None:
-        self.selection_probs = []
+        # the selection net's level probabilities reach callbacks (SelectionHistogram) as step outputs
+        return {"loss": total, "selection_probs": losses.get("selection_probs")}
 
     def _log_losses(self, stage: str, losses: dict[str, Any], batch_size: int, on_step: bool) -> None:
         for key, value in losses.items():
@@ -255,7 +243,7 @@ class SAPDLitModule(L.LightningModule):
             path = Path(self.results_file)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(self._results))
-            self.print(f"[sapd] wrote {len(self._results)} detections to {path}")
+            log.info("wrote %d detections to %s", len(self._results), path)
         self._results = []
 
     def _log_coco(self, metric: MeanAveragePrecision, stage: str) -> dict[str, float]:
@@ -265,10 +253,9 @@ class SAPDLitModule(L.LightningModule):
         values = metric.compute()
         metric.reset()
         table = {}
-        for src, dst in COCO_KEYS.items():
-            value = values[src]
-            self.log(f"{stage}/{dst}", value, sync_dist=False)
-            table[dst] = float(value)
+        for key in COCO_KEYS:
+            self.log(f"{stage}/{key}", values[key], sync_dist=False)
+            table[key] = float(values[key])
         return table
 
     def on_validation_epoch_start(self) -> None:
@@ -298,18 +285,6 @@ class SAPDLitModule(L.LightningModule):
             self.last_coco_table = table
         self._write_results()
 
-    def predict_step(self, batch, batch_idx: int, dataloader_idx: int = 0):
-        images, targets = batch
-        dets = self.detect(images, targets)
-        return [
-            {
-                "image_id": t.get("image_id"),
-                "file_name": t.get("file_name"),
-                **{k: v.cpu() for k, v in d.items()},
-            }
-            for d, t in zip(dets, targets)
-        ]
-
     # ------------------------------------------------------------------ optimisation
     def scaled_lr(self, base_lr: float) -> float:
         """Linear scaling rule: lr grows with the total batch (devices x batch x accumulation)."""
@@ -333,6 +308,8 @@ class SAPDLitModule(L.LightningModule):
         return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("this module was built without an optimiser (optim.optimizer): it can evaluate, not train")
         probe = self.optimizer_factory(params=[nn.Parameter(torch.zeros(1))])
         base_lr = probe.defaults["lr"]
         weight_decay = probe.defaults.get("weight_decay", 0.0)

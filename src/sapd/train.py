@@ -21,36 +21,17 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig
 
-from sapd.module import SAPDLitModule
-from sapd.paths import CONFIG_DIR
-from sapd.utils import config_to_dict, format_coco_table, instantiate_group, resolve_precision, set_threads
+from sapd.build import build_module
+from sapd.logs import configure_logging
+from sapd.paths import CONFIG_PATH
+from sapd.utils import format_coco_table, instantiate_group, resolve_precision, set_threads
 
 log = logging.getLogger("sapd.train")
 
 
-def build_module(cfg: DictConfig, datamodule: L.LightningDataModule) -> SAPDLitModule:
-    """The detector of ``cfg.model`` wrapped with the optimiser of ``cfg.optim``."""
-    net = instantiate(cfg.model, num_classes=datamodule.num_classes)
-    optim = cfg.optim
-    module = SAPDLitModule(
-        net=net,
-        optimizer=instantiate(optim.optimizer),
-        scheduler=dict(optim.scheduler),
-        batch_size=int(cfg.data.batch_size),
-        base_batch_size=int(optim.base_batch_size),
-        no_decay_norm_bias=bool(optim.get("no_decay_norm_bias", False)),
-        label_to_cat_id=list(datamodule.label_to_cat_id),
-        class_names=list(datamodule.class_names),
-        channels_last=bool(cfg.get("channels_last", False)),
-    )
-    module.run_config = config_to_dict(cfg)
-    return module
-
-
 SUMMARY_FILE = "summary.json"
-# Model keys a run summary records: the architecture and the switches that ablations vary.
-REPORTED_MODEL_KEYS = (
-    "_target_",
+# Criterion keys a run summary records (flat, beside the model's ``_target_``): the switches ablations vary.
+REPORTED_CRITERION_KEYS = (
     "soft_weight",
     "soft_select",
     "eta",
@@ -82,7 +63,9 @@ def run_summary(
 ) -> dict[str, Any]:
     """What :mod:`sapd.report` tabulates: the run's overrides, seed, model switches, COCO table, times."""
     model = cfg.get("model", {})
-    switches = {k: model.get(k) for k in REPORTED_MODEL_KEYS if k in model}
+    criterion = model.get("criterion") or {}
+    switches = {"_target_": model.get("_target_")} if "_target_" in model else {}
+    switches.update({k: criterion.get(k) for k in REPORTED_CRITERION_KEYS if k in criterion})
     return {
         "overrides": _overrides(),
         "task_name": cfg.get("task_name"),
@@ -120,7 +103,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    module = build_module(cfg, datamodule)
+    module = build_module(
+        cfg, label_to_cat_id=list(datamodule.label_to_cat_id), class_names=list(datamodule.class_names)
+    )
 
     callbacks = instantiate_group(cfg.get("callbacks"))
     loggers = instantiate_group(cfg.get("logger"))
@@ -145,25 +130,24 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     # scored the best: then its table stands and validating again would repeat the same pass.
     best_is_current = (
         best_cb is not None
-        and getattr(module, "last_coco_step", None) == trainer.global_step
+        and module.last_coco_step == trainer.global_step
         and float(best_cb.best_model_score) == module.last_coco_table.get("map")
     )
     if cfg.get("validate_best", True) and not trainer.fast_dev_run and not best_is_current:
         results = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         if results:
             metrics.update({k: float(v) for k, v in results[0].items()})
-    table = getattr(module, "last_coco_table", None)
+    table = module.last_coco_table
     minutes = (time.time() - start) / 60
-    if table and trainer.is_global_zero:
+    if table and trainer.is_global_zero:  # the command's product: on stdout
         print("\n" + format_coco_table(table, title=f"COCO bbox, {cfg.data.get('name', 'val')} ({minutes:.1f} min)"))
-    if trainer.is_global_zero:
-        if best:
-            print(f"best checkpoint: {best}")
-        if last:
-            print(f"last checkpoint (resume with ckpt_path=...): {last}")
-        print(f"logs and outputs: {cfg.paths.output_dir}")
+    if best:
+        log.info("best checkpoint: %s", best)
+    if last:
+        log.info("last checkpoint (resume with ckpt_path=...): %s", last)
+    log.info("logs and outputs: %s", cfg.paths.output_dir)
     if trainer.is_global_zero and not trainer.fast_dev_run:
-        summary = run_summary(cfg, table or {}, minutes, fit_seconds, fit_steps, trainer.global_step)
+        summary = run_summary(cfg, table, minutes, fit_seconds, fit_steps, trainer.global_step)
         write_summary(summary, Path(cfg.paths.output_dir))
     for lg in loggers:
         if isinstance(lg, WandbLogger):
@@ -172,8 +156,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, objects
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    configure_logging()
     metrics, _ = train(cfg)
     metric = cfg.get("optimized_metric")
     return metrics.get(metric) if metric else None

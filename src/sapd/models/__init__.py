@@ -6,6 +6,16 @@ from sapd.models.detector import SAPD
 from sapd.models.fcos import FCOSDetector
 from sapd.models.head import SAPDHead
 from sapd.models.neck import FPN
+from sapd.models.postprocess import PostProcess
 from sapd.models.selection import FeatureSelectionNet
 
-__all__ = ["SAPD", "FCOSDetector", "FPN", "FeatureSelectionNet", "SAPDCriterion", "SAPDHead", "TimmBackbone"]
+__all__ = [
+    "SAPD",
+    "FCOSDetector",
+    "FPN",
+    "FeatureSelectionNet",
+    "PostProcess",
+    "SAPDCriterion",
+    "SAPDHead",
+    "TimmBackbone",
+]

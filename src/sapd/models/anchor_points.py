@@ -1,4 +1,4 @@
-"""Anchor points, valid boxes, ownership and the box coding of SAPD (SPEC §2, paper §3.1-§3.2).
+"""Anchor points, valid boxes, ownership and the box coding of SAPD (paper §3.1-§3.2; docs/design.md §2-§3).
 
 Conventions used throughout ``sapd.models``:
     M = ground-truth boxes, P = anchor points over all levels (levels concatenated, P3 first),
@@ -8,10 +8,10 @@ Every function here is one equation of the paper and can be called on its own:
 
 - :func:`anchor_points` - point locations ``X = s_l (i + 0.5)``, ``Y = s_l (j + 0.5)`` (§3.1).
 - :func:`shrink_boxes` - the valid box ``B_v`` (§3.1, epsilon = 0.2).
-- :func:`inside_valid_box` - dense reference of the "p inside B_v" rule (SPEC §2), ``[P, M]``.
+- :func:`inside_valid_box` - dense reference of the "p inside B_v" rule (docs/design.md §3), ``[P, M]``.
 - :func:`candidate_pairs` - the same rule, sparse and vectorised: only (box, point) pairs that pass;
   ``valid_region="centre"`` narrows it to the literal reading (the point itself inside B_v).
-- :func:`assign_owners` - the owner instance (or -1) of every point: smallest area wins (SPEC §2).
+- :func:`assign_owners` - the owner instance (or -1) of every point: smallest area wins (docs/design.md §3).
 - :func:`encode` / :func:`decode` - Eq. 1 and its exact inverse.
 - :func:`soft_weight` - f of Eq. 4.
 """
@@ -82,7 +82,8 @@ def shrink_boxes(boxes: Tensor, epsilon: float) -> Tensor:
 
 
 def _inside_rule(xy: Tensor, s: Tensor, boxes: Tensor, valid: Tensor) -> Tensor:
-    """SPEC §2 rule for matched rows: (X, Y) strictly inside B and the s x s cell overlaps B_v > 1 %.
+    """The cell-overlap rule (docs/design.md §3) for matched rows: (X, Y) strictly inside B and the
+    s x s cell overlaps B_v by > 1 %.
 
     ``xy`` [R, 2], ``s`` [R], ``boxes`` [R, 4], ``valid`` [R, 4] (B_v); all broadcastable row by row.
     The strict inequalities follow MMDetection ``CenterRegionAssigner`` (``is_located_in``).
@@ -96,7 +97,7 @@ def _inside_rule(xy: Tensor, s: Tensor, boxes: Tensor, valid: Tensor) -> Tensor:
 
 
 def inside_valid_box(points: Tensor, point_strides: Tensor, boxes: Tensor, epsilon: float = 0.2) -> Tensor:
-    """Dense "p inside B_v" test (SPEC §2), for reading and testing; O(P M) memory.
+    """Dense "p inside B_v" test (docs/design.md §3), for reading and testing; O(P M) memory.
 
     Args:
         points (FloatTensor[P, 2]), point_strides (FloatTensor[P]): from :func:`anchor_points`.
@@ -117,7 +118,7 @@ def candidate_pairs(
     box_images: Tensor | None = None,
     valid_region: str = "cell_overlap",
 ) -> tuple[Tensor, Tensor]:
-    """All (box, point) pairs with the point inside B_v of the box (SPEC §2), without a dense [P, M] test.
+    """All (box, point) pairs with the point inside B_v of the box (docs/design.md §3), without a dense [P, M] test.
 
     For each box and level only the grid cells in the box's index range are enumerated (a cell can
     only pass when it overlaps B_v and its centre lies in B), so the work is proportional to the
@@ -209,7 +210,7 @@ def assign_owners(
     num_images: int = 1,
     valid_region: str = "cell_overlap",
 ) -> Tensor:
-    """Owner instance of every anchor point (SPEC §2): among the boxes whose B_v contains the point, the
+    """Owner instance of every anchor point (docs/design.md §3): among the boxes whose B_v contains the point, the
     one of smallest area (ties: lowest index); -1 when none. Each point belongs to one level, so this is
     the per-level ownership of the paper.
 

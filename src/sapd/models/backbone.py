@@ -1,4 +1,4 @@
-"""timm backbone giving C3, C4, C5 (SPEC §1): frozen BatchNorm, frozen early stages, optional DCN,
+"""timm backbone giving C3, C4, C5 (paper §4.1): frozen BatchNorm, frozen early stages, optional DCN,
 pretrained weights from timm or a local file.
 
 Freezing follows MMDetection ``ResNet(frozen_stages, norm_eval)``; DCN placement (3x3 convs of the

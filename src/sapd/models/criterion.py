@@ -1,8 +1,8 @@
-"""The SAPD training objective (SPEC §2-§4, Eq. 2-6), batch-wide and vectorised.
+"""The SAPD training objective (paper §3.2-§3.3, Eq. 2-6; docs/design.md §2), batch-wide and vectorised.
 
 Read top to bottom beside the paper:
 
-1. ownership of every anchor point of every image (SPEC §2; :func:`assign_owners`);
+1. ownership of every anchor point of every image (docs/design.md §3; :func:`assign_owners`);
 2. per-point loss of each owned point, no gradient (focal summed over K + IoU; §3.3);
 3. instance-dependent loss of each (instance, level) by scatter-add (:func:`instance_level_losses`);
 4. level selection: phase 1 argmin, phase 2 top-k with detached selection probabilities (§3.3);
@@ -56,12 +56,13 @@ def level_max_normalised(f: Tensor, group: Tensor, num_groups: int) -> Tensor:
 class SAPDCriterion:
     """Configuration and computation of the SAPD loss; see the module docstring for the steps.
 
+    The config node ``model.criterion``; the number of classes comes from the logits and the box
+    coding's ``z`` (Eq. 1) from the detector, which shares it with the post-processing.
+
     Args:
-        num_classes: K.
-        eta: exponent of f in Eq. 4.
-        topk: levels per instance in phase 2 (Table 4).
-        epsilon: shrink factor of B_v.
-        z: normalisation scalar of Eq. 1.
+        eta: exponent of f in Eq. 4 (>= 0).
+        topk: levels per instance in phase 2 (Table 4; 1 to the number of levels).
+        epsilon: shrink factor of B_v, in (0, 1].
         soft_weight: SW switch (off: f := 1).
         soft_select: SS switch (off: FSAF single level whatever the phase).
         unselected: ``"negative"`` (paper) or ``"ignore"`` (MMDetection FSAF: weight 0 in the owner's
@@ -78,11 +79,9 @@ class SAPDCriterion:
             ``"num_pos"`` (the number of positive points, as FSAF / RetinaNet).
     """
 
-    num_classes: int
     eta: float = 1.0
     topk: int = 3
     epsilon: float = 0.2
-    z: float = 4.0
     soft_weight: bool = True
     soft_select: bool = True
     unselected: str = "negative"
@@ -101,10 +100,24 @@ class SAPDCriterion:
             "valid_region": VALID_REGIONS,
             "soft_weight_norm": ("none", "level_max"),
             "normaliser": ("weight_sum", "num_pos"),
+            "loc_loss": ("iou", "giou"),
         }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
-                raise ValueError(f"model.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}")
+                raise ValueError(
+                    f"model.criterion.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}"
+                )
+        ranges = {
+            "eta": (float(self.eta) >= 0, ">= 0"),
+            "topk": (int(self.topk) == self.topk and self.topk >= 1, "an integer >= 1"),
+            "epsilon": (0 < float(self.epsilon) <= 1, "in (0, 1]"),
+            "lambda_select": (float(self.lambda_select) >= 0, ">= 0"),
+        }
+        if self.ignore_epsilon is not None:
+            ranges["ignore_epsilon"] = (float(self.epsilon) < float(self.ignore_epsilon) <= 1, "in (epsilon, 1]")
+        for key, (ok, rule) in ranges.items():
+            if not ok:
+                raise ValueError(f"model.criterion.{key} must be {rule}; got {getattr(self, key)!r}")
 
     def __call__(
         self,
@@ -113,6 +126,8 @@ class SAPDCriterion:
         strides: Sequence[int],
         selection: nn.Module | None,
         phase: int,
+        *,
+        z: float = 4.0,
     ) -> dict[str, Tensor]:
         """Loss dict of docs/contracts.md.
 
@@ -123,6 +138,7 @@ class SAPDCriterion:
             strides: s_l per level.
             selection: the feature-selection network (or None).
             phase: 1 (FSAF single level) or 2 (soft top-k).
+            z: normalisation scalar of Eq. 1 (the detector's box coding).
         """
         cls_logits, box_reg = outputs["cls_logits"], outputs["box_reg"]
         level_sizes = [tuple(int(v) for v in hw) for hw in outputs["level_sizes"]]
@@ -144,7 +160,7 @@ class SAPDCriterion:
         points, point_strides, point_levels = anchor_points(level_sizes, strides, device=device, dtype=dtype)
 
         with torch.no_grad():
-            # 1. SPEC §2: owner of every point of every image (-1: none).
+            # 1. Owner of every point of every image (-1: none).
             owner = assign_owners(
                 boxes, level_sizes, strides, self.epsilon, box_images, num_images, self.valid_region
             )  # [N*P]
@@ -152,7 +168,7 @@ class SAPDCriterion:
             own_m = owner[owned_idx]  # [Q]
             own_p = owned_idx % num_points  # [Q] point index within the image
             own_lvl = point_levels[own_p]
-            own_d = encode(points[own_p], point_strides[own_p], boxes[own_m], self.z)  # [Q, 4] Eq. 1
+            own_d = encode(points[own_p], point_strides[own_p], boxes[own_m], z)  # [Q, 4] Eq. 1
 
             # 2. §3.3: per-point loss, unweighted, focal summed over classes + IoU.
             own_onehot = F.one_hot(labels[own_m], num_classes).to(dtype)  # [Q, K]
@@ -188,7 +204,7 @@ class SAPDCriterion:
             if self.unselected == "ignore":  # MMDetection FSAF ``reweight_loss_single``
                 neg_idx, neg_m = owned_idx[~pos_mask], own_m[~pos_mask]
                 ignore.append(neg_idx * num_classes + labels[neg_m])
-            if self.ignore_epsilon is not None:  # SPEC §2: FSAF ignore region, owner's class only
+            if self.ignore_epsilon is not None:  # FSAF ignore region, owner's class only
                 ign_m, ign_p = candidate_pairs(boxes, level_sizes, strides, self.ignore_epsilon, box_images)
                 not_pos = owner[ign_p] < 0
                 ignore.append(ign_p[not_pos] * num_classes + labels[ign_m[not_pos]])

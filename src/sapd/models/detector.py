@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from sapd.models.anchor_points import level_strides
 from sapd.models.criterion import SAPDCriterion
-from sapd.models.postprocess import postprocess_detections
+from sapd.models.postprocess import PostProcess
 
 
 def _finish(part: nn.Module | Callable[..., nn.Module] | None, **kwargs) -> nn.Module | None:
@@ -42,11 +42,9 @@ class SAPD(nn.Module):
         neck: module or partial taking ``in_channels`` (-> ``[P3..P7]``, ``out_channels``, ``num_levels``).
         head: module or partial taking ``in_channels``, ``num_classes``.
         selection: module or partial taking ``in_channels``, ``num_levels`` (None: no selection net).
-        eta, topk, epsilon, z, soft_weight, soft_select, unselected, ignore_epsilon, lambda_select,
-            loc_loss, focal_alpha, focal_gamma, valid_region, soft_weight_norm, normaliser: see
-            :class:`~sapd.models.criterion.SAPDCriterion`.
-        score_thresh, pre_nms_topk, nms_thresh, max_detections: see
-            :func:`~sapd.models.postprocess.postprocess_detections`.
+        criterion: the training objective (:class:`~sapd.models.criterion.SAPDCriterion`; default: the paper's).
+        postprocess: the post-processing settings (:class:`~sapd.models.postprocess.PostProcess`).
+        z: normalisation scalar of the box coding (Eq. 1), shared by the loss and the decoding.
     """
 
     def __init__(
@@ -57,54 +55,25 @@ class SAPD(nn.Module):
         neck: nn.Module | Callable[..., nn.Module],
         head: nn.Module | Callable[..., nn.Module],
         selection: nn.Module | Callable[..., nn.Module] | None,
-        eta: float = 1.0,
-        topk: int = 3,
-        epsilon: float = 0.2,
+        criterion: SAPDCriterion | None = None,
+        postprocess: PostProcess | None = None,
         z: float = 4.0,
-        soft_weight: bool = True,
-        soft_select: bool = True,
-        unselected: str = "negative",
-        ignore_epsilon: float | None = None,
-        lambda_select: float = 0.1,
-        loc_loss: str = "iou",
-        focal_alpha: float = 0.25,
-        focal_gamma: float = 2.0,
-        valid_region: str = "cell_overlap",
-        soft_weight_norm: str = "none",
-        normaliser: str = "weight_sum",
-        score_thresh: float = 0.05,
-        pre_nms_topk: int = 1000,
-        nms_thresh: float = 0.5,
-        max_detections: int = 100,
     ):
         super().__init__()
         self.num_classes = num_classes
         channels = attach_pyramid(self, backbone, neck)
         self.head = _finish(head, in_channels=channels, num_classes=num_classes)
         self.selection = _finish(selection, in_channels=channels, num_levels=self.num_levels)
-        self.criterion = SAPDCriterion(
-            num_classes=num_classes,
-            eta=eta,
-            topk=topk,
-            epsilon=epsilon,
-            z=z,
-            soft_weight=soft_weight,
-            soft_select=soft_select,
-            unselected=unselected,
-            ignore_epsilon=ignore_epsilon,
-            lambda_select=lambda_select,
-            loc_loss=loc_loss,
-            focal_alpha=focal_alpha,
-            focal_gamma=focal_gamma,
-            valid_region=valid_region,
-            soft_weight_norm=soft_weight_norm,
-            normaliser=normaliser,
-        )
-        self.z = z
-        self.score_thresh = score_thresh
-        self.pre_nms_topk = pre_nms_topk
-        self.nms_thresh = nms_thresh
-        self.max_detections = max_detections
+        self.criterion = criterion if criterion is not None else SAPDCriterion()
+        if self.criterion.topk > self.num_levels:
+            raise ValueError(
+                f"model.criterion.topk={self.criterion.topk} exceeds the {self.num_levels} pyramid levels: "
+                f"choose 1 to {self.num_levels}"
+            )
+        self.postprocessor = postprocess if postprocess is not None else PostProcess()
+        if not float(z) > 0:
+            raise ValueError(f"model.z must be > 0; got {z!r}")
+        self.z = float(z)
         self.register_buffer("phase", torch.tensor(1, dtype=torch.long))  # persistent: in state_dict
 
     def set_phase(self, phase: int) -> None:
@@ -137,7 +106,7 @@ class SAPD(nn.Module):
             outputs: :meth:`forward` output.
             targets: per image ``boxes`` FloatTensor[M, 4] (x1, y1, x2, y2 input pixels), ``labels`` LongTensor[M].
         """
-        return self.criterion(outputs, targets, self.strides, self.selection, int(self.phase))
+        return self.criterion(outputs, targets, self.strides, self.selection, int(self.phase), z=self.z)
 
     @torch.no_grad()
     def postprocess(
@@ -146,9 +115,9 @@ class SAPD(nn.Module):
         image_sizes: Sequence[tuple[int, int]],
         scale_factors: Sequence[tuple[float, float]] | None = None,
     ) -> list[dict[str, Tensor]]:
-        """Detections per image (§3.4, SPEC §5): ``boxes`` FloatTensor[D, 4] clipped to ``image_sizes``
+        """Detections per image (paper §3.4): ``boxes`` FloatTensor[D, 4] clipped to ``image_sizes``
         (h, w) then divided by ``scale_factors`` (sx, sy), i.e. original pixels; ``scores``; ``labels``."""
-        return postprocess_detections(
+        return self.postprocessor(
             outputs["cls_logits"],
             outputs["box_reg"],
             outputs["level_sizes"],
@@ -156,8 +125,4 @@ class SAPD(nn.Module):
             image_sizes,
             scale_factors,
             z=self.z,
-            score_thresh=self.score_thresh,
-            pre_nms_topk=self.pre_nms_topk,
-            nms_thresh=self.nms_thresh,
-            max_detections=self.max_detections,
         )

@@ -21,6 +21,7 @@ from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.image_list import ImageList
 
 from sapd.models.detector import attach_pyramid
+from sapd.models.postprocess import PostProcess
 
 __all__ = ["FCOSDetector"]
 
@@ -34,9 +35,9 @@ class FCOSDetector(nn.Module):
         neck: module or partial taking ``in_channels`` (-> ``[P3..P7]``, ``out_channels``, ``num_levels``).
         num_convs: convs of each tower of torchvision's ``FCOSHead`` (4 in the paper; GroupNorm(32)).
         center_sampling_radius: in units of the level's stride (torchvision: 1.5).
-        score_thresh, pre_nms_topk, nms_thresh, max_detections: post-processing (torchvision's
-            ``score_thresh``, ``topk_candidates``, ``nms_thresh``, ``detections_per_img``); the score
-            threshold defaults to SAPD's 0.05 so that both are evaluated alike.
+        postprocess: post-processing settings (config node ``model.postprocess``, as SAPD's), read at
+            every call into torchvision's ``score_thresh``, ``topk_candidates``, ``nms_thresh`` and
+            ``detections_per_img``; default: SAPD's score threshold 0.05, torchvision's NMS IoU 0.6.
     """
 
     def __init__(
@@ -47,10 +48,7 @@ class FCOSDetector(nn.Module):
         neck: nn.Module | Callable[..., nn.Module],
         num_convs: int = 4,
         center_sampling_radius: float = 1.5,
-        score_thresh: float = 0.05,
-        pre_nms_topk: int = 1000,
-        nms_thresh: float = 0.6,
-        max_detections: int = 100,
+        postprocess: PostProcess | None = None,
     ):
         super().__init__()
         self.num_classes = num_classes
@@ -69,19 +67,8 @@ class FCOSDetector(nn.Module):
             anchor_generator=anchors,
             head=FCOSHead(channels, 1, num_classes, num_convs=num_convs),
             center_sampling_radius=center_sampling_radius,
-            score_thresh=score_thresh,
-            nms_thresh=nms_thresh,
-            detections_per_img=max_detections,
-            topk_candidates=pre_nms_topk,
         )
-
-    @property
-    def score_thresh(self) -> float:
-        return self.fcos.score_thresh
-
-    @score_thresh.setter
-    def score_thresh(self, value: float) -> None:
-        self.fcos.score_thresh = value
+        self.postprocessor = postprocess if postprocess is not None else PostProcess(nms_thresh=0.6)
 
     def forward(self, images: Tensor) -> dict:
         """
@@ -144,6 +131,9 @@ class FCOSDetector(nn.Module):
     ) -> list[dict[str, Tensor]]:
         """Detections per image: ``boxes`` clipped to ``image_sizes`` (h, w) then divided by ``scale_factors``
         (sx, sy), i.e. original pixels; ``scores`` (sqrt(cls * centre-ness)); ``labels``."""
+        post = self.postprocessor
+        self.fcos.score_thresh, self.fcos.nms_thresh = post.score_thresh, post.nms_thresh
+        self.fcos.topk_candidates, self.fcos.detections_per_img = post.pre_nms_topk, post.max_detections
         num_per_level = [h * w for h, w in outputs["level_sizes"]]
         split = {k: list(v.split(num_per_level, dim=1)) for k, v in self._head_outputs(outputs).items()}
         anchors = [list(a.split(num_per_level)) for a in self._anchors(outputs)]

@@ -1,4 +1,4 @@
-"""The shared detection head (paper §3.1, Fig. 2; SPEC §1): a classification and a localisation subnet."""
+"""The shared detection head (paper §3.1, Fig. 2): a classification and a localisation subnet."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-element losses of SAPD (SPEC §3, Eq. 2): sigmoid focal loss and the IoU / GIoU loss on distances.
+"""Per-element losses of SAPD (paper Eq. 2): sigmoid focal loss and the IoU / GIoU loss on distances.
 
 Both return unreduced losses; weighting (Eq. 5) and normalisation (Eq. 6) happen in
 :mod:`sapd.models.criterion`.
@@ -31,7 +31,7 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gam
 
 
 def iou_loss(pred: Tensor, target: Tensor, kind: str = "iou", eps: float = 1e-6) -> Tensor:
-    """IoU loss ``-log(IoU)`` (UnitBox, SPEC §3) or GIoU loss ``1 - GIoU`` of boxes given as distances
+    """IoU loss ``-log(IoU)`` (UnitBox) or GIoU loss ``1 - GIoU`` of boxes given as distances
     from one shared anchor point, so the boxes need no decoding: ``(l, t, r, b)`` in any common unit.
 
     Args:

@@ -1,4 +1,4 @@
-"""Feature pyramid P3-P7 (SPEC §1): RetinaNet-style FPN and the optional Balanced Feature Pyramid.
+"""Feature pyramid P3-P7 (paper §4.1): RetinaNet-style FPN and the optional Balanced Feature Pyramid.
 
 FPN facts from Lin et al. 2017 and torchvision ``ops/feature_pyramid_network.py`` (``LastLevelP6P7``);
 BFP facts from Pang et al. 2019 (Libra R-CNN) and MMDetection ``necks/bfp.py`` / ``NonLocal2d``.
@@ -49,7 +49,7 @@ class BalancedFeaturePyramid(nn.Module):
 
     Args:
         channels: channels of each level.
-        refine_level: index of the level refined (1 = P4 for P3-P7, SPEC §1).
+        refine_level: index of the level refined (1 = P4 for P3-P7, as Libra R-CNN).
     """
 
     def __init__(self, channels: int, refine_level: int = 1):
@@ -76,7 +76,7 @@ class BalancedFeaturePyramid(nn.Module):
 
 class FPN(nn.Module):
     """RetinaNet FPN: P3-P5 from lateral 1x1 + top-down nearest upsampling + 3x3; P6 = 3x3 stride-2 conv
-    on C5; P7 = ReLU then 3x3 stride-2 conv on P6 (SPEC §1). Optional BFP on the result.
+    on C5; P7 = ReLU then 3x3 stride-2 conv on P6 (RetinaNet). Optional BFP on the result.
 
     Args:
         in_channels: channels of C3, C4, C5.

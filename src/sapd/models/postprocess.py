@@ -1,4 +1,4 @@
-"""Inference post-processing (paper §3.4, SPEC §5), as one readable pipeline per image:
+"""Inference post-processing (paper §3.4), as one readable pipeline per image:
 threshold -> per-level top-k -> decode (reverse of Eq. 1) -> clip -> class-aware NMS -> keep N
 -> map to the original image's pixels. Pattern of torchvision ``detection/fcos.py`` postprocess.
 """
@@ -6,6 +6,7 @@ threshold -> per-level top-k -> decode (reverse of Eq. 1) -> clip -> class-aware
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -77,3 +78,55 @@ def postprocess_detections(
             boxes = boxes / boxes.new_tensor([sx, sy, sx, sy])
         results.append({"boxes": boxes, "scores": scores, "labels": labels})
     return results
+
+
+@dataclass
+class PostProcess:
+    """The settings of post-processing (config node ``model.postprocess``) and the SAPD decoding with them.
+
+    Args:
+        score_thresh: keep (point, class) pairs with sigmoid score above it (0.05).
+        pre_nms_topk: at most this many pairs per level before NMS (1000).
+        nms_thresh: IoU of the class-aware NMS (0.5).
+        max_detections: detections kept per image (100).
+    """
+
+    score_thresh: float = 0.05
+    pre_nms_topk: int = 1000
+    nms_thresh: float = 0.5
+    max_detections: int = 100
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= float(self.score_thresh) < 1.0:
+            raise ValueError(f"model.postprocess.score_thresh must be in [0, 1); got {self.score_thresh!r}")
+        if not 0.0 < float(self.nms_thresh) <= 1.0:
+            raise ValueError(f"model.postprocess.nms_thresh must be in (0, 1]; got {self.nms_thresh!r}")
+        for key in ("pre_nms_topk", "max_detections"):
+            if int(getattr(self, key)) < 1:
+                raise ValueError(f"model.postprocess.{key} must be >= 1; got {getattr(self, key)!r}")
+
+    def __call__(
+        self,
+        cls_logits: Tensor,
+        box_reg: Tensor,
+        level_sizes: Sequence[tuple[int, int]],
+        strides: Sequence[int],
+        image_sizes: Sequence[tuple[int, int]],
+        scale_factors: Sequence[tuple[float, float]] | None = None,
+        *,
+        z: float = 4.0,
+    ) -> list[dict[str, Tensor]]:
+        """:func:`postprocess_detections` with these settings."""
+        return postprocess_detections(
+            cls_logits,
+            box_reg,
+            level_sizes,
+            strides,
+            image_sizes,
+            scale_factors,
+            z=z,
+            score_thresh=self.score_thresh,
+            pre_nms_topk=self.pre_nms_topk,
+            nms_thresh=self.nms_thresh,
+            max_detections=self.max_detections,
+        )

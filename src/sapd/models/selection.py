@@ -1,4 +1,4 @@
-"""Soft-selected pyramid levels (paper §3.3, SPEC §4): the feature-selection network (Table 1), the
+"""Soft-selected pyramid levels (paper §3.3): the feature-selection network (Table 1), the
 instance-dependent loss of every (instance, level), and the phase-1 / phase-2 level assignment.
 """
 
@@ -100,7 +100,7 @@ class FeatureSelectionNet(nn.Module):
 def instance_level_losses(
     point_losses: Tensor, point_instances: Tensor, point_levels: Tensor, num_instances: int, num_levels: int
 ) -> Tensor:
-    """Instance-dependent loss of every (instance, level) (§3.3 / FSAF, SPEC §4): the mean of the
+    """Instance-dependent loss of every (instance, level) (paper §3.3 / FSAF): the mean of the
     per-point losses of the instance's points on that level; +inf where it owns no point there
     (the level is then not a candidate).
 
@@ -122,7 +122,7 @@ def instance_level_losses(
 def select_levels(
     level_losses: Tensor, probs: Tensor | None, *, soft: bool, topk: int = 3
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Level assignment of each instance (§3.3, SPEC §4).
+    """Level assignment of each instance (paper §3.3).
 
     - ``soft=False`` (phase 1, or SS off): the one level of minimal instance loss, weight 1.
     - ``soft=True`` (phase 2): the ``topk`` levels of minimal loss (all candidate levels when fewer),

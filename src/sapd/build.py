@@ -1,0 +1,116 @@
+"""The one way a run's config becomes a :class:`~sapd.module.SAPDLitModule`.
+
+Training (:mod:`sapd.train`), evaluation, prediction and analysis all call :func:`build_module`: for
+training with the data module's classes, for the others with the classes and config a checkpoint
+carries (:func:`sapd.checkpoint.load_module`). The model config instantiates objects: the detector
+(``model._target_``) receives its backbone, neck, head, selection net, criterion (``model.criterion``)
+and post-processing (``model.postprocess``) as built objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sapd.module import SAPDLitModule
+from sapd.utils import config_to_dict
+
+log = logging.getLogger(__name__)
+
+# Keys that configs written before ``model.criterion`` / ``model.postprocess`` existed kept flat under
+# ``model`` (checkpoints of sapd 0.1 before the change); :func:`migrate_model_config` moves them.
+CRITERION_KEYS = (
+    "eta",
+    "topk",
+    "epsilon",
+    "soft_weight",
+    "soft_select",
+    "unselected",
+    "valid_region",
+    "soft_weight_norm",
+    "normaliser",
+    "ignore_epsilon",
+    "lambda_select",
+    "loc_loss",
+    "focal_alpha",
+    "focal_gamma",
+)
+POSTPROCESS_KEYS = ("score_thresh", "pre_nms_topk", "nms_thresh", "max_detections")
+SAPD_TARGET = "sapd.models.SAPD"
+
+
+def migrate_model_config(model: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """A model config of the current layout, and the keys moved to get it (empty when it had it).
+
+    Before ``model.criterion`` and ``model.postprocess`` were config nodes, their keys sat flat under
+    ``model`` (``model.eta``, ``model.score_thresh``, ...) and SAPD's criterion held its own ``z``.
+    """
+    cfg = dict(OmegaConf.to_container(OmegaConf.create(dict(model)), resolve=False))
+    moved: list[str] = []
+    target = cfg.get("_target_")
+    if target == SAPD_TARGET and "criterion" not in cfg:
+        criterion = {"_target_": "sapd.models.SAPDCriterion"}
+        for key in CRITERION_KEYS:
+            if key in cfg:
+                criterion[key] = cfg.pop(key)
+                moved.append(f"model.{key} -> model.criterion.{key}")
+        cfg["criterion"] = criterion
+    if target in (SAPD_TARGET, "sapd.models.FCOSDetector") and "postprocess" not in cfg:
+        post = {"_target_": "sapd.models.PostProcess"}
+        for key in POSTPROCESS_KEYS:
+            if key in cfg:
+                post[key] = cfg.pop(key)
+                moved.append(f"model.{key} -> model.postprocess.{key}")
+        cfg["postprocess"] = post
+    return cfg, moved
+
+
+def build_module(
+    cfg: DictConfig,
+    *,
+    label_to_cat_id: Sequence[int],
+    class_names: Sequence[str] | None = None,
+    pretrained: bool = True,
+) -> SAPDLitModule:
+    """The detector of ``cfg.model`` wrapped with the optimiser of ``cfg.optim``.
+
+    Args:
+        cfg: a run config (``conf/train.yaml`` composed, or the one a checkpoint carries).
+        label_to_cat_id: contiguous label -> data set category id; its length is the number of classes.
+        class_names: names of the labels (for drawings and per-class tables).
+        pretrained: False builds the backbone without fetching pretrained weights (a checkpoint's
+            state dict replaces them anyway).
+    """
+    if not pretrained and "backbone" in cfg.model:
+        cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
+        with open_dict(cfg):
+            cfg.model.backbone.pretrained = False
+            cfg.model.backbone.checkpoint_path = None
+    try:
+        net = instantiate(cfg.model, num_classes=len(label_to_cat_id))
+    except InstantiationException as exc:
+        # a constructor's own refusal (e.g. "model.criterion.topk must be ...") is the message to show
+        if isinstance(exc.__cause__, ValueError):
+            raise exc.__cause__ from None
+        raise
+    optim = cfg.get("optim") or {}
+    optimizer = instantiate(optim["optimizer"]) if "optimizer" in optim else None
+    module = SAPDLitModule(
+        net=net,
+        optimizer=optimizer,
+        scheduler=dict(optim.get("scheduler") or {}),
+        batch_size=int(cfg.data.get("batch_size", 1)),
+        base_batch_size=int(optim.get("base_batch_size", 16)),
+        no_decay_norm_bias=bool(optim.get("no_decay_norm_bias", False)),
+        label_to_cat_id=list(label_to_cat_id),
+        class_names=list(class_names) if class_names is not None else None,
+        channels_last=bool(cfg.get("channels_last", False)),
+    )
+    module.run_config = config_to_dict(cfg)
+    return module
