@@ -10,7 +10,6 @@ and post-processing (``model.postprocess``) as built objects.
 from __future__ import annotations
 
 import copy
-import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,8 +19,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sapd.module import SAPDLitModule
 from sapd.utils import config_to_dict
-
-log = logging.getLogger(__name__)
 
 # Keys that configs written before ``model.criterion`` / ``model.postprocess`` existed kept flat under
 # ``model`` (checkpoints of sapd 0.1 before the change); :func:`migrate_model_config` moves them.
@@ -53,21 +50,19 @@ def migrate_model_config(model: Mapping[str, Any]) -> tuple[dict[str, Any], list
     """
     cfg = dict(OmegaConf.to_container(OmegaConf.create(dict(model)), resolve=False))
     moved: list[str] = []
-    target = cfg.get("_target_")
-    if target == SAPD_TARGET and "criterion" not in cfg:
-        criterion = {"_target_": "sapd.models.SAPDCriterion"}
-        for key in CRITERION_KEYS:
+    nodes = [("postprocess", "sapd.models.PostProcess", POSTPROCESS_KEYS)]
+    if cfg.get("_target_") == SAPD_TARGET:
+        nodes.insert(0, ("criterion", "sapd.models.SAPDCriterion", CRITERION_KEYS))
+    elif cfg.get("_target_") != "sapd.models.FCOSDetector":
+        return cfg, moved
+    for node, target, keys in nodes:
+        if node in cfg:
+            continue
+        cfg[node] = {"_target_": target}
+        for key in keys:
             if key in cfg:
-                criterion[key] = cfg.pop(key)
-                moved.append(f"model.{key} -> model.criterion.{key}")
-        cfg["criterion"] = criterion
-    if target in (SAPD_TARGET, "sapd.models.FCOSDetector") and "postprocess" not in cfg:
-        post = {"_target_": "sapd.models.PostProcess"}
-        for key in POSTPROCESS_KEYS:
-            if key in cfg:
-                post[key] = cfg.pop(key)
-                moved.append(f"model.{key} -> model.postprocess.{key}")
-        cfg["postprocess"] = post
+                cfg[node][key] = cfg.pop(key)
+                moved.append(f"model.{key} -> model.{node}.{key}")
     return cfg, moved
 
 
