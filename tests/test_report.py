@@ -85,6 +85,18 @@ def test_decision_rule_rejects_a_variant_below_fsaf(tmp_path):
     assert "below its FSAF row (48.0)" in text and text.endswith("not adopted")
 
 
+def test_decision_rule_waits_for_three_seeds_per_row(tmp_path):
+    """A gain far beyond the spread is still undecided while a row has fewer than 3 seeds."""
+    for seed, (p, v) in enumerate([(40, 50), (41, 51)]):
+        write_run(tmp_path, 2 * seed, "+SW+SS", seed, p)
+        write_run(tmp_path, 2 * seed + 1, "+SW+SS", seed, v, soft_weight_norm="level_max")
+    write_run(tmp_path, 9, "FSAF", 0, 45)
+    text = decisions(group_runs(find_summaries([tmp_path])))
+    assert "gain +10.0 > pooled std" in text
+    assert "undecided: the rule needs >= 3 seeds per row" in text and "FSAF paper n=1" in text
+    assert "becomes the default" not in text
+
+
 def report_config(*overrides: str):
     """conf/report.yaml with ``overrides``, as ``python -m sapd.report`` composes it."""
     GlobalHydra.instance().clear()

@@ -172,12 +172,16 @@ def pooled_std(a: Row, b: Row, key: str = "map") -> float:
     return math.sqrt(ss / dof)
 
 
-def decisions(rows: Sequence[Row]) -> str:
+MIN_SEEDS = 3  # the rule decides only on rows of at least this many seeds
+
+
+def decisions(rows: Sequence[Row], min_seeds: int = MIN_SEEDS) -> str:
     """The rule fixed before the experiments, applied to every variant with a +SW+SS row.
 
     A variant becomes the default only if its +SW+SS mean AP beats the paper setting's +SW+SS mean at
     the same budget by more than the pooled standard deviation of the two rows, and is not below the
-    FSAF row of the same variant (the FSAF row whose switches that matter to FSAF are the variant's).
+    FSAF row of the same variant (the FSAF row whose switches that matter to FSAF are the variant's),
+    each of the three rows with at least ``min_seeds`` seeds; with fewer the line says "undecided".
     """
     by_key = {(r.budget, r.variant, r.name): r for r in rows}
     lines = []
@@ -203,6 +207,11 @@ def decisions(rows: Sequence[Row]) -> str:
             above = mean >= fsaf_mean
             text += f"; {'not below' if above else 'below'} its FSAF row ({fsaf_mean:.1f})"
             adopt = beats and above
+        short = [r for r in (row, paper, fsaf) if r is not None and len(r.runs) < min_seeds]
+        if short:
+            seeds = ", ".join(f"{r.name} {r.variant} n={len(r.runs)}" for r in short)
+            lines.append(text + f" -> undecided: the rule needs >= {min_seeds} seeds per row ({seeds})")
+            continue
         lines.append(text + (" -> becomes the default" if adopt else " -> not adopted"))
     return "\n".join(lines)
 
