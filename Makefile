@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format bench bench-data bench-assign clean
+.PHONY: help install train test test-fast lint format bench bench-data bench-assign bench-export clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PINS)
-	$(PY) -m pip install -q -e ".[dev]" $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev,export]" $(TORCH_PINS)
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv (if absent) and install sapd with its dev tools; fast when done
@@ -49,6 +49,9 @@ bench-data: $(STAMP) ## Images/s of the train loader (synthetic and 800-px image
 
 bench-assign: $(STAMP) ## Targets + losses + selection net alone, by instances per image
 	$(PY) -m benchmarks suite=assign $(ARGS)
+
+bench-export: $(STAMP) ## Latency of the exported model: PyTorch vs TorchScript vs ONNX Runtime (writes benchmarks/results_export.*)
+	$(PY) -m benchmarks suite=export $(ARGS)
 
 clean: ## Remove caches, outputs and logs (keeps .venv and the data cache)
 	rm -rf .pytest_cache .ruff_cache outputs multirun logs wandb

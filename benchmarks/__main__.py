@@ -1,4 +1,4 @@
-"""``python -m benchmarks [suite=speed|data|assign] [key=value ...]``: one entry, a choice of suite.
+"""``python -m benchmarks [suite=speed|data|assign|export] [key=value ...]``: one entry, a choice of suite.
 
 ``suite`` picks the benchmark (default ``speed``); every other ``key=value`` goes to that suite
 (``python -m benchmarks suite=data help`` lists its keys).
@@ -14,6 +14,7 @@ SUITES = {
     "speed": "SAPD vs torchvision RetinaNet and FCOS: inference, training, loss part, memory (writes results.*)",
     "data": "images/s of the training data loader (synthetic set, 800-px images)",
     "assign": "targets + losses + selection net alone, forward + backward, by instances per image",
+    "export": "PyTorch vs TorchScript vs ONNX Runtime latency of the exported model (writes results_export.*)",
 }
 
 

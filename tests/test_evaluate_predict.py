@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import shutil
@@ -15,10 +16,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conftest import compose_config
+from sapd import run_report
+from sapd.api import Detector
 from sapd.checkpoint import CheckpointError, load_module
 from sapd.evaluate import evaluate
 from sapd.module import SAPDLitModule
-from sapd.predict import predict
+from sapd.predict import PredictError, output_paths, predict
+from sapd.predict import main as predict_main
 from sapd.train import train
 
 
@@ -58,6 +62,32 @@ def test_evaluate_prints_table_and_writes_results(trained, tmp_path, capsys):
     assert all(len(d["bbox"]) == 4 and d["bbox"][2] >= 0 and d["bbox"][3] >= 0 for d in dets)
 
 
+@pytest.mark.slow
+def test_evaluate_writes_the_report(trained, tmp_path, capsys):
+    ckpt, datamodule = trained
+    cfg = compose_config("eval", [f"ckpt_path={ckpt}", "trainer=cpu", "report.num_images=2"], tmp_path)
+    table = evaluate(cfg)
+    report = tmp_path / "report"
+    # the training curves are the checkpoint's run's (its csv/version_*/metrics.csv)
+    assert {p.name for p in report.iterdir()} == {
+        run_report.CLASS_CSV,
+        run_report.CLASS_PNG,
+        run_report.PR_PNG,
+        run_report.CURVES_PNG,
+        "val_images.png",
+    }
+    with open(report / run_report.CLASS_CSV, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == list(run_report.CSV_COLUMNS) and len(rows) == datamodule.num_classes
+    with_gt = [float(r["AP"]) for r in rows if r["AP"] != ""]
+    assert len(with_gt) == sum(int(r["num_gt"]) > 0 for r in rows)
+    assert sum(with_gt) / len(with_gt) == pytest.approx(table["map"], abs=1e-5)  # the csv rounds to 1e-6
+    assert "Per-class AP" in capsys.readouterr().out
+    off = compose_config("eval", [f"ckpt_path={ckpt}", "trainer=cpu", "report.enabled=false"], tmp_path / "off")
+    evaluate(off)
+    assert not (tmp_path / "off" / "report").exists()
+
+
 def test_evaluate_missing_checkpoint_is_one_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="checkpoint not found: .*nope.ckpt"):
         load_module(tmp_path / "nope.ckpt")
@@ -68,37 +98,116 @@ def test_evaluate_missing_checkpoint_is_one_clear_error(tmp_path):
 
 
 @pytest.mark.slow
-def test_predict_writes_json_and_png_per_image(trained, tmp_path, caplog):
+def test_predict_writes_json_and_png_per_image(trained, tmp_path, caplog, monkeypatch):
     ckpt, datamodule = trained
     images = tmp_path / "images"
     images.mkdir()
     val_dir = Path(datamodule.val_dataset.img_dir)
-    sources = sorted(val_dir.glob("*.jpg"))[:2]
+    sources = [images / src.name for src in sorted(val_dir.glob("*.jpg"))[:3]]
     for src in sources:
-        shutil.copy(src, images / src.name)
+        shutil.copy(val_dir / src.name, src)
+    from PIL import Image
+
+    twin = images / f"{sources[0].stem}.png"  # x.jpg and x.png in one folder: two distinct outputs
+    with Image.open(sources[0]) as im:
+        im.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(twin)
+    sources.append(twin)
     (images / "broken.jpg").write_bytes(b"not a jpeg")
+    (images / "empty.png").write_bytes(b"")
+    batches = []
+    run = Detector._run
+
+    def spy(self, group, thresh):
+        batches.append(len(group))
+        return run(self, group, thresh)
+
+    monkeypatch.setattr(Detector, "_run", spy)
     out = tmp_path / "pred"
     cfg = compose_config(
-        "predict", [f"ckpt_path={ckpt}", f"input={images}", f"output={out}", "score_thresh=0.0"], tmp_path
+        "predict",
+        [f"ckpt_path={ckpt}", f"input={images}", f"output={out}", "score_thresh=0.0", "batch_size=2"],
+        tmp_path,
     )
     with caplog.at_level(logging.INFO, logger="sapd.predict"):
         summary = predict(cfg)
-    assert summary["written"] == 2 and len(summary["failed"]) == 1 and "broken.jpg" in summary["failed"][0]
-    for src in sources:
-        doc = json.loads((out / f"{src.stem}.json").read_text())
-        png = out / f"{src.stem}.png"
+    assert summary["written"] == 4 and sorted(Path(f).name for f in summary["failed"]) == ["broken.jpg", "empty.png"]
+    assert sum(batches) == 4 and max(batches) == 2 and len(batches) < 4  # run in batches of up to 2
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(f"{src.name}{ext}" for src in sources for ext in (".json", ".png"))
+    docs = {src: json.loads((out / f"{src.name}.json").read_text()) for src in sources}
+    assert docs[sources[0]]["file"] != docs[twin]["file"]
+    assert docs[sources[0]]["detections"] != docs[twin]["detections"]  # the mirrored twin was run, not overwritten
+    for src, doc in docs.items():
+        png = out / f"{src.name}.png"
         assert png.is_file() and png.stat().st_size > 0
-        from PIL import Image
-
         with Image.open(src) as orig, Image.open(png) as drawn:
             assert drawn.size == orig.size  # boxes drawn on the original image, original pixels
+        assert doc["detections"]  # threshold 0
         for det in doc["detections"]:
             x1, y1, x2, y2 = det["bbox_xyxy"]
             assert 0 <= x1 <= x2 <= doc["width"] and 0 <= y1 <= y2 <= doc["height"]
             assert det["category_id"] in datamodule.label_to_cat_id
             assert det["category_name"] == datamodule.class_names[det["label"]]
-    assert any("broken.jpg" in r.getMessage() and r.levelno == logging.ERROR for r in caplog.records)
-    assert "wrote 2 predictions" in caplog.text and "1 unreadable skipped" in caplog.text
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 2 and "broken.jpg" in errors[0] and "empty.png" in errors[1]
+    assert "2 unreadable image(s) skipped: broken.jpg, empty.png" in caplog.text
+    assert "wrote 4 predictions" in caplog.text and "2 unreadable skipped" in caplog.text
+    assert sorted(p.name for p in images.iterdir()) == sorted([*(s.name for s in sources), "broken.jpg", "empty.png"])
+
+
+@pytest.mark.slow
+def test_predict_fails_when_no_image_can_be_read(trained, tmp_path, caplog):
+    ckpt, _ = trained
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(b"not a jpeg")
+    (images / "b.png").write_text("nor a png")
+    cfg = compose_config("predict", [f"ckpt_path={ckpt}", f"input={images}", f"output={tmp_path / 'pred'}"], tmp_path)
+    with pytest.raises(PredictError, match=r"none of the 2 input image\(s\) in .*images could be read"):
+        predict(cfg)
+    caplog.clear()
+    with pytest.raises(SystemExit) as exit_info:  # the command: exit code 2, one line saying why
+        predict_main(cfg)
+    assert exit_info.value.code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors[-1].startswith("sapd.predict: none of the 2 input image(s)")
+    assert "2 unreadable image(s) skipped: a.jpg, b.png" in caplog.text
+
+
+def test_predict_refuses_to_write_over_its_inputs(tmp_path, caplog):
+    """Checked before the checkpoint is read: the (missing) checkpoint is never reached."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.jpg").write_bytes(b"")
+    ckpt = f"ckpt_path={tmp_path / 'never-read.ckpt'}"
+    for output, message in (
+        (images, r"output=.*images is the input folder"),
+        (tmp_path / "images" / ".." / "images", r"is the input folder"),
+        (images / "a.jpg", r"output=.*a.jpg exists and is not a folder"),
+    ):
+        cfg = compose_config("predict", [ckpt, f"input={images}", f"output={output}"], tmp_path)
+        with pytest.raises(PredictError, match=message):
+            predict(cfg)
+    # an output path that resolves to an input file (here through a link left in the output folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.jpg.png").symlink_to(images / "a.jpg")
+    cfg = compose_config("predict", [ckpt, f"input={images / 'a.jpg'}", f"output={out}"], tmp_path)
+    with pytest.raises(PredictError, match=r"a.jpg.png would overwrite the input image .*images/a.jpg"):
+        predict(cfg)
+    caplog.clear()
+    cfg = compose_config("predict", [ckpt, f"input={images}", f"output={images}"], tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        predict_main(cfg)
+    assert exit_info.value.code == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "is the input folder" in errors[0]
+    assert sorted(p.name for p in images.iterdir()) == ["a.jpg"]
+
+
+def test_predict_output_names_keep_the_suffix():
+    assert output_paths(Path("in/x.jpg"), Path("out")) == (Path("out/x.jpg.json"), Path("out/x.jpg.png"))
+    assert output_paths(Path("in/x.png"), Path("out"))[1] == Path("out/x.png.png")
 
 
 @pytest.mark.slow

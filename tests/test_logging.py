@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import OmegaConf
 
 from conftest import TINY, compose_config
 from sapd.callbacks import SelectionHistogram
-from sapd.loggers import resolve_wandb_mode
+from sapd.loggers import WANDB_ID_FILE, make_wandb_logger, resolve_wandb_mode, resume_wandb_config, stored_wandb_id
 from sapd.logs import RankZeroFilter, configure_logging
 from sapd.train import train
 
@@ -59,6 +60,69 @@ def test_offline_wandb_run_logs_config_losses_histograms_and_images(tmp_path, mo
     assert {"val/map", "val/map_best", "train/cls", "train/loc", "train/select", "train/phase"} <= set(metrics), sorted(
         metrics
     )
+
+
+def test_resume_takes_the_wandb_run_id_of_the_checkpoint(tmp_path):
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}, "sapd_wandb_id": "abc123"}, ckpt)
+    cfg = OmegaConf.create(
+        {
+            "wandb": {"_target_": "sapd.loggers.make_wandb_logger", "id": None, "resume": "allow"},
+            "csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": "."},
+        }
+    )
+    resumed = resume_wandb_config(cfg, ckpt)
+    assert resumed.wandb.id == "abc123" and resumed.wandb.resume == "allow"
+    assert cfg.wandb.id is None and "id" not in resumed.csv  # the given config is left alone
+    assert resume_wandb_config(cfg, None) is cfg  # not a resume: a new run
+    explicit = OmegaConf.merge(cfg, {"wandb": {"id": "mine"}})
+    assert resume_wandb_config(explicit, ckpt).wandb.id == "mine"  # an id given on the command line wins
+    # a checkpoint without the key: the run folder's wandb_id.txt; neither: a new run
+    other = tmp_path / "other" / "checkpoints" / "epoch_001.ckpt"
+    other.parent.mkdir(parents=True)
+    torch.save({"state_dict": {}}, other)
+    assert stored_wandb_id(other) is None and resume_wandb_config(cfg, other) is cfg
+    (tmp_path / "other" / WANDB_ID_FILE).write_text("fromfile\n")
+    assert stored_wandb_id(other) == "fromfile"
+    assert stored_wandb_id(tmp_path / "missing.ckpt") is None
+
+
+def test_wandb_logger_knows_its_run_id_before_the_run_starts(tmp_path):
+    given = make_wandb_logger(save_dir=str(tmp_path), mode="disabled", id="abc123")
+    assert given.version == "abc123" and given._experiment is None
+    drawn = make_wandb_logger(save_dir=str(tmp_path), mode="disabled")
+    assert drawn.version and drawn.version != "abc123"
+
+
+@pytest.mark.slow
+def test_resumed_training_continues_the_same_offline_wandb_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    common = [
+        *TINY,
+        "logger=wandb",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "validate_best=false",
+    ]
+    first = compose_config("train", [*common, "trainer.max_epochs=1"], tmp_path / "first")
+    train(first)
+    run_id = (tmp_path / "first" / WANDB_ID_FILE).read_text().strip()
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["sapd_wandb_id"] == run_id
+
+    resumed = compose_config("train", [*common, "trainer.max_epochs=2", f"ckpt_path={last}"], tmp_path / "resumed")
+    train(resumed)
+    # offline run folders are named offline-run-<time>-<id>: both runs are the one wandb run
+    ids = {
+        name: [p.name.rsplit("-", 1)[-1] for p in (tmp_path / name / "wandb").glob("offline-run-*")]
+        for name in ("first", "resumed")
+    }
+    assert ids == {"first": [run_id], "resumed": [run_id]}
+    assert (tmp_path / "resumed" / WANDB_ID_FILE).read_text().strip() == run_id
+    resumed_last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed_last, map_location="cpu", weights_only=False)["sapd_wandb_id"] == run_id
 
 
 def test_logged_detection_images_share_one_size():

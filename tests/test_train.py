@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
+from PIL import Image
 
 from conftest import TO_SYNTHETIC, compose_config
+from sapd import run_report
 from sapd.train import train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
@@ -130,6 +133,42 @@ def test_resume_after_switch_continues_in_phase_two(train_cfg):
     recorder = PhaseRecorder()
     train_with(resumed, recorder)
     assert recorder.phases == {2: {2}}
+
+
+@pytest.mark.slow
+def test_training_leaves_a_report_with_logger_none(train_cfg, capsys):
+    """logger=none (the tiny config's): metrics.csv is still recorded, and report/ holds every part."""
+    cfg = train_cfg(
+        "trainer.max_epochs=2",
+        "trainer.limit_train_batches=2",
+        "trainer.log_every_n_steps=1",
+        "callbacks.phase_switch.switch_epoch=1",
+        "report.num_images=3",
+    )
+    assert cfg.logger is None or not cfg.logger
+    _, objects = train(cfg)
+    out = Path(cfg.paths.output_dir)
+    datamodule, module = objects["datamodule"], objects["module"]
+    (metrics_csv,) = out.glob("csv/version_*/metrics.csv")
+    series = run_report.read_metrics([metrics_csv])
+    assert {"train/total_step", "val/map"} <= set(series) and any(k.startswith("lr-") for k in series)
+    report = out / "report"
+    pictures = {run_report.CLASS_PNG, run_report.PR_PNG, run_report.CURVES_PNG, run_report.IMAGES_PNG}
+    assert {p.name for p in report.iterdir()} == pictures | {run_report.CLASS_CSV}
+    for name in pictures:
+        with Image.open(report / name) as image:
+            assert image.width >= 600 and image.height >= 300, name
+    with open(report / run_report.CLASS_CSV, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == list(run_report.CSV_COLUMNS)
+    assert [r["name"] for r in rows] == list(datamodule.class_names)
+    assert [int(r["category_id"]) for r in rows] == list(datamodule.label_to_cat_id)
+    anns = datamodule.val_dataset.coco.dataset["annotations"]
+    assert sum(int(r["num_gt"]) for r in rows) == sum(1 for a in anns if not a.get("iscrowd"))
+    # the per-class APs average to the AP of the same evaluation
+    assert module.last_class_metrics.mean_ap() == pytest.approx(module.last_coco_table["map"], abs=1e-6)
+    printed = capsys.readouterr().out
+    assert "Per-class AP" in printed and all(name in printed for name in datamodule.class_names)
 
 
 def train_with(cfg, *extra_callbacks):

@@ -1,3 +1,30 @@
-"""SAPD: Soft Anchor-Point object Detector (Zhu et al., ECCV 2020) on PyTorch Lightning and Hydra."""
+"""SAPD: Soft Anchor-Point object Detector (Zhu et al., ECCV 2020) on PyTorch Lightning and Hydra.
+
+``from sapd import Detector`` is the Python API for inference (:mod:`sapd.api`); it is imported on
+first use, so ``import sapd`` stays light.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+__all__ = ["Detections", "Detector", "__version__"]
+
+_LAZY = {"Detector": "sapd.api", "Detections": "sapd.api"}
+
+if TYPE_CHECKING:
+    from sapd.api import Detections, Detector
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'sapd' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -8,6 +8,7 @@ unless a data config is chosen here (``data=coco`` or ``data=synthetic``, then `
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -15,6 +16,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from sapd import run_report
 from sapd.checkpoint import load_module
 from sapd.logs import configure_logging
 from sapd.paths import CONFIG_PATH
@@ -54,6 +56,20 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         print("\n" + format_coco_table(table, title=f"COCO bbox, {cfg.split} ({cfg.ckpt_path})"))
     if module.results_file and trainer.is_global_zero:
         print(f"detections (COCO results json): {module.results_file}")
+    report_cfg = cfg.get("report") or {}
+    if report_cfg.get("enabled", True) and trainer.is_global_zero:
+        ckpt = Path(cfg.ckpt_path)
+        run_report.report_module(
+            cfg.paths.output_dir,
+            module,
+            datamodule.val_dataset if cfg.split == "val" else datamodule.test_dataset,
+            size_divisor=getattr(datamodule, "size_divisor", 128),
+            metrics_files=run_report.find_metrics_csv(ckpt.parent.parent)[-1:],  # the training run's curves
+            score_thresh=float(report_cfg.get("score_thresh", 0.4)),
+            num_images=int(report_cfg.get("num_images", 8)),
+            title=f"{ckpt.name}, {getattr(datamodule, 'name', 'data')} {cfg.split}",
+            images_file=f"{cfg.split}_images.png",
+        )
     return table
 
 

@@ -22,6 +22,8 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric
 from torchmetrics.detection import MeanAveragePrecision
 
+from sapd.run_report import ClassMetrics, class_metrics_from_coco
+
 log = logging.getLogger(__name__)
 
 # The COCO numbers logged after each evaluation (torchmetrics' names), as ``<stage>/<key>``.
@@ -120,12 +122,18 @@ class SAPDLitModule(L.LightningModule):
         self.val_map_best = MaxMetric()
         self.last_coco_table: dict[str, float] = {}  # COCO numbers of the latest evaluation (val or test)
         self.last_coco_step: int | None = None  # global step of the latest validation with a table
+        self.last_class_metrics: ClassMetrics | None = None  # per-class AP and PR curves of that evaluation
+        self.wandb_run_id: str | None = None  # stored in checkpoints, so a resumed run continues its dashboard
         self._bad_steps = 0
         self._results: list[dict[str, Any]] = []
 
     @staticmethod
     def _new_metric() -> MeanAveragePrecision:
-        return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="faster_coco_eval")
+        # extended_summary: COCOeval's precision array, from which the per-class APs and PR curves come
+        # (sapd.run_report.class_metrics_from_coco) without evaluating each class again
+        return MeanAveragePrecision(
+            box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", extended_summary=True
+        )
 
     # ------------------------------------------------------------------ forward
     def forward(self, images: Tensor) -> dict[str, Any]:
@@ -246,17 +254,38 @@ class SAPDLitModule(L.LightningModule):
             log.info("wrote %d detections to %s", len(self._results), path)
         self._results = []
 
-    def _log_coco(self, metric: MeanAveragePrecision, stage: str) -> dict[str, float]:
+    def _log_coco(self, metric: MeanAveragePrecision, stage: str) -> tuple[dict[str, float], ClassMetrics | None]:
         if not metric.groundtruth_labels and not metric.detection_labels:
             metric.reset()
-            return {}
+            return {}, None
+        num_gt = self._count_ground_truth(metric)
         values = metric.compute()
         metric.reset()
         table = {}
         for key in COCO_KEYS:
             self.log(f"{stage}/{key}", values[key], sync_dist=False)
             table[key] = float(values[key])
-        return table
+        per_class = None
+        if "precision" in values:  # absent when there was nothing to evaluate
+            per_class = class_metrics_from_coco(
+                values["precision"],
+                values["recall"],
+                values["classes"],
+                iou_thresholds=metric.iou_thresholds,
+                rec_thresholds=metric.rec_thresholds,
+                num_gt=num_gt,
+            )
+        return table, per_class
+
+    def _count_ground_truth(self, metric: MeanAveragePrecision) -> Tensor:
+        """LongTensor[K]: non-crowd ground-truth boxes per label over every process's share of the set."""
+        num_classes = len(self.label_to_cat_id) if self.label_to_cat_id is not None else 0
+        with metric.sync_context():
+            labels = torch.cat(metric.groundtruth_labels).long().cpu() if metric.groundtruth_labels else None
+            crowd = torch.cat(metric.groundtruth_crowds).bool().cpu() if metric.groundtruth_crowds else None
+        if labels is None or labels.numel() == 0:
+            return torch.zeros(num_classes, dtype=torch.long)
+        return torch.bincount(labels[~crowd], minlength=max(num_classes, int(labels.max()) + 1))
 
     def on_validation_epoch_start(self) -> None:
         self._results = []
@@ -265,11 +294,12 @@ class SAPDLitModule(L.LightningModule):
         return self._eval_step(batch, self.val_map, "val")
 
     def on_validation_epoch_end(self) -> None:
-        table = self._log_coco(self.val_map, "val")
+        table, per_class = self._log_coco(self.val_map, "val")
         if table:
             self.val_map_best(torch.tensor(table["map"]))
             self.log("val/map_best", self.val_map_best.compute(), prog_bar=True)
             self.last_coco_table = table
+            self.last_class_metrics = per_class
             self.last_coco_step = self.global_step
         self._write_results()
 
@@ -280,9 +310,10 @@ class SAPDLitModule(L.LightningModule):
         return self._eval_step(batch, self.test_map, "test")
 
     def on_test_epoch_end(self) -> None:
-        table = self._log_coco(self.test_map, "test")
+        table, per_class = self._log_coco(self.test_map, "test")
         if table:
             self.last_coco_table = table
+            self.last_class_metrics = per_class
         self._write_results()
 
     # ------------------------------------------------------------------ optimisation
@@ -353,3 +384,5 @@ class SAPDLitModule(L.LightningModule):
             "label_to_cat_id": self.label_to_cat_id,
             "class_names": self.class_names,
         }
+        if self.wandb_run_id:
+            checkpoint["sapd_wandb_id"] = self.wandb_run_id

@@ -18,10 +18,12 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig
 
+from sapd import run_report
 from sapd.build import build_module
+from sapd.loggers import WANDB_ID_FILE, resume_wandb_config
 from sapd.logs import configure_logging
 from sapd.paths import CONFIG_PATH
 from sapd.utils import format_coco_table, instantiate_group, resolve_precision, set_threads
@@ -107,14 +109,25 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         cfg, label_to_cat_id=list(datamodule.label_to_cat_id), class_names=list(datamodule.class_names)
     )
 
+    output_dir = Path(cfg.paths.output_dir)
+    report_cfg = cfg.get("report") or {}
     callbacks = instantiate_group(cfg.get("callbacks"))
-    loggers = instantiate_group(cfg.get("logger"))
+    # a run resumed from a checkpoint (ckpt_path=...) continues the wandb run that wrote it
+    loggers = instantiate_group(resume_wandb_config(cfg.get("logger"), cfg.get("ckpt_path")))
+    if report_cfg.get("enabled", True) and not any(isinstance(lg, CSVLogger) for lg in loggers):
+        # the report's training curves read metrics.csv: it is recorded whatever the logger
+        loggers.append(CSVLogger(save_dir=str(output_dir), name="csv"))
     if not loggers:  # nothing to monitor the learning rate into (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     precision = resolve_precision(cfg.trainer.get("precision", "32-true"), str(cfg.trainer.get("accelerator", "auto")))
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision)
     for lg in loggers:
         lg.log_hyperparams(module.run_config)
+        if isinstance(lg, WandbLogger) and lg.version:
+            module.wandb_run_id = str(lg.version)  # into every checkpoint, for a resume
+            if trainer.is_global_zero:
+                output_dir.mkdir(parents=True, exist_ok=True)
+                (output_dir / WANDB_ID_FILE).write_text(module.wandb_run_id + "\n")
 
     fit_start, start_step = time.time(), trainer.global_step
     if cfg.get("train", True):
@@ -148,7 +161,25 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     log.info("logs and outputs: %s", cfg.paths.output_dir)
     if trainer.is_global_zero and not trainer.fast_dev_run:
         summary = run_summary(cfg, table, minutes, fit_seconds, fit_steps, trainer.global_step)
-        write_summary(summary, Path(cfg.paths.output_dir))
+        write_summary(summary, output_dir)
+        if report_cfg.get("enabled", True):
+            csv_loggers = [lg for lg in loggers if isinstance(lg, CSVLogger)]
+            for lg in csv_loggers:
+                lg.save()  # rows still buffered reach metrics.csv
+            csv_files = [Path(lg.log_dir) / "metrics.csv" for lg in csv_loggers]
+            if cfg.get("ckpt_path"):  # a resumed run: its curves start with those of the run it resumes
+                earlier = run_report.find_metrics_csv(Path(cfg.ckpt_path).parent.parent)
+                csv_files = [f for f in earlier if f.resolve() not in {c.resolve() for c in csv_files}][-1:] + csv_files
+            run_report.report_module(
+                output_dir,
+                module,
+                datamodule.val_dataset,
+                size_divisor=getattr(datamodule, "size_divisor", 128),
+                metrics_files=csv_files,
+                score_thresh=float(report_cfg.get("score_thresh", 0.4)),
+                num_images=int(report_cfg.get("num_images", 8)),
+                title=f"{cfg.get('task_name', 'train')}, {cfg.data.get('name', 'val')}",
+            )
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             lg.experiment.finish()
