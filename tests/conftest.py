@@ -85,3 +85,16 @@ def train_cfg(tmp_path):
         return compose_config("train", [*TINY, *overrides], tmp_path)
 
     return make
+
+
+def train_tiny_checkpoint(output_dir: Path) -> tuple[Path, object]:
+    """Trains the tiny model 3 steps on the synthetic set into ``output_dir``: (last.ckpt, datamodule)."""
+    from sapd.train import train
+
+    cfg = compose_config(
+        "train", [*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=3", "validate_best=false"], output_dir
+    )
+    _, objects = train(cfg)
+    ckpt = Path(output_dir) / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+    return ckpt, objects["datamodule"]

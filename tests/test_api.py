@@ -13,28 +13,19 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, compose_config
+from conftest import train_tiny_checkpoint
 from sapd import Detections, Detector
 from sapd.data import DataError
 from sapd.data.transforms import collate, preprocess_image
-from sapd.train import train
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A checkpoint trained a few steps (tiny model, synthetic data) and its validation images."""
-    out = tmp_path_factory.mktemp("run")
-    cfg = compose_config(
-        "train",
-        [*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=3", "validate_best=false"],
-        out,
-    )
-    _, objects = train(cfg)
-    ckpt = Path(out) / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file()
-    images = sorted(Path(objects["datamodule"].val_dataset.img_dir).glob("*.jpg"))
+    ckpt, datamodule = train_tiny_checkpoint(tmp_path_factory.mktemp("run"))
+    images = sorted(Path(datamodule.val_dataset.img_dir).glob("*.jpg"))
     assert len(images) >= 6
-    return ckpt, images, objects["datamodule"]
+    return ckpt, images, datamodule
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from conftest import compose_config
+from conftest import compose_config, train_tiny_checkpoint
 from sapd import run_report
 from sapd.api import Detector
 from sapd.checkpoint import CheckpointError, load_module
@@ -23,24 +23,13 @@ from sapd.evaluate import evaluate
 from sapd.module import SAPDLitModule
 from sapd.predict import PredictError, output_paths, predict
 from sapd.predict import main as predict_main
-from sapd.train import train
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A checkpoint trained a few steps (tiny model, synthetic data) and its run config."""
-    out = tmp_path_factory.mktemp("run")
-    from conftest import TINY
-
-    cfg = compose_config(
-        "train",
-        [*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=3", "validate_best=false"],
-        out,
-    )
-    _, objects = train(cfg)
-    ckpt = Path(out) / "checkpoints" / "last.ckpt"
-    assert ckpt.is_file()
-    return ckpt, objects["datamodule"]
+    ckpt, datamodule = train_tiny_checkpoint(tmp_path_factory.mktemp("run"))
+    return ckpt, datamodule
 
 
 @pytest.mark.slow

@@ -71,8 +71,8 @@ def cpu_flags(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> list[str]:
                 if line.startswith("flags"):
                     have = set(line.split(":", 1)[1].split())
                     return [flag for flag in CPU_FLAGS if flag in have]
-    except OSError:
-        pass
+    except OSError:  # no /proc/cpuinfo (not Linux): no flags known
+        return []
     return []
 
 
