@@ -252,6 +252,18 @@ def test_modules_instead_of_partials():
 # --- post-processing (paper §3.4) ----------------------------------------------------------------------------
 
 
+def two_level_sapd(**kwargs) -> SAPD:
+    """A 2-class SAPD on P3-P4 with a head of no convs, for the hand-made outputs below."""
+    return SAPD(
+        num_classes=2,
+        backbone=TinyBackbone(),
+        neck=functools.partial(FPN, out_channels=16, num_levels=2),
+        head=functools.partial(SAPDHead, num_convs=0),
+        selection=None,
+        **kwargs,
+    )
+
+
 def hand_outputs():
     """Two levels: P3 2x2 (points (4,4), (12,4), (4,12), (12,12)), P4 1x1 (point (8,8)); K = 2."""
     logits = torch.full((1, 5, 2), -10.0)
@@ -286,14 +298,7 @@ def test_postprocess_maps_to_original_pixels_and_limits():
     nms_off = postprocess_detections(logits, reg, sizes, strides, [(30, 40)], nms_thresh=0.95)[0]
     assert nms_off["scores"].numel() == 4
     # Through the detector: the same numbers with its defaults.
-    model = SAPD(
-        num_classes=2,
-        backbone=TinyBackbone(),
-        neck=functools.partial(FPN, out_channels=16, num_levels=2),
-        head=functools.partial(SAPDHead, num_convs=0),
-        selection=None,
-        criterion=SAPDCriterion(topk=2),
-    )
+    model = two_level_sapd(criterion=SAPDCriterion(topk=2))
     outputs = {"cls_logits": logits, "box_reg": reg, "level_sizes": sizes, "features": []}
     det2 = model.postprocess(outputs, [(30, 40)], [(2.0, 0.5)])[0]
     assert torch.equal(det2["boxes"], det["boxes"])
@@ -347,16 +352,7 @@ def test_tiny_model_overfits_one_image():
 
 def test_criterion_and_postprocess_are_objects_the_detector_uses():
     crit, post = SAPDCriterion(eta=2.0, topk=2), PostProcess(score_thresh=0.6, nms_thresh=0.95)
-    model = SAPD(
-        num_classes=2,
-        backbone=TinyBackbone(),
-        neck=functools.partial(FPN, out_channels=16, num_levels=2),
-        head=functools.partial(SAPDHead, num_convs=0),
-        selection=None,
-        criterion=crit,
-        postprocess=post,
-        z=4.0,
-    )
+    model = two_level_sapd(criterion=crit, postprocess=post, z=4.0)
     assert model.criterion is crit and model.postprocessor is post
     logits, reg, sizes, strides = hand_outputs()
     outputs = {"cls_logits": logits, "box_reg": reg, "level_sizes": sizes, "features": []}
