@@ -41,8 +41,9 @@ format: $(STAMP) ## Ruff autofix and format
 	$(PY) -m ruff check --fix src tests benchmarks
 	$(PY) -m ruff format src tests benchmarks
 
-bench: $(STAMP) ## Speed of SAPD vs torchvision RetinaNet and FCOS (writes benchmarks/results.*; ARGS=help)
+bench: $(STAMP) ## Speed of SAPD vs torchvision RetinaNet and FCOS, then of the exported model (benchmarks/results*.*; ARGS=help)
 	$(PY) -m benchmarks suite=speed $(ARGS)
+	$(PY) -m benchmarks suite=export
 
 bench-data: $(STAMP) ## Images/s of the train loader (synthetic and 800-px images)
 	$(PY) -m benchmarks suite=data $(ARGS)
