@@ -98,3 +98,20 @@ def train_tiny_checkpoint(output_dir: Path) -> tuple[Path, object]:
     ckpt = Path(output_dir) / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     return ckpt, objects["datamodule"]
+
+
+def train_with(cfg, *extra_callbacks):
+    """``train(cfg)`` with extra callbacks appended to the configured ones."""
+    import sapd.train as train_module
+
+    original = train_module.instantiate_group
+
+    def with_extra(group_cfg):
+        objects = original(group_cfg)
+        return objects + list(extra_callbacks) if group_cfg is cfg.get("callbacks") else objects
+
+    train_module.instantiate_group = with_extra
+    try:
+        return train_module.train(cfg)
+    finally:
+        train_module.instantiate_group = original

@@ -13,7 +13,8 @@ from PIL import Image
 
 from sapd.data import DataError
 from sapd.data.coco import COCODetection
-from sapd.data.transforms import build_transforms, denormalize
+from sapd.data.io import SkippedImage
+from sapd.data.transforms import build_transforms, collate, denormalize
 
 # crowd mask: rows 5..14 x cols 30..39 of a 48 x 64 image, as uncompressed column-major RLE
 CROWD_RLE = {"counts": [30 * 48 + 5] + [10, 38] * 9 + [10, 33 + 24 * 48], "size": [48, 64]}
@@ -87,6 +88,9 @@ def test_label_map_and_boxes(quirky):
     assert len(ds) == 6  # the empty image is kept as a negative
     assert ds.stats["degenerate_boxes"] == 1 and ds.stats["crowd"] == 1 and ds.stats["empty_images"] == 1
     assert ds.stats["annotations"] == 8 and ds.stats["boxes"] == 6
+    assert ds.stats["tiny_boxes"] == 1 and ds.stats["zero_size_boxes"] == ds.stats["outside_boxes"] == 0
+    assert ds.stats["no_annotations"] == 1 and ds.stats["unknown_category"] == 0
+    assert all(type(v) is int for v in ds.stats.values())  # a plain dict of ints, json-ready
 
     img, t = _by_id(ds, 11)
     assert img.shape == (3, 48, 64) and img.dtype == torch.float32
@@ -181,13 +185,16 @@ def test_not_json(tmp_path, quirky):
         COCODetection(bad, quirky[1])
 
 
-def test_unknown_category_names_annotation_and_category(tmp_path, quirky):
+def test_unknown_category_is_skipped_and_counted(tmp_path, quirky):
     ann_file, img_dir = quirky
     ds = json.loads(ann_file.read_text())
     ds["annotations"].append({**ds["annotations"][0], "id": 77, "category_id": 99})
     ann_file.write_text(json.dumps(ds))
-    with pytest.raises(DataError, match=r"annotation id 77 has unknown category id 99"):
-        COCODetection(ann_file, img_dir)
+    data = COCODetection(ann_file, img_dir)  # no longer a DataError
+    assert data.stats["unknown_category"] == 1 and data.unknown_category_ids == {99}
+    assert data.stats["annotations"] == 9 and data.stats["boxes"] == 6  # counted, not trained on
+    _, t = _by_id(data, 11)
+    assert len(t["boxes"]) == 2 and len(t["eval_boxes"]) == 4  # nor evaluated
 
 
 @pytest.mark.parametrize("kind", ["missing", "corrupt", "wrong_size"])
@@ -205,22 +212,29 @@ def test_bad_image_raises_naming_the_file(quirky, kind):
         ds[ds.ids.index(12)]
     assert str(path) in str(e.value)
     assert {"missing": "not found", "corrupt": "cannot decode", "wrong_size": "41x30"}[kind] in str(e.value)
+    assert "data.skip_bad_images=true skips such images" in str(e.value) and "\n" not in str(e.value)
+    skipping = COCODetection(ann_file, img_dir, skip_bad_images=True)
+    marker = skipping[skipping.ids.index(12)]
+    assert isinstance(marker, SkippedImage) and marker.image_id == 12
+    assert marker.reason == {"missing": "missing", "corrupt": "unreadable", "wrong_size": "wrong_size"}[kind]
 
 
-def test_skip_bad_images_returns_the_next_sample_warns_once_and_counts(quirky):
+def test_skip_bad_images_skips_and_never_replaces(quirky):
+    """A bad image is left out, not replaced by the next one under its id: no image twice."""
     ann_file, img_dir = quirky
     (img_dir / "gray.png").unlink()
     (img_dir / "rgba.png").write_bytes(b"garbage")
     ds = COCODetection(ann_file, img_dir, skip_bad_images=True)
-    with pytest.warns(UserWarning, match="skip_bad_images") as record:
-        _, t = ds[ds.ids.index(12)]
-        _, t2 = ds[ds.ids.index(13)]
-    assert len(record) == 1
-    assert t["image_id"] == 14 and t2["image_id"] == 14  # the next readable image
-    assert ds.stats["bad_images"] == 3
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert ds[0][1]["image_id"] == 11  # good images are untouched
+        warnings.simplefilter("error")  # the data set returns markers; the data module logs them
+        items = [ds[i] for i in range(len(ds))]
+    assert items[ds.ids.index(12)] == SkippedImage(12, "missing", items[ds.ids.index(12)].message)
+    assert "gray.png" in items[ds.ids.index(12)].message
+    assert items[ds.ids.index(13)][:2] == (13, "unreadable") and "rgba.png" in items[ds.ids.index(13)].message
+    images, targets = collate(items, size_divisor=32)
+    assert [t["image_id"] for t in targets] == [11, 14, 15, 16] and images.shape[0] == 4  # each image once
+    assert [(s.image_id, s.reason) for s in targets.skipped] == [(12, "missing"), (13, "unreadable")]
+    assert ds[0][1]["image_id"] == 11  # good images are untouched
 
 
 def test_annotations_made_in_the_unrotated_frame_are_read_unrotated(quirky):

@@ -156,3 +156,31 @@ def test_evaluation_size_differs_from_training_size(synthetic_root):
     assert all(max(t["img_size"]) <= 80 for t in train_t)
     assert all(min(t["img_size"]) == 96 or max(t["img_size"]) == 150 for t in val_t)
     assert all(max(t["img_size"]) <= 150 and min(t["img_size"]) <= 96 for t in val_t)
+
+
+def test_data_counts_and_one_log_line_per_split(synthetic_root, caplog):
+    import logging
+
+    from sapd.data.io import SkippedImage
+
+    dm = _dm(synthetic_root)
+    with caplog.at_level(logging.INFO, logger="sapd.data.datamodule"):
+        dm.setup("fit")
+        dm.setup("fit")  # data sets are built once: counted and logged once
+    lines = [r.getMessage() for r in caplog.records if r.name == "sapd.data.datamodule"]
+    assert len(lines) == 2 and lines[0].startswith("train (") and lines[1].startswith("val (")
+    assert "instances_train.json" in lines[0] and "training boxes" in lines[0] and "unknown category" in lines[0]
+    counts = dm.data_counts()
+    assert set(counts) == {"train", "val"} and counts["train"] == {
+        **dm.train_dataset.stats, "skipped_images": 0, "skipped_reasons": {}, "skipped": {}
+    }  # fmt: skip
+    assert counts["val"]["images"] == 5 and counts["train"]["boxes"] > 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sapd.data.datamodule"):
+        for _ in range(2):  # two epochs: the same image is logged once, counted in each epoch's total
+            dm.record_skipped("train", [SkippedImage(4, "missing", "image file not found: x/4.jpg")])
+            dm.end_pass("train")
+    assert dm.data_counts()["train"]["skipped"] == {"4": "missing"}
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("skipped image id 4 (missing): image file not found: x/4.jpg" in m for m in lines) == 1
+    assert sum("train: 1 image(s) skipped (1 missing)" in m for m in lines) == 2

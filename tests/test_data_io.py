@@ -118,3 +118,40 @@ def test_text_file_named_jpg_missing_file_and_folder(tmp_path):
         read_image(tmp_path / "nope.png")
     with pytest.raises(DataError, match=r"cannot decode image .* a folder"):
         read_image(tmp_path)
+
+
+def huge_png(path, width: int = 100_000, height: int = 100_000) -> None:
+    """A few-byte PNG whose header declares ``width`` x ``height`` pixels (a decompression bomb's header)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b"")
+    )
+
+
+def test_decompression_bomb_is_one_clear_error(tmp_path):
+    from sapd.data.io import BadImageError
+
+    bomb = tmp_path / "bomb.png"
+    huge_png(bomb)
+    with pytest.raises(DataError) as e:
+        read_image(bomb)
+    msg = str(e.value)
+    assert isinstance(e.value, BadImageError) and e.value.reason == "too_large" and "\n" not in msg
+    assert str(bomb) in msg and "10,000,000,000 pixels" in msg  # the file and its pixel count
+    assert f"{2 * Image.MAX_IMAGE_PIXELS:,}" in msg and "PIL.Image.MAX_IMAGE_PIXELS" in msg  # the limit, and the knob
+
+
+def test_decompression_bomb_limit_follows_pil_max_image_pixels(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    Image.new("RGB", (20, 20)).save(tmp_path / "big.png")  # 400 pixels > 2 x 100: PIL's error
+    Image.new("RGB", (12, 10)).save(tmp_path / "warn.png")  # 120 pixels, between 100 and 200: PIL warns
+    with pytest.raises(DataError, match=r"big\.png is too large to decode: 400 pixels, over the limit of 200 pixels"):
+        read_image(tmp_path / "big.png")
+    with pytest.warns(Image.DecompressionBombWarning):
+        assert read_image(tmp_path / "warn.png").size == (12, 10)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -30,8 +29,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
-from sapd.checkpoint import CheckpointError, load_module
-from sapd.data import DataError
+from sapd.checkpoint import load_module
+from sapd.errors import UserError, refusals
 from sapd.logs import configure_logging
 from sapd.models.criterion import SAPDCriterion
 from sapd.paths import CONFIG_PATH
@@ -45,7 +44,7 @@ ROWS = {"FSAF": (False, False, 1), "+SW": (True, False, 1), "+SW+SS": (True, Tru
 SETTINGS = [(v, n) for v in ("cell_overlap", "centre") for n in ("none", "level_max")]
 
 
-class AnalysisError(ValueError):
+class AnalysisError(UserError):
     """A checkpoint these pictures cannot be drawn for."""
 
 
@@ -292,16 +291,13 @@ def analyse(ckpt_path: str | Path, out_dir: str | Path, num_batches: int = 20) -
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="analysis")
+@refusals("sapd.analysis")
 def main(cfg: DictConfig) -> None:
     """Writes the pictures and logs their paths; a bad checkpoint or data is one line on stderr, exit code 2."""
     configure_logging()
-    try:
-        if OmegaConf.is_missing(cfg, "ckpt_path"):
-            raise AnalysisError("give the checkpoint to analyse: python -m sapd.analysis ckpt_path=PATH")
-        paths = analyse(cfg.ckpt_path, cfg.out, int(cfg.batches))
-    except (CheckpointError, DataError, AnalysisError) as exc:
-        log.error("sapd.analysis: %s", exc)
-        sys.exit(2)
+    if OmegaConf.is_missing(cfg, "ckpt_path"):
+        raise AnalysisError("give the checkpoint to analyse: python -m sapd.analysis ckpt_path=PATH")
+    paths = analyse(cfg.ckpt_path, cfg.out, int(cfg.batches))
     for path in paths:
         log.info("wrote %s", path)
 

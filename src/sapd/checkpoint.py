@@ -3,28 +3,107 @@
 from __future__ import annotations
 
 import logging
+import os
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from sapd.build import build_module, migrate_model_config
+from sapd.errors import UserError
 from sapd.module import SAPDLitModule
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that is missing or was not written by sapd."""
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
+def _others(path: Path) -> str:
+    """The other checkpoints beside ``path``, as a hint for the user."""
+    others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path) if path.parent.is_dir() else []
+    return f"; the other checkpoints there: {', '.join(others[:5])}" if others else ""
+
+
+def check_checkpoint_file(path: str | Path) -> Path:
+    """Cheap checks that ``path`` is a whole checkpoint file, without loading it.
+
+    A checkpoint is a zip archive (``torch.save``'s format): its central directory is at the end of
+    the file, so a save cut short (a 0-byte or truncated file) fails here in milliseconds, with a
+    :class:`CheckpointError` that names the file, says what happened and lists the run's other
+    checkpoints.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(
             f"checkpoint not found: {path} (train one with `python -m sapd.train`; the run prints its path)"
         )
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(
+            f"checkpoint {path} is empty (0 bytes): its save was interrupted; resume from another one{_others(path)}"
+        )
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(
+            f"checkpoint {path} ({size} bytes) is truncated or not a torch checkpoint: "
+            f"its save was interrupted or the file is something else; use another one{_others(path)}"
+        )
+    return path
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints that are never half-written: the file appears whole or not at all.
+
+    Each save goes to a temporary file in the destination folder, is flushed and fsynced, then
+    renamed over the destination (``os.replace``: atomic on one filesystem), and the folder entry is
+    fsynced. A process killed during a save leaves the previous ``last.ckpt`` intact (and at worst a
+    ``.<name>.tmp-<pid>`` file, removed by the next save of that process). Lightning's own save
+    writes through fsspec, whose temporary file lives in the system temporary folder: when that is
+    another filesystem (a tmpfs ``/tmp``), the final move is a copy and a kill during it leaves a
+    truncated checkpoint. Remote URLs (``s3://``, ...) keep Lightning's save.
+    """
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if "://" in str(path) and not str(path).startswith("file://"):
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        if storage_options is not None:
+            raise TypeError("AtomicCheckpointIO takes no storage_options")
+        path = Path(str(path).removeprefix("file://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Makes a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = check_checkpoint_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a broken file

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sapd import run_report
 from sapd.checkpoint import load_module
+from sapd.errors import ConfigError, refusals
 from sapd.logs import configure_logging
 from sapd.paths import CONFIG_PATH
 from sapd.utils import format_coco_table, instantiate_group, set_threads
@@ -27,7 +28,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Runs the checkpoint over ``cfg.split`` and returns the COCO table (empty for test-dev)."""
     set_threads(cfg.get("num_threads"))
     if cfg.split not in ("val", "test"):
-        raise ValueError(f"split must be 'val' or 'test', not {cfg.split!r}")
+        raise ConfigError(f"split must be 'val' or 'test', not {cfg.split!r}")
     module, run_cfg = load_module(cfg.ckpt_path)
     chosen = cfg.get("data")  # data=<group> on the command line; else the checkpoint's data config
     # resolved here, where ${paths...} of the chosen config can be; the checkpoint's is stored resolved
@@ -41,7 +42,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("score_thresh") is not None:
         module.net.postprocessor.score_thresh = float(cfg.score_thresh)
     if list(datamodule.label_to_cat_id) != list(module.label_to_cat_id or []):
-        raise ValueError(
+        raise ConfigError(
             "the data's categories differ from the checkpoint's: evaluate on the data set the model was "
             f"trained for (checkpoint: {len(module.label_to_cat_id or [])} classes, data: {datamodule.num_classes})"
         )
@@ -74,7 +75,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+@refusals("sapd.evaluate")
 def main(cfg: DictConfig) -> None:
+    """Evaluates; a bad checkpoint, data or value is one line on stderr and exit code 2."""
     configure_logging()
     evaluate(cfg)
 

@@ -54,7 +54,6 @@ import copy
 import functools
 import json
 import logging
-import sys
 import types
 import warnings
 from collections.abc import Sequence
@@ -69,8 +68,9 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import nms
 
-from sapd.checkpoint import CheckpointError, load_module
+from sapd.checkpoint import load_module
 from sapd.data import transforms
+from sapd.errors import UserError, refusals
 from sapd.logs import configure_logging
 from sapd.models.detector import SAPD
 from sapd.paths import CONFIG_PATH
@@ -87,7 +87,7 @@ METADATA_KEY = "sapd"  # ONNX metadata_props key / TorchScript extra file "sapd.
 BOX_RTOL, BOX_ATOL, SCORE_ATOL = 1e-3, 1e-3, 1e-4
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """A request that cannot be exported (unknown format, FCOS, missing ONNX packages, bad opset)."""
 
 
@@ -643,14 +643,11 @@ def verify(net: nn.Module, path: str | Path, *, size_divisor: int) -> dict[str, 
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
+@refusals("sapd.export")
 def main(cfg: DictConfig) -> None:
     """Writes the model and its JSON; a bad request or checkpoint is one line on stderr, exit code 2."""
     configure_logging()
-    try:
-        result = export(cfg)
-    except (CheckpointError, ExportError) as exc:
-        log.error("sapd.export: %s", exc)
-        sys.exit(2)
+    result = export(cfg)
     log.info("wrote %s (and %s)", result["output"], result["metadata"])
     if "parity" in result:
         p = result["parity"]

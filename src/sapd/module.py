@@ -18,6 +18,7 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 from torchmetrics.detection import MeanAveragePrecision
@@ -28,6 +29,17 @@ log = logging.getLogger(__name__)
 
 # The COCO numbers logged after each evaluation (torchmetrics' names), as ``<stage>/<key>``.
 COCO_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
+
+# The states of torchmetrics' MeanAveragePrecision (iou_type="bbox") that hold one entry per image, in update order.
+BOX_STATES = (
+    "detection_box",
+    "detection_scores",
+    "detection_labels",
+    "groundtruth_box",
+    "groundtruth_labels",
+    "groundtruth_crowds",
+    "groundtruth_area",
+)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -68,6 +80,66 @@ def lr_factor(
     else:
         raise ValueError(f"unknown scheduler name {name!r}: use 'multistep', 'cosine' or 'constant'")
     return warm * decay
+
+
+def _first_visits(results: Sequence[dict[str, Any]]) -> dict[int, list[dict[str, Any]]]:
+    """COCO results entries by image id, of each image's first visit (its first run of consecutive entries)."""
+    runs: dict[int, list[dict[str, Any]]] = {}
+    done: set[int] = set()
+    previous = None
+    for entry in results:
+        image_id = int(entry["image_id"])
+        if image_id != previous:
+            if previous is not None:
+                done.add(previous)
+            previous = image_id
+        if image_id not in done:
+            runs.setdefault(image_id, []).append(entry)
+    return runs
+
+
+def merge_evaluations(
+    shares: Sequence[dict[str, Any]],
+) -> tuple[dict[str, list[Tensor]], list[dict[str, Any]], int]:
+    """Every image once, from the evaluations of the processes (``SAPDLitModule._evaluation_share``).
+
+    Each share holds ``image_ids`` (the images in the order the metric saw them, or None when
+    unknown), ``states`` (the metric's per-image lists, :data:`BOX_STATES`) and ``results`` (COCO
+    results entries). An image seen more than once (a padding sampler repeats images to even the
+    shares) is kept from the first share and visit that has it; a share without ``image_ids`` is
+    kept whole.
+
+    Returns:
+        (the merged metric states, the merged results entries, the number of repeats dropped).
+    """
+    states: dict[str, list[Tensor]] = {}
+    results: list[dict[str, Any]] = []
+    seen: set[int] = set()
+    repeated = 0
+    for share in shares:
+        ids, per_image = share["image_ids"], share["states"]
+        for name in per_image:
+            states.setdefault(name, [])
+        if ids is None:
+            for name, values in per_image.items():
+                states[name].extend(values)
+            results.extend(share["results"])
+            seen.update(int(r["image_id"]) for r in share["results"])
+            continue
+        visits = _first_visits(share["results"])
+        for i, image_id in enumerate(ids):
+            if image_id in seen:
+                repeated += 1
+                continue
+            seen.add(image_id)
+            for name, values in per_image.items():
+                states[name].append(values[i])
+            results.extend(visits.pop(image_id, []))
+        for image_id, entries in visits.items():  # results of images the share does not list (none expected)
+            if image_id not in seen:
+                seen.add(image_id)
+                results.extend(entries)
+    return states, results, repeated
 
 
 class SAPDLitModule(L.LightningModule):
@@ -124,15 +196,25 @@ class SAPDLitModule(L.LightningModule):
         self.last_coco_step: int | None = None  # global step of the latest validation with a table
         self.last_class_metrics: ClassMetrics | None = None  # per-class AP and PR curves of that evaluation
         self.wandb_run_id: str | None = None  # stored in checkpoints, so a resumed run continues its dashboard
+        # training instances seen in this process, and those that own no anchor point on any level
+        # (so nothing trains on them: tiny boxes under valid_region=centre); in summary.json
+        self.instance_counts: dict[str, int] = {"instances": 0, "without_anchor_point": 0}
         self._bad_steps = 0
         self._results: list[dict[str, Any]] = []
+        self._eval_image_ids: list[int] = []  # image ids of this process's evaluation, in the metric's order
 
     @staticmethod
     def _new_metric() -> MeanAveragePrecision:
         # extended_summary: COCOeval's precision array, from which the per-class APs and PR curves come
         # (sapd.run_report.class_metrics_from_coco) without evaluating each class again
+        # sync_on_compute=False: under DDP the processes' images are gathered and scored once on rank 0
+        # (SAPDLitModule._finish_evaluation); torchmetrics' own sync needs equally many images per process
         return MeanAveragePrecision(
-            box_format="xyxy", iou_type="bbox", backend="faster_coco_eval", extended_summary=True
+            box_format="xyxy",
+            iou_type="bbox",
+            backend="faster_coco_eval",
+            extended_summary=True,
+            sync_on_compute=False,
         )
 
     # ------------------------------------------------------------------ forward
@@ -160,6 +242,8 @@ class SAPDLitModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx: int):
         images, targets = batch
+        if images.shape[0] == 0:  # every image of the batch was skipped (data.skip_bad_images): no step
+            return None
         outputs = self(images)
         losses = self.net.loss(outputs, targets)
         total = losses["total"]
@@ -174,6 +258,9 @@ class SAPDLitModule(L.LightningModule):
                 )
             return None
         self._bad_steps = 0
+        self.instance_counts["instances"] += sum(len(t["labels"]) for t in targets)
+        if "num_unassigned" in losses:
+            self.instance_counts["without_anchor_point"] += int(losses["num_unassigned"])
         bs = images.shape[0]
         self._log_losses("train", losses, bs, on_step=True)
         # the selection net's level probabilities reach callbacks (SelectionHistogram) as step outputs
@@ -213,6 +300,7 @@ class SAPDLitModule(L.LightningModule):
         images, targets = batch
         outputs = self(images)
         dets = self.detect(images, targets, outputs)
+        self._eval_image_ids.extend(int(t["image_id"]) for t in targets)
         if "eval_boxes" in targets[0]:
             losses = self.net.loss(outputs, targets)
             self._log_losses(stage, {"loss": losses["total"], **losses}, images.shape[0], on_step=False)
@@ -246,25 +334,90 @@ class SAPDLitModule(L.LightningModule):
                 )
         return results
 
-    def _write_results(self) -> None:
-        if self.results_file and self.trainer.is_global_zero:
+    def _write_results(self, results: list[dict[str, Any]]) -> None:
+        """Writes ``results`` (every process's, gathered) as the COCO results json; called on rank 0 only."""
+        if self.results_file:
             path = Path(self.results_file)
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self._results))
-            log.info("wrote %d detections to %s", len(self._results), path)
-        self._results = []
+            path.write_text(json.dumps(results))
+            log.info("wrote %d detections to %s", len(results), path)
+
+    def _evaluation_share(self, metric: MeanAveragePrecision) -> dict[str, Any]:
+        """This process's evaluation: image ids, the metric's per-image states (on the CPU) and results entries."""
+        states = {name: [v.detach().cpu() for v in getattr(metric, name)] for name in BOX_STATES}
+        states = {name: values for name, values in states.items() if values}
+        ids: list[int] | None = list(self._eval_image_ids)
+        if any(len(values) != len(ids) for values in states.values()):
+            ids = None  # the metric was updated outside _eval_step: nothing to match its entries with
+        return {"image_ids": ids, "states": states, "results": list(self._results)}
+
+    def _gather_shares(self, share: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """Every process's share on rank 0 (in rank order), None on the other ranks; [share] in one process."""
+        if not self._distributed():
+            return [share]
+        shares: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(share, shares, dst=0)
+        return shares
+
+    def _distributed(self) -> bool:
+        trainer = self._trainer
+        return (
+            trainer is not None
+            and trainer.world_size > 1
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size() > 1
+        )
+
+    def _finish_evaluation(
+        self, metric: MeanAveragePrecision, stage: str
+    ) -> tuple[dict[str, float], ClassMetrics | None]:
+        """The end of a validation or test epoch, in one process or under DDP.
+
+        Every process's detections, ground truth and image ids go to rank 0, which keeps each image
+        once (:func:`merge_evaluations`), computes the COCO numbers once and writes the one results
+        json; the numbers are then broadcast, so every rank logs and keeps the same table.
+        """
+        share = self._evaluation_share(metric)
+        self._results, self._eval_image_ids = [], []
+        shares = self._gather_shares(share)
+        outcome: tuple[dict[str, float], ClassMetrics | None] = ({}, None)
+        if shares is not None:  # rank 0, or the only process
+            states, results, repeated = merge_evaluations(shares)
+            if repeated:
+                log.warning("%d repeated evaluations of an image were dropped: each image is scored once", repeated)
+            for name, values in states.items():
+                setattr(metric, name, values)
+            outcome = self._coco_table(metric)  # resets the metric
+            self._write_results(results)
+        else:
+            metric.reset()
+        if self._distributed():
+            box = [outcome]
+            dist.broadcast_object_list(box, src=0)
+            outcome = box[0]
+        table, per_class = outcome
+        for key, value in table.items():
+            # the same numbers on every rank (rank 0's, broadcast): nothing to reduce
+            self.log(f"{stage}/{key}", value, sync_dist=False)
+        return table, per_class
 
     def _log_coco(self, metric: MeanAveragePrecision, stage: str) -> tuple[dict[str, float], ClassMetrics | None]:
+        """Computes the COCO numbers of ``metric`` as it stands (this process's states), logs and resets it."""
+        table, per_class = self._coco_table(metric)
+        for key, value in table.items():
+            self.log(f"{stage}/{key}", value, sync_dist=False)
+        return table, per_class
+
+    def _coco_table(self, metric: MeanAveragePrecision) -> tuple[dict[str, float], ClassMetrics | None]:
+        """The COCO numbers (:data:`COCO_KEYS`) and per-class metrics of ``metric``'s states; resets it."""
         if not metric.groundtruth_labels and not metric.detection_labels:
             metric.reset()
             return {}, None
         num_gt = self._count_ground_truth(metric)
         values = metric.compute()
         metric.reset()
-        table = {}
-        for key in COCO_KEYS:
-            self.log(f"{stage}/{key}", values[key], sync_dist=False)
-            table[key] = float(values[key])
+        table = {key: float(values[key]) for key in COCO_KEYS}
         per_class = None
         if "precision" in values:  # absent when there was nothing to evaluate
             per_class = class_metrics_from_coco(
@@ -278,43 +431,45 @@ class SAPDLitModule(L.LightningModule):
         return table, per_class
 
     def _count_ground_truth(self, metric: MeanAveragePrecision) -> Tensor:
-        """LongTensor[K]: non-crowd ground-truth boxes per label over every process's share of the set."""
+        """LongTensor[K]: non-crowd ground-truth boxes per label in ``metric``'s states (under DDP, rank 0 holds
+        every process's share by then: :meth:`_finish_evaluation`)."""
         num_classes = len(self.label_to_cat_id) if self.label_to_cat_id is not None else 0
-        with metric.sync_context():
-            labels = torch.cat(metric.groundtruth_labels).long().cpu() if metric.groundtruth_labels else None
-            crowd = torch.cat(metric.groundtruth_crowds).bool().cpu() if metric.groundtruth_crowds else None
+        labels = torch.cat(metric.groundtruth_labels).long().cpu() if metric.groundtruth_labels else None
+        crowd = torch.cat(metric.groundtruth_crowds).bool().cpu() if metric.groundtruth_crowds else None
         if labels is None or labels.numel() == 0:
             return torch.zeros(num_classes, dtype=torch.long)
         return torch.bincount(labels[~crowd], minlength=max(num_classes, int(labels.max()) + 1))
 
     def on_validation_epoch_start(self) -> None:
-        self._results = []
+        self._results, self._eval_image_ids = [], []
 
     def validation_step(self, batch, batch_idx: int):
+        if batch[0].shape[0] == 0:  # every image was skipped (data.skip_bad_images): nothing to evaluate
+            return None
         return self._eval_step(batch, self.val_map, "val")
 
     def on_validation_epoch_end(self) -> None:
-        table, per_class = self._log_coco(self.val_map, "val")
+        table, per_class = self._finish_evaluation(self.val_map, "val")
         if table:
             self.val_map_best(torch.tensor(table["map"]))
             self.log("val/map_best", self.val_map_best.compute(), prog_bar=True)
             self.last_coco_table = table
             self.last_class_metrics = per_class
             self.last_coco_step = self.global_step
-        self._write_results()
 
     def on_test_epoch_start(self) -> None:
-        self._results = []
+        self._results, self._eval_image_ids = [], []
 
     def test_step(self, batch, batch_idx: int):
+        if batch[0].shape[0] == 0:  # every image was skipped (data.skip_bad_images): nothing to evaluate
+            return None
         return self._eval_step(batch, self.test_map, "test")
 
     def on_test_epoch_end(self) -> None:
-        table, per_class = self._log_coco(self.test_map, "test")
+        table, per_class = self._finish_evaluation(self.test_map, "test")
         if table:
             self.last_coco_table = table
             self.last_class_metrics = per_class
-        self._write_results()
 
     # ------------------------------------------------------------------ optimisation
     def scaled_lr(self, base_lr: float) -> float:

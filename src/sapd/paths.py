@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
+import tempfile
 from pathlib import Path
 
 from hydra import initialize_config_dir, initialize_config_module
+from omegaconf import OmegaConf
 
 CONFIG_MODULE = "sapd.conf"
 _PKG = "pkg://"
@@ -74,4 +77,45 @@ def initialize_configs(job_name: str = "app"):
     return initialize_config_dir(config_dir=path, job_name=job_name, version_base="1.3")
 
 
+def writable_dir(folder: str) -> str:
+    """``${sapd.writable_dir:<folder>}``: creates ``folder`` (parents too), checks a file can be written
+    in it, and returns it unchanged.
+
+    Run folders are made under it by Hydra before any sapd code runs; an unusable log folder would
+    end there in a library traceback. Here it is one line naming the folder, the reason and the keys
+    that move it, and exit status 2.
+    """
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        existing = next((p for p in [path, *path.parents] if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            why = f"{existing} is a file, not a folder"
+        elif isinstance(exc, PermissionError) or (existing is not None and not os.access(existing, os.W_OK)):
+            why = f"permission denied (nearest existing folder: {existing})"
+        else:
+            why = f"{exc.strerror or exc} (its nearest existing folder {existing} does not accept new folders)"
+        print(
+            f"sapd: cannot write the log folder {path}: {why}; choose another with paths.log_dir=... "
+            "or the SAPD_LOG_DIR environment variable",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(2) from None  # not an Exception: Hydra lets it through without a traceback
+    return folder
+
+
+def register_resolvers() -> None:
+    """The config resolvers sapd's YAML uses: ``sapd.writable_dir`` and ``sapd.pid`` (this process's id,
+    so that runs started in the same second get distinct folders)."""
+    OmegaConf.register_new_resolver("sapd.writable_dir", writable_dir, replace=True)
+    # cached in the config (as Hydra's `now`), so a config copied to other processes (a launcher's jobs)
+    # keeps the folder name of the process that composed it
+    OmegaConf.register_new_resolver("sapd.pid", lambda: os.getpid(), replace=True, use_cache=True)
+
+
+register_resolvers()
 CONFIG_PATH = config_path()

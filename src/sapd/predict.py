@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from sapd.api import Detector, resolve_device, run_eval_size
 from sapd.checkpoint import CheckpointError
 from sapd.data import DataError
 from sapd.data.io import read_image
+from sapd.errors import UserError, refusals
 from sapd.logs import configure_logging
 from sapd.paths import CONFIG_PATH
 from sapd.utils import set_threads
@@ -42,7 +42,7 @@ eval_size = run_eval_size  # the (shorter side, longer-side cap) a run was valid
 __all__ = ["PredictError", "eval_size", "list_images", "output_paths", "predict", "resolve_device"]
 
 
-class PredictError(ValueError):
+class PredictError(UserError):
     """A predict run that cannot go on: its message is one line naming the key / path and the fix."""
 
 
@@ -160,17 +160,14 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
+@refusals("sapd.predict", FileNotFoundError)
 def main(cfg: DictConfig) -> None:
     """Writes the predictions; a missing key, bad input, refused output or bad checkpoint is one line, exit code 2."""
     configure_logging()
-    try:
-        for key in ("ckpt_path", "input"):
-            if OmegaConf.is_missing(cfg, key):
-                raise PredictError(f"give {key}=...: python -m sapd.predict ckpt_path=PATH input=IMAGE_OR_FOLDER")
-        predict(cfg)
-    except (PredictError, CheckpointError, DataError, FileNotFoundError) as exc:
-        log.error("sapd.predict: %s", exc)
-        sys.exit(2)
+    for key in ("ckpt_path", "input"):
+        if OmegaConf.is_missing(cfg, key):
+            raise PredictError(f"give {key}=...: python -m sapd.predict ckpt_path=PATH input=IMAGE_OR_FOLDER")
+    predict(cfg)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import statistics
-import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from sapd.errors import refusals
 from sapd.logs import configure_logging
 from sapd.paths import CONFIG_PATH
 from sapd.utils import TABLE_COLUMNS
@@ -240,16 +240,13 @@ def folders(dirs: Any) -> list[str]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="report")
+@refusals("sapd.report", FileNotFoundError, ValueError)
 def main(cfg: DictConfig) -> None:
     """Prints the table (stdout); a missing folder, no runs or a bad ``dirs`` is one line on stderr, exit code 2."""
     configure_logging()
-    try:
-        if OmegaConf.is_missing(cfg, "dirs"):
-            raise FileNotFoundError("give the folders to tabulate: python -m sapd.report dirs=results/table2_screen")
-        text = report(folders(cfg.dirs), decide=bool(cfg.decide))
-    except (FileNotFoundError, ValueError) as exc:
-        log.error("sapd.report: %s", exc)
-        sys.exit(2)
+    if OmegaConf.is_missing(cfg, "dirs"):
+        raise FileNotFoundError("give the folders to tabulate: python -m sapd.report dirs=results/table2_screen")
+    text = report(folders(cfg.dirs), decide=bool(cfg.decide))
     print(text)
 
 

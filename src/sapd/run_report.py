@@ -441,7 +441,9 @@ def detect_first_images(module, dataset, num_images: int, size_divisor: int = 12
     items = [dataset[i] for i in range(min(num_images, len(dataset)))]
     if not items:
         return [], [], []
-    images, targets = collate(items, size_divisor=size_divisor)
+    images, targets = collate(items, size_divisor=size_divisor)  # drops images skipped as bad
+    if not len(targets):
+        return [], [], []
     device = next(module.parameters()).device
     was_training = module.training
     module.eval()

@@ -23,8 +23,12 @@ from omegaconf import DictConfig
 
 from sapd import run_report
 from sapd.build import build_module
+from sapd.callbacks import PhaseSwitch
+from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file
+from sapd.errors import check_run_config, refusals
 from sapd.loggers import WANDB_ID_FILE, resume_wandb_config
 from sapd.logs import configure_logging
+from sapd.module import NonFiniteLossError
 from sapd.paths import CONFIG_PATH
 from sapd.utils import format_coco_table, instantiate_group, resolve_precision, set_threads
 
@@ -62,8 +66,14 @@ def run_summary(
     fit_seconds: float,
     fit_steps: int,
     global_step: int,
+    data_counts: dict[str, Any] | None = None,
+    phase_switch_epoch: int | None = None,
+    instance_counts: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """What :mod:`sapd.report` tabulates: the run's overrides, seed, model switches, COCO table, times."""
+    """What :mod:`sapd.report` tabulates: the run's overrides, seed, model switches, COCO table, times,
+    ``data_counts`` (``COCODataModule.data_counts()``: per split, the images, boxes and annotations
+    read, dropped or skipped; {} when the data module has none), the ``phase_switch_epoch`` used and
+    ``instance_counts`` (training instances seen, and those that owned no anchor point)."""
     model = cfg.get("model", {})
     criterion = model.get("criterion") or {}
     switches = {"_target_": model.get("_target_")} if "_target_" in model else {}
@@ -80,6 +90,9 @@ def run_summary(
         "metrics": {k: float(v) for k, v in table.items()},
         "minutes": round(minutes, 3),
         "seconds_per_step": round(fit_seconds / fit_steps, 4) if fit_steps else None,
+        "phase_switch_epoch": phase_switch_epoch,
+        "data_counts": dict(data_counts or {}),
+        "instance_counts": dict(instance_counts or {}),
     }
 
 
@@ -98,6 +111,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         the final metrics (``val/map`` etc.) and the objects built (datamodule, module, trainer).
     """
     start = time.time()
+    check_run_config(cfg)  # a wrong value costs a second, not a data-set scan
+    if cfg.get("ckpt_path") and cfg.get("train", True):
+        check_checkpoint_file(cfg.ckpt_path)  # missing, 0-byte or truncated: one line, before any data
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     set_threads(cfg.get("num_threads"))
@@ -120,7 +136,13 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if not loggers:  # nothing to monitor the learning rate into (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     precision = resolve_precision(cfg.trainer.get("precision", "32-true"), str(cfg.trainer.get("accelerator", "auto")))
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision)
+    trainer: L.Trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        precision=precision,
+        plugins=[AtomicCheckpointIO()],  # last.ckpt is whole or the previous one stays
+    )
     for lg in loggers:
         lg.log_hyperparams(module.run_config)
         if isinstance(lg, WandbLogger) and lg.version:
@@ -160,7 +182,19 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         log.info("last checkpoint (resume with ckpt_path=...): %s", last)
     log.info("logs and outputs: %s", cfg.paths.output_dir)
     if trainer.is_global_zero and not trainer.fast_dev_run:
-        summary = run_summary(cfg, table, minutes, fit_seconds, fit_steps, trainer.global_step)
+        counts = datamodule.data_counts() if hasattr(datamodule, "data_counts") else None
+        switch = next((c.switch_epoch_in_use for c in callbacks if isinstance(c, PhaseSwitch)), None)
+        summary = run_summary(
+            cfg,
+            table,
+            minutes,
+            fit_seconds,
+            fit_steps,
+            trainer.global_step,
+            counts,
+            switch,
+            getattr(module, "instance_counts", None),
+        )
         write_summary(summary, output_dir)
         if report_cfg.get("enabled", True):
             csv_loggers = [lg for lg in loggers if isinstance(lg, CSVLogger)]
@@ -188,7 +222,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+@refusals("sapd.train", NonFiniteLossError)
 def main(cfg: DictConfig) -> float | None:
+    """Trains; a user error (config value, data, checkpoint) is one line on stderr and exit code 2."""
     configure_logging()
     metrics, _ = train(cfg)
     metric = cfg.get("optimized_metric")

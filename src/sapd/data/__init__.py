@@ -7,8 +7,10 @@ raises :class:`DataError` with one line that names the offending path or id.
 
 from __future__ import annotations
 
+from sapd.errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError):
     """Bad or missing input data. The message is one line naming the path / id and the fix."""
 
 

@@ -1,7 +1,8 @@
 """COCO-format detection data set (real COCO 2017, test-dev image info, or the synthetic set).
 
 Conventions: boxes are ``x1, y1, x2, y2`` in pixels; COCO's json stores ``x, y, w, h``.
-M = training boxes of one image, C = its crowd boxes, G = all its annotations (what COCOeval sees).
+M = training boxes of one image, C = its crowd boxes, G = its evaluation ground truth (what COCOeval
+sees: every annotation of a known category except non-crowd ones with w <= 0 or h <= 0).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import contextlib
 import io
 import json
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from sapd.data import COCO_HOWTO, DataError
-from sapd.data.io import read_image
+from sapd.data.io import UNREADABLE, WRONG_SIZE, BadImageError, SkippedImage, read_image
 
 Transform = Callable[[Image.Image, dict], tuple[torch.Tensor, dict]]
 
@@ -57,11 +58,31 @@ class COCODetection(Dataset):
         transforms: ``(PIL RGB image, target) -> (FloatTensor[3, h, w], target)`` updating boxes,
             ``crowd_boxes``, ``img_size``, ``scale_factor``, ``flipped``; None -> normalise only.
         drop_empty: drop images with no training box (after removing crowd and degenerate boxes).
-        skip_bad_images: a missing / corrupt image is replaced by the next good one (warned once,
-            counted in ``stats["bad_images"]`` of the process that read it) instead of raising.
-        max_images: keep the first n images only (in json order); ``coco`` is restricted likewise,
-            so COCOeval over ``coco`` scores exactly these images.
+        skip_bad_images: an image that cannot be used (missing, not an image, truncated / corrupt,
+            over PIL's decompression-bomb limit, or of another size than its annotation says) gives
+            a :class:`~sapd.data.io.SkippedImage` ``(image_id, reason, message)`` instead of an item;
+            :func:`~sapd.data.transforms.collate` drops it from its batch and records it in the
+            batch's ``targets.skipped`` (counted and logged in the main process by the data
+            module). A skipped image is never replaced by another: no image is seen twice, and the
+            skipped image is left out of evaluation entirely (nothing predicts it, and its ground
+            truth is not scored either). False: the first such image raises a one-line
+            ``DataError`` naming the file.
+        max_images: keep the first n images only (in json order); ``coco`` is restricted likewise.
         min_box_size: boxes narrower or shorter than this after clipping to the image are dropped.
+
+    Annotations whose ``category_id`` is not in ``categories`` are skipped (neither trained on nor
+    evaluated) and counted; non-crowd annotations with w <= 0 or h <= 0 are dropped from training
+    and from the evaluation ground truth. ``coco`` keeps the json as read.
+
+    ``stats`` (a plain dict of ints, filled at construction): ``images`` kept, ``annotations`` read
+    (of these images), ``boxes`` (training boxes), ``crowd``, ``degenerate_boxes`` (non-crowd boxes
+    dropped from training) = ``zero_size_boxes`` (w <= 0 or h <= 0 in the json: also dropped from
+    the evaluation ground truth) + ``outside_boxes`` (nothing left after clipping to the image) +
+    ``tiny_boxes`` (under ``min_box_size`` after clipping), ``unknown_category`` (annotations
+    skipped; their ids in ``unknown_category_ids``), ``no_annotations`` (images without any
+    annotation), ``empty_images`` (images without a training box) and ``dropped_empty`` (of these,
+    dropped by ``drop_empty``). Skipped images are counted where batches arrive (the data module),
+    since DataLoader workers are other processes.
 
     Item ``(image FloatTensor[3, h, w], target)``; the target holds ``boxes`` FloatTensor[M, 4],
     ``labels`` LongTensor[M] (0..K-1), ``crowd_boxes`` FloatTensor[C, 4] (transformed frame),
@@ -88,7 +109,7 @@ class COCODetection(Dataset):
             raise DataError(f"image folder not found: {self.img_dir} -- {COCO_HOWTO}")
         self.transforms = transforms
         self.skip_bad_images = skip_bad_images
-        self._warned = self._warned_exif = False
+        self._warned_exif = False
 
         cats = sorted(self.coco.dataset["categories"], key=lambda c: c["id"])
         self.label_to_cat_id: list[int] = [int(c["id"]) for c in cats]
@@ -97,9 +118,10 @@ class COCODetection(Dataset):
         self.has_annotations = "annotations" in self.coco.dataset
 
         self.stats: dict[str, int] = dict.fromkeys(
-            ["images", "annotations", "boxes", "crowd", "degenerate_boxes", "empty_images", "dropped_empty",
-             "bad_images"], 0
+            ["images", "annotations", "boxes", "crowd", "degenerate_boxes", "zero_size_boxes", "outside_boxes",
+             "tiny_boxes", "unknown_category", "no_annotations", "empty_images", "dropped_empty"], 0
         )  # fmt: skip
+        self.unknown_category_ids: set = set()
         self._records: dict[int, dict] = {}
         ids = []
         img_ids = [int(im["id"]) for im in self.coco.dataset["images"]]
@@ -128,34 +150,44 @@ class COCODetection(Dataset):
             raise DataError(f"{self.ann_file}: image id {img_id} lacks file_name / width / height")
         w, h = float(info["width"]), float(info["height"])
         boxes, labels, iscrowd, areas = [], [], [], []
-        for ann in self.coco.imgToAnns.get(img_id, []):
+        anns = self.coco.imgToAnns.get(img_id, [])
+        self.stats["annotations"] += len(anns)
+        self.stats["no_annotations"] += not anns
+        for ann in anns:
             cat_id = ann.get("category_id")
-            if cat_id not in self.cat_id_to_label:
-                raise DataError(
-                    f"{self.ann_file}: annotation id {ann.get('id')} has unknown category id {cat_id} "
-                    f"(known: {self.label_to_cat_id})"
-                )
+            if not isinstance(cat_id, Hashable) or cat_id not in self.cat_id_to_label:
+                self.stats["unknown_category"] += 1  # neither trained on nor evaluated
+                self.unknown_category_ids.add(cat_id if isinstance(cat_id, Hashable) else repr(cat_id))
+                continue
             bbox = ann.get("bbox")
             if not isinstance(bbox, list | tuple) or len(bbox) != 4:
                 raise DataError(f"{self.ann_file}: annotation id {ann.get('id')} has no valid bbox: {bbox!r}")
             boxes.append(bbox)
             labels.append(self.cat_id_to_label[cat_id])
             iscrowd.append(bool(ann.get("iscrowd", 0)))
-            areas.append(float(ann.get("area", bbox[2] * bbox[3])))
-        self.stats["annotations"] += len(boxes)
+            areas.append(ann.get("area", np.nan))  # missing: w * h, below
 
         try:
-            xywh = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
+            xywh = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)  # [A, 4], A = annotations kept
+            area = np.asarray(areas, dtype=np.float32).reshape(-1)  # [A]
         except (TypeError, ValueError):
             raise DataError(f"{self.ann_file}: non-numeric bbox in the annotations of image id {img_id}") from None
-        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)  # [G, 4], original pixels
+        area = np.where(np.isnan(area), xywh[:, 2] * xywh[:, 3], area)  # [A]
+        xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)  # [A, 4], original pixels
         labels_np = np.asarray(labels, dtype=np.int64)
         crowd = np.asarray(iscrowd, dtype=bool)
-        clipped = np.clip(xyxy, 0, np.array([w, h, w, h], dtype=np.float32))  # [G, 4]
-        size_ok = ((clipped[:, 2:] - clipped[:, :2]) >= min_box_size).all(1)  # [G]
+        clipped = np.clip(xyxy, 0, np.array([w, h, w, h], dtype=np.float32))  # [A, 4]
+        extent = clipped[:, 2:] - clipped[:, :2]  # [A, 2]
+        sized = (xywh[:, 2:] > 0).all(1)  # [A] w > 0 and h > 0 (False for NaN)
+        left = (extent > 0).all(1)  # [A] something is left inside the image
+        size_ok = left & (extent >= min_box_size).all(1)  # [A]
         keep = ~crowd & size_ok
+        in_eval = crowd | sized  # a non-crowd box without area can never be matched: not ground truth
         self.stats["crowd"] += int(crowd.sum())
         self.stats["degenerate_boxes"] += int((~crowd & ~size_ok).sum())
+        self.stats["zero_size_boxes"] += int((~crowd & ~sized).sum())
+        self.stats["outside_boxes"] += int((~crowd & sized & ~left).sum())
+        self.stats["tiny_boxes"] += int((~crowd & left & ~size_ok).sum())
         self.stats["boxes"] += int(keep.sum())
         return {
             "file_name": info["file_name"],
@@ -163,10 +195,10 @@ class COCODetection(Dataset):
             "boxes": clipped[keep],
             "labels": labels_np[keep],
             "crowd_boxes": clipped[crowd],
-            "eval_boxes": xyxy,
-            "eval_labels": labels_np,
-            "eval_iscrowd": crowd,
-            "eval_area": np.asarray(areas, dtype=np.float32),
+            "eval_boxes": xyxy[in_eval],
+            "eval_labels": labels_np[in_eval],
+            "eval_iscrowd": crowd[in_eval],
+            "eval_area": area[in_eval],
         }
 
     def _restricted_coco(self, img_ids: list[int]):
@@ -216,28 +248,24 @@ class COCODetection(Dataset):
                     )
                 return raw
         if (img.height, img.width) != rec["orig_size"]:
-            raise DataError(
+            raise BadImageError(
                 f"image {path} is {img.width}x{img.height} after EXIF orientation but its annotation "
-                f"says {rec['orig_size'][1]}x{rec['orig_size'][0]}"
+                f"says {rec['orig_size'][1]}x{rec['orig_size'][0]}",
+                WRONG_SIZE,
             )
         return img
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict]:
-        tries = len(self.ids) if self.skip_bad_images else 1
-        for k in range(tries):
-            i = (index + k) % len(self.ids)
-            try:
-                img = self._load(i)
-            except DataError as e:
-                if not self.skip_bad_images:
-                    raise
-                self.stats["bad_images"] += 1
-                if not self._warned:
-                    self._warned = True
-                    warnings.warn(f"skipping bad image(s) (skip_bad_images=true): {e}", stacklevel=2)
-                continue
-            return self._make_item(i, img)
-        raise DataError(f"no readable image in {self.img_dir} (skip_bad_images=true skipped all {tries})")
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict] | SkippedImage:
+        """The item of image ``self.ids[index]``; for an image that cannot be used, a
+        :class:`~sapd.data.io.SkippedImage` with ``skip_bad_images``, else a one-line DataError."""
+        try:
+            img = self._load(index)
+        except DataError as e:
+            reason = getattr(e, "reason", UNREADABLE)
+            if self.skip_bad_images:
+                return SkippedImage(self.ids[index], reason, str(e))
+            raise BadImageError(f"{e} (data.skip_bad_images=true skips such images)", reason) from None
+        return self._make_item(index, img)
 
     def _make_item(self, index: int, img: Image.Image) -> tuple[torch.Tensor, dict]:
         img_id = self.ids[index]

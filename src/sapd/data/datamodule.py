@@ -10,7 +10,10 @@ COCO layout under ``root`` (the default file names; each may be overridden)::
 from __future__ import annotations
 
 import json
+import logging
+import math
 import random
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -22,8 +25,26 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
 
 from sapd.data import COCO_HOWTO, DataError
 from sapd.data.coco import COCODetection
-from sapd.data.samplers import AspectRatioBatchSampler, aspect_ratio_groups
+from sapd.data.samplers import AspectRatioBatchSampler, InferenceSampler, aspect_ratio_groups
 from sapd.data.transforms import build_transforms, collate, eval_size
+
+log = logging.getLogger(__name__)
+
+MAX_SKIP_WARNINGS = 10  # skipped images logged one by one, per split; the others are counted
+MAX_SKIPPED_LISTED = 100  # skipped image ids (with their reason) in data_counts(), per split
+
+
+def format_counts(split: str, ann_file: str | Path, stats: Mapping[str, int]) -> str:
+    """One line of :attr:`COCODetection.stats <sapd.data.coco.COCODetection>`: what was read and dropped."""
+    s = stats
+    return (
+        f"{split} ({ann_file}): {s['images']} images ({s['no_annotations']} without annotations, "
+        f"{s['empty_images']} without a training box, {s['dropped_empty']} of these dropped), "
+        f"{s['annotations']} annotations: {s['boxes']} training boxes, {s['crowd']} crowd, "
+        f"{s['degenerate_boxes']} degenerate dropped ({s['zero_size_boxes']} with w or h <= 0, also not evaluated; "
+        f"{s['outside_boxes']} outside the image; {s['tiny_boxes']} under min_box_size after clipping), "
+        f"{s['unknown_category']} of an unknown category id skipped"
+    )
 
 
 def seed_worker(worker_id: int) -> None:
@@ -65,7 +86,15 @@ class COCODataModule(L.LightningDataModule):
             (:class:`~sapd.data.samplers.AspectRatioBatchSampler`): 2 = landscape / portrait as in
             detectron2 and MMDetection, k > 2 = k quantile bins, 0 or 1 = off (plain batches).
         drop_empty: drop training images with no box (val / test keep every image).
-        skip_bad_images: replace unreadable images by the next good one instead of raising.
+        skip_bad_images: leave out images that cannot be used (missing, not an image, truncated,
+            over PIL's decompression-bomb limit, of another size than annotated) instead of raising
+            on the first: their batch is one image short (a batch left empty is skipped by the
+            steps), no other image takes their place, and they are left out of evaluation entirely
+            (no prediction, and their ground truth is not scored). Each such image is recorded
+            here, in the main process, from the batches (``skipped_images``: split -> {image id:
+            reason}); the first few are logged one by one, each epoch's total at its end (or at
+            teardown), and :meth:`data_counts` reports them. (Recorded by ``on_before_batch_transfer``,
+            so with a Trainer that was given this data module; per process under DDP.)
         limit_val_images: evaluate on the first n val images only (None: all).
         seed: seeds the training shuffle (None: Lightning's / torch's global seed decides).
     """
@@ -128,6 +157,9 @@ class COCODataModule(L.LightningDataModule):
         self.val_dataset: COCODetection | None = None
         self.test_dataset: COCODetection | None = None
         self._categories: list[dict] | None = None
+        self.skipped_images: dict[str, dict[int | None, str]] = {}  # split -> {image id: reason}
+        self._pass_skipped: dict[str, Counter] = {}  # split -> reasons of this pass (epoch) so far
+        self._pass_batches: dict[str, int] = {}  # split -> batches of this pass so far
 
     # -- paths and classes -----------------------------------------------------------------------
 
@@ -178,18 +210,149 @@ class COCODataModule(L.LightningDataModule):
         return COCODetection(ann, images, transforms=tf, skip_bad_images=self.skip_bad_images, **kw)
 
     def setup(self, stage: str | None = None) -> None:
+        """Builds the data sets of ``stage`` (once each), logging one line of counts per split
+        (:func:`format_counts`; a warning when boxes or annotations were dropped). A training set
+        left without any training box after filtering is refused: one DataError line naming the
+        annotation file and the counts."""
         if stage in (None, "fit") and self.train_dataset is None:
-            self.train_dataset = self._dataset("train", train=True, drop_empty=self.drop_empty)
+            train = self._dataset("train", train=True, drop_empty=self.drop_empty)
+            self._log_counts("train", train)
+            if train.stats["boxes"] == 0:  # nothing to learn from: refuse rather than train on nothing
+                s = train.stats
+                raise DataError(
+                    f"{train.ann_file}: no training box left after filtering: {s['annotations']} annotations of "
+                    f"{s['images'] + s['dropped_empty']} images = {s['crowd']} crowd + {s['degenerate_boxes']} "
+                    f"degenerate ({s['zero_size_boxes']} with w or h <= 0, {s['outside_boxes']} outside the image, "
+                    f"{s['tiny_boxes']} under min_box_size) + {s['unknown_category']} of an unknown category id; "
+                    "fix the annotation file (a COCO bbox is [x, y, width, height] in pixels)"
+                )
+            self.train_dataset = train
         if stage in (None, "fit", "validate") and self.val_dataset is None:
             self.val_dataset = self._dataset("val", train=False, max_images=self.limit_val_images)
+            self._log_counts("val", self.val_dataset)
         if stage in (None, "test", "predict") and self.test_dataset is None:
             self.test_dataset = self._dataset("test", train=False)
+            self._log_counts("test", self.test_dataset)
         tr, va = self.train_dataset, self.val_dataset
         if tr is not None and va is not None and tr.label_to_cat_id != va.label_to_cat_id:
             raise DataError(
                 f"train and val annotation files have different categories: "
                 f"{self.train_dataset.label_to_cat_id} vs {self.val_dataset.label_to_cat_id}"
             )
+
+    def _eval_shards(self) -> tuple[int, int] | None:
+        """(number of processes, rank) that split validation / test, None outside a distributed run.
+
+        Read from the trainer's strategy (the data-parallel processes Lightning would shard for).
+        """
+        trainer = getattr(self, "trainer", None)
+        kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+        if not kwargs or int(kwargs.get("num_replicas", 1)) <= 1:
+            return None
+        return int(kwargs["num_replicas"]), int(kwargs["rank"])
+
+    # -- counts: what was read, dropped and skipped ---------------------------------------------
+
+    @staticmethod
+    def _log_counts(split: str, dataset: COCODetection) -> None:
+        """One line per split when its data set is built: a warning when boxes or annotations were dropped."""
+        s = dataset.stats
+        dropped = s["degenerate_boxes"] or s["unknown_category"]
+        line = format_counts(split, dataset.ann_file, s)
+        if s["unknown_category"]:
+            line += f" (ids {sorted(map(str, dataset.unknown_category_ids))[:10]})"
+        log.log(logging.WARNING if dropped else logging.INFO, "%s", line)
+
+    def data_counts(self) -> dict[str, dict]:
+        """``{"train": {...}, "val": {...}, "test": {...}}`` for the splits built so far: the data
+        set's ``stats`` (see :class:`~sapd.data.coco.COCODetection`) plus, from the batches seen in
+        this process, ``skipped_images`` (distinct images), ``skipped_reasons`` ({reason: images})
+        and ``skipped`` ({image id: reason}, the first 100 by id). Plain ints / strs (json-ready)."""
+        out: dict[str, dict] = {}
+        for split, dataset in (("train", self.train_dataset), ("val", self.val_dataset), ("test", self.test_dataset)):
+            if dataset is None:
+                continue
+            skipped = self.skipped_images.get(split, {})
+            listed = sorted(skipped.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))[:MAX_SKIPPED_LISTED]
+            out[split] = {
+                **{k: int(v) for k, v in dataset.stats.items()},
+                "skipped_images": len(skipped),
+                "skipped_reasons": dict(Counter(skipped.values())),
+                "skipped": {str(image_id): reason for image_id, reason in listed},
+            }
+        return out
+
+    def record_skipped(self, split: str, skipped: Sequence) -> None:
+        """Records the :class:`~sapd.data.io.SkippedImage` items a batch of ``split`` dropped; logs each
+        image the first time it is skipped, for the first ``MAX_SKIP_WARNINGS`` images of the split."""
+        seen = self.skipped_images.setdefault(split, {})
+        this_pass = self._pass_skipped.setdefault(split, Counter())
+        for item in skipped:
+            this_pass[item.reason] += 1
+            if item.image_id in seen:
+                continue  # skipped again in a later epoch: logged already
+            seen[item.image_id] = item.reason
+            if len(seen) <= MAX_SKIP_WARNINGS:
+                log.warning("%s: skipped image id %s (%s): %s", split, item.image_id, item.reason, item.message)
+                if len(seen) == MAX_SKIP_WARNINGS:
+                    log.warning("%s: further skipped images are counted, not logged one by one", split)
+
+    def end_pass(self, split: str) -> None:
+        """Logs the images skipped in the pass (epoch) over ``split`` that ends, if any, and starts a new one."""
+        reasons = self._pass_skipped.pop(split, Counter())
+        self._pass_batches.pop(split, None)
+        if reasons:
+            trainer = self.trainer
+            epoch = f"epoch {trainer.current_epoch}, " if trainer is not None else ""
+            detail = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
+            log.warning(
+                "%s%s: %d image(s) skipped (%s), not trained on or evaluated (data.skip_bad_images=true); "
+                "%d distinct image(s) skipped so far",
+                epoch, split, sum(reasons.values()), detail, len(self.skipped_images.get(split, {})),
+            )  # fmt: skip
+
+    def _running_split(self) -> str | None:
+        trainer = self.trainer
+        if trainer is None:
+            return None
+        if trainer.training:
+            return "train"
+        if trainer.sanity_checking or trainer.validating:
+            return "val"
+        return "test" if trainer.testing else None
+
+    def _pass_length(self, split: str, dataloader_idx: int) -> float:
+        """Batches in the current pass over ``split`` (limits included); inf when unknown."""
+        trainer = self.trainer
+        try:
+            if split == "train":
+                return trainer.num_training_batches
+            if trainer.sanity_checking:
+                return trainer.num_sanity_val_batches[dataloader_idx]
+            return (trainer.num_val_batches if split == "val" else trainer.num_test_batches)[dataloader_idx]
+        except (AttributeError, IndexError, TypeError):
+            return math.inf
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Reads the batch's record of skipped images (``targets.skipped``, see :func:`collate`) in
+        the main process, before moving the batch to the device drops it; the batch goes on as it is."""
+        split = self._running_split()
+        if split is None:
+            return batch
+        targets = batch[1] if isinstance(batch, tuple | list) and len(batch) == 2 else None
+        skipped = getattr(targets, "skipped", None)
+        if skipped:
+            self.record_skipped(split, skipped)
+        self._pass_batches[split] = self._pass_batches.get(split, 0) + 1
+        if self._pass_batches[split] >= self._pass_length(split, dataloader_idx):
+            self.end_pass(split)
+        return batch
+
+    def teardown(self, stage: str) -> None:
+        for split in list(self._pass_skipped):  # a pass cut short (max_steps, interruption)
+            self.end_pass(split)
+        self._pass_batches.clear()
+        super().teardown(stage)
 
     def _loader(self, dataset: COCODetection | None, *, train: bool, name: str) -> DataLoader:
         if dataset is None:
@@ -198,7 +361,16 @@ class COCODataModule(L.LightningDataModule):
         if train and self.seed is not None:
             generator = torch.Generator().manual_seed(int(self.seed))
         batch_size = self.batch_size if train else self.val_batch_size
-        if self.aspect_ratio_groups > 1:
+        shards = None if train else self._eval_shards()
+        if shards is not None:
+            # validation / test of a distributed run: every process a share of the images, none repeated
+            # (Lightning's padding DistributedSampler would score some twice); batches as below, per share
+            groups = None
+            if self.aspect_ratio_groups > 1:
+                groups = aspect_ratio_groups(dataset.aspect_ratios, self.aspect_ratio_groups)
+            sampler = InferenceSampler(dataset, *shards, group_ids=groups, batch_size=batch_size)
+            batching = {"sampler": sampler, "batch_size": batch_size, "drop_last": False}
+        elif self.aspect_ratio_groups > 1:
             sampler = RandomSampler(dataset, generator=generator) if train else SequentialSampler(dataset)
             groups = aspect_ratio_groups(dataset.aspect_ratios, self.aspect_ratio_groups)
             batching = {"batch_sampler": AspectRatioBatchSampler(sampler, batch_size, False, groups)}

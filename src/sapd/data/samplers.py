@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import BatchSampler, Sampler
+from torch.utils.data import BatchSampler, Dataset, DistributedSampler, Sampler
 
 
 def aspect_ratio_groups(aspect_ratios: Sequence[float], num_groups: int) -> np.ndarray:
@@ -45,7 +45,8 @@ class AspectRatioBatchSampler(BatchSampler):
 
     Args:
         sampler: the index sampler (``RandomSampler`` for training, ``SequentialSampler`` or a
-            ``DistributedSampler`` otherwise; Lightning swaps in the distributed one under DDP).
+            ``DistributedSampler`` otherwise; Lightning swaps in the distributed one for training
+            under DDP; validation and test shard with :class:`InferenceSampler` instead).
         batch_size, drop_last: as for ``BatchSampler``.
         group_ids: the group of every index of the data set (:func:`aspect_ratio_groups`).
     """
@@ -70,3 +71,71 @@ class AspectRatioBatchSampler(BatchSampler):
             batch = rest[start : start + self.batch_size]
             if len(batch) == self.batch_size or not self.drop_last:
                 yield batch
+
+
+def shard_range(size: int, num_replicas: int, rank: int) -> range:
+    """The contiguous share of ``range(size)`` that process ``rank`` of ``num_replicas`` evaluates.
+
+    Shares cover every index exactly once, in order, and their sizes differ by at most one (the
+    first ``size % num_replicas`` ranks take one more), as detectron2's ``InferenceSampler``.
+    """
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise ValueError(f"rank must be in [0, {num_replicas}) and num_replicas >= 1; got rank {rank}")
+    base, extra = divmod(size, num_replicas)
+    begin = rank * base + min(rank, extra)
+    return range(begin, begin + base + (rank < extra))
+
+
+class InferenceSampler(DistributedSampler):
+    """Validation / test indices of one process of a distributed run, without padding.
+
+    ``DistributedSampler`` pads the data set to a multiple of the number of processes by repeating
+    images, so a metric over every process's share scores some images twice. Here process ``rank``
+    takes a contiguous share (:func:`shard_range`; shares differ by at most one image) and nothing is
+    repeated: the shares together are the data set, each image once. Being a ``DistributedSampler``,
+    Lightning keeps it (it only swaps in its own sampler when the loader's is not distributed-aware).
+    Only with fewer images than processes does a process whose share is empty take one image again
+    (a process without a batch would skip the evaluation loop, and the others would wait for it at
+    the gather of the results); ``SAPDLitModule`` scores such a repeated image once.
+
+    With ``group_ids`` and ``batch_size``, the share is ordered so that consecutive runs of
+    ``batch_size`` indices (a ``DataLoader``'s plain batching) are exactly the batches of
+    :class:`AspectRatioBatchSampler` over the share: every batch it yields is full except possibly
+    the last, so cutting the concatenation again gives the same batches.
+
+    Args:
+        dataset: the data set (its length is read).
+        num_replicas, rank: the process count and this process's rank (data-parallel ones).
+        group_ids: the aspect-ratio group of every index of the data set (None: keep the order).
+        batch_size: the loader's batch size; needed with ``group_ids``.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        num_replicas: int,
+        rank: int,
+        group_ids: Sequence[int] | None = None,
+        batch_size: int | None = None,
+    ) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        if group_ids is not None and (batch_size is None or batch_size < 1):
+            raise ValueError("InferenceSampler: group_ids need a batch_size >= 1")
+        size = len(dataset)  # type: ignore[arg-type]
+        self.share = shard_range(size, num_replicas, rank)
+        if not self.share and size > 0:  # fewer images than processes (see above)
+            self.share = range(rank % size, rank % size + 1)
+        self.group_ids = None if group_ids is None else np.asarray(group_ids, dtype=np.int64).reshape(-1)
+        self.batch_size = batch_size
+        self.num_samples = len(self.share)
+        self.total_size = size
+
+    def __iter__(self) -> Iterator[int]:
+        if self.group_ids is None:
+            yield from self.share
+            return
+        for batch in AspectRatioBatchSampler(list(self.share), int(self.batch_size), False, self.group_ids):
+            yield from batch
+
+    def __len__(self) -> int:
+        return self.num_samples

@@ -33,7 +33,6 @@ import math
 import multiprocessing as mp
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
@@ -45,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 
 from sapd.data import DataError
+from sapd.errors import refusals
 from sapd.logs import configure_logging
 from sapd.paths import CONFIG_PATH
 
@@ -476,14 +476,11 @@ def draw(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="synthetic")
+@refusals("sapd.data.synthetic")
 def main(cfg: DictConfig) -> None:
     """``python -m sapd.data.synthetic [out=DIR] [data.synthetic.KEY=VALUE ...]``: prints the set's folder."""
     configure_logging()
-    try:
-        root = draw(cfg)
-    except DataError as e:
-        log.error("sapd.data.synthetic: %s", e)
-        sys.exit(2)
+    root = draw(cfg)
     print(root)
 
 

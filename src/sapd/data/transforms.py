@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from sapd.data import DataError
-from sapd.data.io import to_rgb
+from sapd.data.io import SkippedImage, to_rgb
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -162,24 +162,46 @@ def build_transforms(
     return Compose([Resize(_size_range(min_size)[1], max_size), ToTensorNormalize()])
 
 
+class BatchTargets(list):
+    """The targets of a collated batch (a list of dicts) plus ``skipped``: the
+    :class:`~sapd.data.io.SkippedImage` records of the images :func:`collate` dropped. ``copy.copy``
+    (the DataLoader's pin-memory thread) keeps ``skipped``; rebuilding the list (moving the batch to
+    a device) does not, so it is read before: ``COCODataModule.on_before_batch_transfer``."""
+
+    def __init__(self, targets=(), skipped=()) -> None:
+        super().__init__(targets)
+        self.skipped: list[SkippedImage] = list(skipped)
+
+
 def collate(batch: Sequence[tuple[torch.Tensor, dict]], size_divisor: int = 128) -> tuple[torch.Tensor, list[dict]]:
     """Stack images, zero-padded at the bottom / right to a common size divisible by ``size_divisor``.
 
     Args:
-        batch: N items ``(FloatTensor[3, h_i, w_i], target_i)``.
+        batch: N items ``(FloatTensor[3, h_i, w_i], target_i)``; an item that is a
+            :class:`~sapd.data.io.SkippedImage` (an image a data set with ``skip_bad_images`` could
+            not use) or None is dropped, so the batch holds N' <= N images.
     Returns:
-        images FloatTensor[N, 3, Hp, Wp] (Hp, Wp multiples of ``size_divisor``; padding is 0 after
-        normalisation, i.e. the mean colour, as MMDetection pads), and the N targets, each with
-        ``img_size`` (h_i, w_i) and ``pad_size`` (Hp, Wp) set.
+        images FloatTensor[N', 3, Hp, Wp] (Hp, Wp multiples of ``size_divisor``; padding is 0 after
+        normalisation, i.e. the mean colour, as MMDetection pads), and the N' targets as a
+        :class:`BatchTargets`, each with ``img_size`` (h_i, w_i) and ``pad_size`` (Hp, Wp) set; its
+        ``skipped`` lists the N - N' dropped items (a None as ``SkippedImage(None, "unknown", ...)``).
+        When every item was dropped: images FloatTensor[0, 3, d, d] (d = ``size_divisor``) and no
+        targets; the training / evaluation steps skip such a batch.
     """
     if len(batch) == 0:
         raise DataError("collate: empty batch")
-    images, targets = zip(*batch)
+    skipped = [b for b in batch if b is None or isinstance(b, SkippedImage)]
+    if skipped:
+        batch = [b for b in batch if not (b is None or isinstance(b, SkippedImage))]
+        skipped = [SkippedImage(None, "unknown", "the data set returned None") if s is None else s for s in skipped]
     d = max(int(size_divisor), 1)
+    if not batch:
+        return torch.zeros((0, 3, d, d)), BatchTargets(skipped=skipped)
+    images, targets = zip(*batch)
     hp = math.ceil(max(im.shape[-2] for im in images) / d) * d
     wp = math.ceil(max(im.shape[-1] for im in images) / d) * d
     out = images[0].new_zeros((len(images), images[0].shape[0], hp, wp))  # [N, 3, Hp, Wp]
-    targets = list(targets)
+    targets = BatchTargets(targets, skipped)
     for i, im in enumerate(images):  # a loop over images, not boxes
         out[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
         targets[i]["img_size"] = (int(im.shape[-2]), int(im.shape[-1]))

@@ -119,6 +119,13 @@ class SAPDCriterion:
             if not ok:
                 raise ValueError(f"model.criterion.{key} must be {rule}; got {getattr(self, key)!r}")
 
+    def check_levels(self, num_levels: int) -> None:
+        """Raises ValueError when ``topk`` exceeds the pyramid's ``num_levels``."""
+        if self.topk > num_levels:
+            raise ValueError(
+                f"model.criterion.topk={self.topk} exceeds the {num_levels} pyramid levels: choose 1 to {num_levels}"
+            )
+
     def __call__(
         self,
         outputs: dict,

@@ -65,11 +65,7 @@ class SAPD(nn.Module):
         self.head = _finish(head, in_channels=channels, num_classes=num_classes)
         self.selection = _finish(selection, in_channels=channels, num_levels=self.num_levels)
         self.criterion = criterion if criterion is not None else SAPDCriterion()
-        if self.criterion.topk > self.num_levels:
-            raise ValueError(
-                f"model.criterion.topk={self.criterion.topk} exceeds the {self.num_levels} pyramid levels: "
-                f"choose 1 to {self.num_levels}"
-            )
+        self.criterion.check_levels(self.num_levels)
         self.postprocessor = postprocess if postprocess is not None else PostProcess()
         if not float(z) > 0:
             raise ValueError(f"model.z must be > 0; got {z!r}")

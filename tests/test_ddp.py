@@ -1,0 +1,269 @@
+"""Evaluation under DDP: every image scored once, one complete results json, the same AP as one process.
+
+The fast tests check the pieces (the unpadded shards, their batches, the merge of the processes' evaluations);
+the slow one runs ``sapd.evaluate`` in 2 CPU processes (gloo) on an odd number of images, where Lightning's
+padding ``DistributedSampler`` would evaluate one image twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DistributedSampler
+
+from conftest import TINY, compose_config
+from sapd.data.samplers import AspectRatioBatchSampler, InferenceSampler, shard_range
+from sapd.module import BOX_STATES, merge_evaluations
+
+NUM_VAL = 9  # odd: 2 processes take 5 + 4 images; a padding sampler would give the second one 5 (one repeated)
+DDP_TIMEOUT_S = 480  # the two processes import torch and Lightning one after the other; generous on a busy machine
+
+
+@pytest.mark.parametrize("size", [0, 1, 5, 9, 10])
+@pytest.mark.parametrize("world", [1, 2, 3, 8])
+def test_shards_cover_every_index_once_and_differ_by_at_most_one(size, world):
+    shards = [shard_range(size, world, rank) for rank in range(world)]
+    assert [i for s in shards for i in s] == list(range(size))  # contiguous, in order, none repeated
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    with pytest.raises(ValueError):
+        shard_range(size, world, world)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 3])
+def test_inference_sampler_batches_are_the_aspect_ratio_batches_of_its_share(batch_size):
+    groups = [0, 1, 1, 0, 1, 0, 0, 1, 1]
+    dataset = list(range(len(groups)))
+    seen = []
+    for rank in range(2):
+        sampler = InferenceSampler(dataset, 2, rank, group_ids=groups, batch_size=batch_size)
+        assert isinstance(sampler, DistributedSampler)  # what keeps Lightning from swapping in its own
+        order = list(sampler)
+        assert len(sampler) == len(order) == (5, 4)[rank]
+        plain = list(BatchSampler(order, batch_size, drop_last=False))  # a DataLoader's batch_size batching
+        share = list(shard_range(len(groups), 2, rank))
+        assert plain == list(AspectRatioBatchSampler(share, batch_size, False, groups))
+        seen += order
+    assert sorted(seen) == dataset
+    assert list(InferenceSampler(dataset, 2, 1)) == [5, 6, 7, 8]  # no groups: the share in order
+
+
+def test_a_process_left_without_images_takes_one_again():
+    # fewer images than processes: an empty share would skip the loop and leave the others waiting at the gather
+    assert [list(InferenceSampler(list(range(2)), 4, rank)) for rank in range(4)] == [[0], [1], [0], [1]]
+    assert list(InferenceSampler([], 2, 1)) == []
+
+
+def test_datamodule_shards_val_and_test_only_under_a_distributed_trainer(tmp_path):
+    from hydra.utils import instantiate
+
+    cfg = compose_config("train", [*TINY, f"data.synthetic.num_val={NUM_VAL}"], tmp_path)
+    dm = instantiate(cfg.data)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert type(dm.val_dataloader().batch_sampler) is AspectRatioBatchSampler  # one process: as before
+    ids = []
+    for rank in range(2):
+        dm.trainer = SimpleNamespace(distributed_sampler_kwargs={"num_replicas": 2, "rank": rank})
+        loader = dm.val_dataloader()
+        assert isinstance(loader.sampler, InferenceSampler) and loader.batch_size == cfg.data.val_batch_size
+        ids += [int(t["image_id"]) for _, targets in loader for t in targets]
+        assert not isinstance(dm.train_dataloader().sampler, DistributedSampler)  # training: Lightning's to set
+    assert sorted(ids) == sorted(dm.val_dataset.ids)  # 5 + 4 images, none twice
+
+
+def _share(ids: list[int], *, results_per_image: int = 2) -> dict:
+    """A process's evaluation as SAPDLitModule._evaluation_share makes it; values tagged by image id."""
+    states = {name: [torch.full((1,), float(i)) for i in ids] for name in BOX_STATES}
+    results = [{"image_id": i, "category_id": 1, "bbox": [0, 0, 1, 1], "score": k} for i in ids for k in range(2)]
+    return {"image_ids": ids, "states": states, "results": results[: len(ids) * results_per_image]}
+
+
+def test_merge_keeps_every_image_once_from_its_first_process():
+    # a padding DistributedSampler on 5 images and 2 processes: rank 1 gets image 0 again
+    states, results, repeated = merge_evaluations([_share([0, 2, 4]), _share([1, 3, 0])])
+    assert repeated == 1
+    for name in BOX_STATES:
+        assert [int(v) for v in states[name]] == [0, 2, 4, 1, 3]
+    assert Counter(r["image_id"] for r in results) == {0: 2, 1: 2, 2: 2, 3: 2, 4: 2}
+    # the same image twice in one process: its first visit only
+    states, results, repeated = merge_evaluations([_share([7, 8, 7])])
+    assert repeated == 1 and [int(v) for v in states["detection_box"]] == [7, 8]
+    assert Counter(r["image_id"] for r in results) == {7: 2, 8: 2}
+    # test-dev: no ground truth, no metric states, results only
+    merged = merge_evaluations([{"image_ids": [3], "states": {}, "results": [{"image_id": 3}]}, _share([])])
+    assert merged == ({name: [] for name in BOX_STATES}, [{"image_id": 3}], 0)
+
+
+def test_epoch_end_scores_a_repeated_image_once_and_writes_it_once(tmp_path):
+    from sapd.module import SAPDLitModule
+
+    gen = torch.Generator().manual_seed(0)
+    images = {}
+    for image_id in (11, 12, 13):
+        boxes = torch.rand(3, 2, generator=gen) * 50
+        boxes = torch.cat([boxes, boxes + 10 + torch.rand(3, 2, generator=gen) * 30], dim=1)
+        labels = torch.randint(0, 2, (3,), generator=gen)
+        det = {"boxes": boxes + torch.rand(3, 4, generator=gen) * 4, "scores": torch.rand(3, generator=gen)}
+        det["labels"] = labels
+        gt = {"boxes": boxes, "labels": labels, "iscrowd": torch.zeros(3, dtype=torch.long)}
+        gt["area"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        images[image_id] = (det, gt)
+
+    def evaluated(order: list[int]) -> tuple[dict[str, float], list[dict]]:
+        results = tmp_path / f"results_{len(order)}.json"
+        module = SAPDLitModule(net=torch.nn.Identity(), label_to_cat_id=[5, 7], results_file=str(results))
+        module.log = lambda *args, **kwargs: None  # no trainer to log into
+        for image_id in order:  # what _eval_step records, image by image
+            det, gt = images[image_id]
+            module.val_map.update([det], [gt])
+            module._eval_image_ids.append(image_id)
+            module._results.extend(module.to_coco_results([det], [{"image_id": image_id}]))
+        table, _ = module._finish_evaluation(module.val_map, "val")
+        assert not module.val_map.detection_box and not module._eval_image_ids and not module._results
+        return table, json.loads(results.read_text())
+
+    once, once_json = evaluated([11, 12, 13])
+    twice, twice_json = evaluated([11, 12, 13, 11])  # image 11 again, as a padding sampler would give it
+    assert twice == once and 0 < once["map"] < 1
+    assert twice_json == once_json and Counter(d["image_id"] for d in once_json) == {11: 3, 12: 3, 13: 3}
+
+
+DRIVER = textwrap.dedent(
+    '''
+    """sapd.evaluate's command, and what each process evaluated (for tests/test_ddp.py)."""
+    import json
+    import os
+    from pathlib import Path
+
+    import hydra
+
+    from sapd.evaluate import evaluate
+    from sapd.logs import configure_logging
+    from sapd.module import SAPDLitModule
+    from sapd.paths import CONFIG_PATH
+
+    seen = {}
+    epoch_end = SAPDLitModule.on_validation_epoch_end
+
+
+    def record(self):
+        seen["image_ids"] = list(self._eval_image_ids)
+        seen["sampler"] = type(self.trainer.val_dataloaders.sampler).__name__
+        epoch_end(self)
+
+
+    SAPDLitModule.on_validation_epoch_end = record
+
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
+    def main(cfg):
+        configure_logging()
+        table = evaluate(cfg)
+        out = Path(os.environ["SAPD_TEST_OUT"]) / f"rank{os.environ.get('LOCAL_RANK', '0')}.json"
+        out.write_text(json.dumps({"table": table, **seen}))
+
+
+    if __name__ == "__main__":
+        main()
+    '''
+)
+
+
+def run_with_timeout(cmd: list[str], *, cwd: Path, env: dict[str, str], timeout: float) -> tuple[int, str]:
+    """Runs ``cmd`` in its own process group; on timeout the whole group (the DDP ranks it started) is killed."""
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:3])} ... did not finish in {timeout:.0f} s:\n{out[-4000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # a rank left behind by a failed run (the group is ours)
+            os.killpg(proc.pid, signal.SIGKILL)
+    return proc.returncode, out
+
+
+@pytest.fixture(scope="module")
+def odd_checkpoint(tmp_path_factory) -> Path:
+    """The tiny checkpoint of conftest.train_tiny_checkpoint, trained on a set with NUM_VAL (odd) val images
+    and without warm-up, so that its 3 steps learn enough for an AP above 0 (at score_thresh 0)."""
+    from sapd.train import train
+
+    out = tmp_path_factory.mktemp("odd-run")
+    overrides = ["trainer.max_epochs=1", "trainer.limit_train_batches=3", "validate_best=false"]
+    overrides.append("optim.scheduler.warmup_iters=0")
+    train(compose_config("train", [*TINY, f"data.synthetic.num_val={NUM_VAL}", *overrides], out))
+    return out / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.slow
+def test_two_process_evaluation_equals_one_process(odd_checkpoint, tmp_path):
+    from sapd.evaluate import evaluate
+
+    # batch_size=1: an image's detections do not depend on the images it is batched with (padding, GroupNorm),
+    # so one process and two see exactly the same network outputs; score_thresh=0: many detections per image
+    common = [
+        f"ckpt_path={odd_checkpoint}",
+        "batch_size=1",
+        "num_threads=1",
+        "score_thresh=0.0",
+        "report.enabled=false",
+    ]
+    single = tmp_path / "single"
+    table1 = evaluate(compose_config("eval", [*common, f"results_file={single}/results.json", "trainer=cpu"], single))
+    dets1 = json.loads((single / "results.json").read_text())
+
+    ddp = tmp_path / "ddp"
+    ddp.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    cmd = [
+        sys.executable,
+        str(driver),
+        *common,
+        f"results_file={ddp}/results.json",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        f"hydra.run.dir={ddp}",
+    ]
+    env = {**os.environ, "SAPD_TEST_OUT": str(ddp), "OMP_NUM_THREADS": "1"}
+    code, out = run_with_timeout(cmd, cwd=tmp_path, env=env, timeout=DDP_TIMEOUT_S)
+    assert code == 0, out[-4000:]
+    ranks = [json.loads((ddp / f"rank{r}.json").read_text()) for r in range(2)]
+
+    # each process evaluated its own share, unpadded, with sapd's sampler (Lightning did not replace it)
+    assert [r["sampler"] for r in ranks] == ["InferenceSampler"] * 2
+    assert sorted(len(r["image_ids"]) for r in ranks) == [NUM_VAL // 2, NUM_VAL - NUM_VAL // 2]
+    all_ids = {d["image_id"] for d in dets1}
+    assert len(all_ids) == NUM_VAL  # score_thresh=0: every image has detections
+    assert sorted(ranks[0]["image_ids"] + ranks[1]["image_ids"]) == sorted(all_ids)
+    assert "repeated evaluations of an image" not in out
+
+    # (a) the AP of the whole set, the same on both ranks and as in one process
+    print(f"AP: 1 process {table1['map']!r}, 2 processes {ranks[0]['table']['map']!r} / {ranks[1]['table']['map']!r}")
+    assert ranks[0]["table"] == ranks[1]["table"]
+    assert table1["map"] > 0 and table1["mar_100"] > 0  # numbers worth comparing
+    assert set(ranks[0]["table"]) == set(table1)
+    for key, value in table1.items():
+        assert ranks[0]["table"][key] == pytest.approx(value, abs=1e-6), key
+    # (b) one results json with every image's detections exactly once
+    dets2 = json.loads((ddp / "results.json").read_text())
+    assert {d["image_id"] for d in dets2} == all_ids
+    assert len(dets2) == len(dets1)
+    assert Counter(d["image_id"] for d in dets2) == Counter(d["image_id"] for d in dets1)
