@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TO_SYNTHETIC, compose_config
+from conftest import TO_SYNTHETIC, compose_config, train_with
 from sapd import run_report
 from sapd.train import train
 
@@ -75,6 +75,7 @@ def test_phase_switch_at_epoch_and_after_resume(train_cfg, tmp_path):
     assert summary["model"]["soft_weight"] is True and summary["model"]["valid_region"] == "cell_overlap"
     assert "trainer.max_epochs=4" in summary["overrides"]
     assert summary["seconds_per_step"] > 0 and "map" in summary["metrics"]
+    assert summary["phase_switch_epoch"] == 2  # half of 4, stored with the run
 
 
 @pytest.mark.parametrize(
@@ -171,23 +172,6 @@ def test_training_leaves_a_report_with_logger_none(train_cfg, capsys):
     assert "Per-class AP" in printed and all(name in printed for name in datamodule.class_names)
 
 
-def train_with(cfg, *extra_callbacks):
-    """``train(cfg)`` with extra callbacks appended to the configured ones."""
-    import sapd.train as train_module
-
-    original = train_module.instantiate_group
-
-    def with_extra(group_cfg):
-        objects = original(group_cfg)
-        return objects + list(extra_callbacks) if group_cfg is cfg.get("callbacks") else objects
-
-    train_module.instantiate_group = with_extra
-    try:
-        return train(cfg)
-    finally:
-        train_module.instantiate_group = original
-
-
 @pytest.mark.slow
 def test_bf16_mixed_channels_last_step_on_cpu(train_cfg):
     """The embedded default's speed settings (bf16 autocast, channels-last) train with finite losses."""
@@ -208,3 +192,10 @@ def test_precision_auto(monkeypatch):
     assert utils.resolve_precision("16-mixed", "gpu") == "16-mixed"
     monkeypatch.setattr(utils.torch.cuda, "is_available", lambda: True)
     assert utils.resolve_precision("auto", "auto") == "16-mixed"
+
+
+def test_the_cpu_default_uses_the_decided_soft_weight_norm(tmp_path):
+    """model=tiny (the CPU default) takes level_max, the variant the default-budget Table 2 decided for;
+    the paper's model config keeps the plain Eq. 4."""
+    assert compose_config("train", [], tmp_path).model.criterion.soft_weight_norm == "level_max"
+    assert compose_config("train", ["model=sapd"], tmp_path).model.criterion.soft_weight_norm == "none"
