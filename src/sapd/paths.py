@@ -27,6 +27,8 @@ from pathlib import Path
 from hydra import initialize_config_dir, initialize_config_module
 from omegaconf import OmegaConf
 
+from sapd.errors import EXIT_USER_ERROR
+
 CONFIG_MODULE = "sapd.conf"
 _PKG = "pkg://"
 
@@ -88,8 +90,7 @@ def writable_dir(folder: str) -> str:
     path = Path(folder).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
+        tempfile.TemporaryFile(dir=path).close()  # a file can be created there
     except OSError as exc:
         existing = next((p for p in [path, *path.parents] if p.exists()), None)
         if existing is not None and not existing.is_dir():
@@ -98,13 +99,14 @@ def writable_dir(folder: str) -> str:
             why = f"permission denied (nearest existing folder: {existing})"
         else:
             why = f"{exc.strerror or exc} (its nearest existing folder {existing} does not accept new folders)"
+        # printed, not logged: Hydra resolves this before any logging of the run is set up
         print(
             f"sapd: cannot write the log folder {path}: {why}; choose another with paths.log_dir=... "
             "or the SAPD_LOG_DIR environment variable",
             file=sys.stderr,
             flush=True,
         )
-        raise SystemExit(2) from None  # not an Exception: Hydra lets it through without a traceback
+        raise SystemExit(EXIT_USER_ERROR) from None  # not an Exception: Hydra lets it through without a traceback
     return folder
 
 
