@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format bench bench-data bench-assign bench-export clean
+.PHONY: help install train test test-fast lint format bench bench-data bench-assign bench-export gpu-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ bench-assign: $(STAMP) ## Targets + losses + selection net alone, by instances p
 
 bench-export: $(STAMP) ## Latency of the exported model: PyTorch vs TorchScript vs ONNX Runtime (writes benchmarks/results_export.*)
 	$(PY) -m benchmarks suite=export $(ARGS)
+
+gpu-check: $(STAMP) ## On a CUDA machine: tests there, bench device=cuda, a short R-50 800-px AMP run (benchmarks/gpu/; ARGS=tests|bench|train)
+	PY=$(PY) bash benchmarks/gpu_check.sh $(ARGS)
 
 clean: ## Remove caches, outputs and logs (keeps .venv and the data cache)
 	rm -rf .pytest_cache .ruff_cache outputs multirun logs wandb

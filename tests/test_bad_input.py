@@ -288,3 +288,4 @@ def test_training_run_summary_holds_the_data_counts(tmp_path):
     assert 0 < instances["instances"] < counts["train"]["boxes"]
     assert 0 <= instances["without_anchor_point"] <= instances["instances"]
     assert summary["phase_switch_epoch"] == 0  # half of 1 epoch
+    assert summary["device"] == {"type": "cpu"}  # trainer=cpu; on CUDA also the GPU's name and peak memory

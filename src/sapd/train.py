@@ -15,6 +15,7 @@ from typing import Any
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -69,11 +70,13 @@ def run_summary(
     data_counts: dict[str, Any] | None = None,
     phase_switch_epoch: int | None = None,
     instance_counts: dict[str, int] | None = None,
+    device: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What :mod:`sapd.report` tabulates: the run's overrides, seed, model switches, COCO table, times,
     ``data_counts`` (``COCODataModule.data_counts()``: per split, the images, boxes and annotations
     read, dropped or skipped; {} when the data module has none), the ``phase_switch_epoch`` used and
-    ``instance_counts`` (training instances seen, and those that owned no anchor point)."""
+    ``instance_counts`` (training instances seen, and those that owned no anchor point) and ``device``
+    (:func:`device_figures`)."""
     model = cfg.get("model", {})
     criterion = model.get("criterion") or {}
     switches = {"_target_": model.get("_target_")} if "_target_" in model else {}
@@ -93,7 +96,18 @@ def run_summary(
         "phase_switch_epoch": phase_switch_epoch,
         "data_counts": dict(data_counts or {}),
         "instance_counts": dict(instance_counts or {}),
+        "device": dict(device or {}),
     }
+
+
+def device_figures(device: torch.device) -> dict[str, Any]:
+    """Where the run trained: the device type, and on CUDA the GPU's name and the peak memory that
+    PyTorch's allocator held (GiB, ``torch.cuda.max_memory_allocated``) since the process started."""
+    out: dict[str, Any] = {"type": device.type}
+    if device.type == "cuda":
+        out["name"] = torch.cuda.get_device_name(device)
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return out
 
 
 def write_summary(summary: dict[str, Any], output_dir: Path) -> Path:
@@ -155,6 +169,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("train", True):
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
     fit_seconds, fit_steps = time.time() - fit_start, trainer.global_step - start_step
+    device = device_figures(trainer.strategy.root_device)  # before validation: the training peak
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
 
     checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
@@ -194,6 +209,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
             counts,
             switch,
             getattr(module, "instance_counts", None),
+            device,
         )
         write_summary(summary, output_dir)
         if report_cfg.get("enabled", True):
