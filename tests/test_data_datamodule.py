@@ -128,7 +128,7 @@ def test_aspect_ratio_grouping_and_distributed_resampling(synthetic_root):
     from lightning.pytorch.utilities.data import _update_dataloader
     from torch.utils.data import BatchSampler, DistributedSampler
 
-    from sapd.data.samplers import AspectRatioBatchSampler
+    from sapd.data.samplers import AspectRatioBatchSampler, TrainBatchSampler
 
     dm = _dm(synthetic_root, aspect_ratio_groups=2, batch_size=2, flip_prob=0.0, seed=1)
     dm.setup("fit")
@@ -143,9 +143,13 @@ def test_aspect_ratio_grouping_and_distributed_resampling(synthetic_root):
     ddp_loader = _update_dataloader(loader, shard)
     assert isinstance(ddp_loader.batch_sampler, AspectRatioBatchSampler)
     assert ddp_loader.batch_sampler.sampler is shard and len(ddp_loader) == 3  # 5 of 10 images, batches of 2
+    assert ddp_loader.batch_sampler.seed == loader.batch_sampler.seed == 1  # the same augmentation seeds
     plain = _dm(synthetic_root, aspect_ratio_groups=0)
     plain.setup("fit")
-    assert type(plain.train_dataloader().batch_sampler) is BatchSampler
+    one_group = plain.train_dataloader().batch_sampler  # resumable too: plain batches of (index, seed)
+    assert isinstance(one_group, TrainBatchSampler) and set(one_group.group_ids.tolist()) == {0}
+    assert [len(b) for b in one_group] == [3, 3, 3, 1]  # 10 images, batches of 3, in the sampler's order
+    assert type(plain.val_dataloader().batch_sampler) is BatchSampler
 
 
 def test_evaluation_size_differs_from_training_size(synthetic_root):

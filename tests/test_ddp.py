@@ -267,3 +267,86 @@ def test_two_process_evaluation_equals_one_process(odd_checkpoint, tmp_path):
     assert {d["image_id"] for d in dets2} == all_ids
     assert len(dets2) == len(dets1)
     assert Counter(d["image_id"] for d in dets2) == Counter(d["image_id"] for d in dets1)
+
+
+TRAIN_DRIVER = textwrap.dedent(
+    '''
+    """sapd.train with a non-finite loss on process 1 at its second step (for tests/test_ddp.py)."""
+    import json
+    import os
+    from pathlib import Path
+
+    import hydra
+    import torch
+
+    from sapd.logs import configure_logging
+    from sapd.models import SAPD
+    from sapd.paths import CONFIG_PATH
+    from sapd.train import train
+
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    loss = SAPD.loss
+    steps = {"n": 0}
+
+
+    def nan_on_rank_1(self, outputs, targets):
+        out = loss(self, outputs, targets)
+        if torch.is_grad_enabled():  # training, not validation
+            steps["n"] += 1
+            if rank == 1 and steps["n"] == 2:
+                out = {**out, "total": out["total"] * float("nan")}
+        return out
+
+
+    SAPD.loss = nan_on_rank_1
+
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
+    def main(cfg):
+        configure_logging()
+        _, objects = train(cfg)
+        params = [p.detach().double() for p in objects["module"].parameters()]
+        out = Path(os.environ["SAPD_TEST_OUT"]) / f"rank{rank}.json"
+        out.write_text(json.dumps({
+            "global_step": objects["trainer"].global_step,
+            "finite": all(bool(torch.isfinite(p).all()) for p in params),
+            "checksum": [float(p.sum()) for p in params],
+            "steps": steps["n"],
+        }))
+
+
+    if __name__ == "__main__":
+        main()
+    '''
+)
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_on_one_process_is_skipped_by_all_without_a_hang(tmp_path):
+    """Process 1 alone gets a NaN loss at its second step: both skip that step together (a zero-gradient
+    step, so DDP's all-reduce completes), training ends, and the weights stay finite and equal on both."""
+    driver = tmp_path / "train_driver.py"
+    driver.write_text(TRAIN_DRIVER)
+    cmd = [
+        sys.executable,
+        str(driver),
+        *TINY,
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.precision=32-true",
+        "trainer.max_epochs=1",
+        "trainer.limit_val_batches=1",
+        "validate_best=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    env = {**os.environ, "SAPD_TEST_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    code, out = run_with_timeout(cmd, cwd=tmp_path, env=env, timeout=DDP_TIMEOUT_S)
+    assert code == 0, out[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["steps"] for r in ranks] == [2, 2]  # 16 images / 2 processes / batches of 4: both batches ran
+    assert [r["global_step"] for r in ranks] == [2, 2]  # the skipped one as a zero-gradient step
+    assert all(r["finite"] for r in ranks)
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # still in sync
+    assert out.count("non-finite loss at step 1") == 2  # both processes skipped it
+    assert "images [" in out and "on another process" in out

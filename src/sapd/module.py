@@ -242,21 +242,21 @@ class SAPDLitModule(L.LightningModule):
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx: int):
         images, targets = batch
-        if images.shape[0] == 0:  # every image of the batch was skipped (data.skip_bad_images): no step
-            return None
-        outputs = self(images)
-        losses = self.net.loss(outputs, targets)
-        total = losses["total"]
-        if not torch.isfinite(total):
+        empty = images.shape[0] == 0  # every image of the batch was skipped (data.skip_bad_images)
+        losses = None if empty else self.net.loss(self(images), targets)
+        nonfinite = losses is not None and not bool(torch.isfinite(losses["total"]))
+        empty, nonfinite_any = self._on_any_process(empty, nonfinite)
+        if nonfinite_any:
             self._bad_steps += 1
-            ids = [int(t["image_id"]) for t in targets]
-            log.warning("non-finite loss at step %d (images %s); step skipped", self.global_step, ids)
+            where = f"images {[int(t['image_id']) for t in targets]}" if nonfinite else "on another process"
+            log.warning("non-finite loss at step %d (%s); step skipped", self.global_step, where)
             if self._bad_steps >= self.hparams.max_bad_steps:
                 raise NonFiniteLossError(
                     f"loss was non-finite for {self._bad_steps} consecutive steps; lower optim.optimizer.lr "
                     "or raise scheduler.warmup_iters, and check the data for broken boxes"
                 )
-            return None
+        if empty or nonfinite_any:
+            return self._skipped_step()
         self._bad_steps = 0
         self.instance_counts["instances"] += sum(len(t["labels"]) for t in targets)
         if "num_unassigned" in losses:
@@ -264,7 +264,31 @@ class SAPDLitModule(L.LightningModule):
         bs = images.shape[0]
         self._log_losses("train", losses, bs, on_step=True)
         # the selection net's level probabilities reach callbacks (SelectionHistogram) as step outputs
-        return {"loss": total, "selection_probs": losses.get("selection_probs")}
+        return {"loss": losses["total"], "selection_probs": losses.get("selection_probs")}
+
+    def _world_size(self) -> int:
+        trainer = self._trainer
+        return int(trainer.world_size) if trainer is not None else 1
+
+    def _on_any_process(self, *flags: bool) -> tuple[bool, ...]:
+        """Each flag, true when it is true on any process of a distributed run (one all-reduce of the
+        flags); the flags themselves in a single process. Every process then takes the same branch."""
+        if self._world_size() == 1:
+            return tuple(bool(f) for f in flags)
+        local = torch.tensor([float(bool(f)) for f in flags], device=self.device)
+        total = self.trainer.strategy.reduce(local, reduce_op="sum")
+        return tuple(bool(v > 0) for v in total.tolist())
+
+    def _skipped_step(self):
+        """What a skipped training step returns. One process: None (Lightning runs no backward and no
+        optimiser step). Distributed: a zero loss through every trainable parameter, on every process,
+        so that each one runs its backward and DDP's gradient all-reduce completes (a process that
+        returned None would leave the others waiting in it); the optimiser then steps with zero
+        gradients, so momentum and weight decay still move the weights by one step."""
+        if self._world_size() == 1:
+            return None
+        zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
+        return {"loss": zero, "selection_probs": None}
 
     def _log_losses(self, stage: str, losses: dict[str, Any], batch_size: int, on_step: bool) -> None:
         for key, value in losses.items():

@@ -255,9 +255,19 @@ class COCODetection(Dataset):
             )
         return img
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict] | SkippedImage:
+    def __getitem__(self, index: int | tuple[int, int]) -> tuple[torch.Tensor, dict] | SkippedImage:
         """The item of image ``self.ids[index]``; for an image that cannot be used, a
-        :class:`~sapd.data.io.SkippedImage` with ``skip_bad_images``, else a one-line DataError."""
+        :class:`~sapd.data.io.SkippedImage` with ``skip_bad_images``, else a one-line DataError.
+
+        ``index`` may be ``(index, sample_seed)`` (what :class:`~sapd.data.samplers.TrainBatchSampler`
+        yields): the random transforms then draw from a generator seeded with ``sample_seed``, so the
+        item depends on the data seed, the epoch and the index only (not on the process or on what was
+        drawn before), which makes a resumed run see the same augmented images.
+        """
+        generator = None
+        if isinstance(index, tuple):
+            index, sample_seed = index
+            generator = torch.Generator().manual_seed(int(sample_seed))
         try:
             img = self._load(index)
         except DataError as e:
@@ -265,9 +275,11 @@ class COCODetection(Dataset):
             if self.skip_bad_images:
                 return SkippedImage(self.ids[index], reason, str(e))
             raise BadImageError(f"{e} (data.skip_bad_images=true skips such images)", reason) from None
-        return self._make_item(index, img)
+        return self._make_item(index, img, generator)
 
-    def _make_item(self, index: int, img: Image.Image) -> tuple[torch.Tensor, dict]:
+    def _make_item(
+        self, index: int, img: Image.Image, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict]:
         img_id = self.ids[index]
         rec = self._records[img_id]
         h, w = rec["orig_size"]
@@ -292,4 +304,4 @@ class COCODetection(Dataset):
             from sapd.data.transforms import to_normalized_tensor
 
             return to_normalized_tensor(img), target
-        return self.transforms(img, target)
+        return self.transforms(img, target, generator=generator)

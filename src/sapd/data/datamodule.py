@@ -9,9 +9,11 @@ COCO layout under ``root`` (the default file names; each may be overridden)::
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
+import os
 import random
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -21,11 +23,17 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, SequentialSampler
 
 from sapd.data import COCO_HOWTO, DataError
 from sapd.data.coco import COCODetection
-from sapd.data.samplers import AspectRatioBatchSampler, InferenceSampler, aspect_ratio_groups
+from sapd.data.samplers import (
+    AspectRatioBatchSampler,
+    EpochRandomSampler,
+    InferenceSampler,
+    TrainBatchSampler,
+    aspect_ratio_groups,
+)
 from sapd.data.transforms import build_transforms, collate, eval_size
 
 log = logging.getLogger(__name__)
@@ -153,6 +161,8 @@ class COCODataModule(L.LightningDataModule):
         self.drop_empty, self.skip_bad_images = bool(drop_empty), bool(skip_bad_images)
         self.limit_val_images = None if limit_val_images is None else int(limit_val_images)
         self.seed = seed
+        self._train_seed: int | None = None  # the seed in use (see train_seed)
+        self._resume: dict[str, int] | None = None  # where a resumed run's training data continues
         self.train_dataset: COCODetection | None = None
         self.val_dataset: COCODetection | None = None
         self.test_dataset: COCODetection | None = None
@@ -354,15 +364,70 @@ class COCODataModule(L.LightningDataModule):
         self._pass_batches.clear()
         super().teardown(stage)
 
+    @property
+    def train_seed(self) -> int:
+        """The seed of the training order and augmentation: ``seed``, else the run's global seed
+        (``seed_everything`` sets ``PL_GLOBAL_SEED``), else one drawn once; kept in checkpoints."""
+        if self._train_seed is None:
+            if self.seed is not None:
+                self._train_seed = int(self.seed)
+            elif os.environ.get("PL_GLOBAL_SEED", "").lstrip("-").isdigit():
+                self._train_seed = int(os.environ["PL_GLOBAL_SEED"])
+            else:
+                self._train_seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        return self._train_seed
+
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: the training data's seed and position (the epoch and the batches
+        of it already trained on), so that a run resumed from a mid-epoch checkpoint continues with the
+        batch an uninterrupted run would train on next; also the images skipped so far."""
+        state: dict = {"train_seed": self.train_seed, "skipped_images": copy.deepcopy(self.skipped_images)}
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == "fit":
+            epoch = trainer.current_epoch
+            done = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # batches stepped this epoch
+            if done >= trainer.num_training_batches:  # saved at the epoch's end: the next one starts afresh
+                epoch, done = epoch + 1, 0
+            state["train_position"] = {"epoch": int(epoch), "batches": int(done)}
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restores :meth:`state_dict` (``ckpt_path=...``): the next training loader starts where it stood."""
+        if "train_seed" in state_dict:
+            self._train_seed = int(state_dict["train_seed"])
+        for split, images in (state_dict.get("skipped_images") or {}).items():
+            self.skipped_images.setdefault(split, {}).update(images)
+        position = state_dict.get("train_position")
+        if position:
+            self._resume = {"epoch": int(position["epoch"]), "batches": int(position["batches"])}
+            self._pass_batches["train"] = self._resume["batches"]
+
+    def _train_batching(self, dataset: COCODetection, batch_size: int) -> dict:
+        """``batch_sampler`` of the training loader: :class:`TrainBatchSampler` over an
+        :class:`EpochRandomSampler` (order and augmentation a function of the seed, epoch and index)."""
+        resume, self._resume = self._resume or {}, None  # a resumed run's first loader only
+        if resume.get("batches"):
+            log.info("training data resumes at epoch %d after its first %d batches", resume["epoch"], resume["batches"])
+        groups = np.zeros(len(dataset), dtype=np.int64)
+        if self.aspect_ratio_groups > 1:
+            groups = aspect_ratio_groups(dataset.aspect_ratios, self.aspect_ratio_groups)
+        sampler = EpochRandomSampler(dataset, self.train_seed, epoch=resume.get("epoch", 0))
+        batches = TrainBatchSampler(
+            sampler, batch_size, False, groups, self.train_seed, resume.get("epoch"), resume.get("batches", 0)
+        )
+        return {"batch_sampler": batches}
+
     def _loader(self, dataset: COCODetection | None, *, train: bool, name: str) -> DataLoader:
         if dataset is None:
             raise DataError(f"{name}_dataloader() called before setup() built the {name} set")
         generator = None
-        if train and self.seed is not None:
-            generator = torch.Generator().manual_seed(int(self.seed))
+        if train:  # the workers' base seed too (numpy / random in third-party code, seed_worker)
+            generator = torch.Generator().manual_seed(self.train_seed)
         batch_size = self.batch_size if train else self.val_batch_size
         shards = None if train else self._eval_shards()
-        if shards is not None:
+        if train:
+            batching = self._train_batching(dataset, batch_size)
+        elif shards is not None:
             # validation / test of a distributed run: every process a share of the images, none repeated
             # (Lightning's padding DistributedSampler would score some twice); batches as below, per share
             groups = None
@@ -371,11 +436,10 @@ class COCODataModule(L.LightningDataModule):
             sampler = InferenceSampler(dataset, *shards, group_ids=groups, batch_size=batch_size)
             batching = {"sampler": sampler, "batch_size": batch_size, "drop_last": False}
         elif self.aspect_ratio_groups > 1:
-            sampler = RandomSampler(dataset, generator=generator) if train else SequentialSampler(dataset)
             groups = aspect_ratio_groups(dataset.aspect_ratios, self.aspect_ratio_groups)
-            batching = {"batch_sampler": AspectRatioBatchSampler(sampler, batch_size, False, groups)}
+            batching = {"batch_sampler": AspectRatioBatchSampler(SequentialSampler(dataset), batch_size, False, groups)}
         else:
-            batching = {"batch_size": batch_size, "shuffle": train, "drop_last": False}
+            batching = {"batch_size": batch_size, "shuffle": False, "drop_last": False}
         return DataLoader(
             dataset,
             **batching,

@@ -13,7 +13,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import numpy as np
-from torch.utils.data import BatchSampler, Dataset, DistributedSampler, Sampler
+import torch
+from torch.utils.data import BatchSampler, Dataset, DistributedSampler, RandomSampler, Sampler
 
 
 def aspect_ratio_groups(aspect_ratios: Sequence[float], num_groups: int) -> np.ndarray:
@@ -71,6 +72,87 @@ class AspectRatioBatchSampler(BatchSampler):
             batch = rest[start : start + self.batch_size]
             if len(batch) == self.batch_size or not self.drop_last:
                 yield batch
+
+
+def mix_seed(*values: int) -> int:
+    """One 63-bit seed from integers (numpy ``SeedSequence``): nearby inputs give unrelated seeds."""
+    state = np.random.SeedSequence([int(v) % 2**64 for v in values]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class EpochRandomSampler(RandomSampler):
+    """A shuffled order of the data set that depends on ``seed`` and the epoch alone.
+
+    ``RandomSampler`` draws its order from its generator's state, so after a restart it depends on
+    everything drawn before; here epoch ``e``'s order is ``randperm`` under the seed
+    ``mix_seed(seed, e)``, like ``DistributedSampler``'s, and Lightning sets the epoch
+    (``set_epoch``) before each one. Being a ``RandomSampler``, Lightning knows it shuffles and, under
+    DDP, replaces it by a shuffling ``DistributedSampler`` (whose order is also a function of the epoch).
+    """
+
+    def __init__(self, data_source, seed: int, epoch: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch = int(seed), int(epoch)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+class TrainBatchSampler(AspectRatioBatchSampler):
+    """Training batches that a resumed run continues exactly: :class:`AspectRatioBatchSampler` batches
+    of ``(index, sample_seed)`` pairs, and the first ``start_batch`` batches of epoch ``start_epoch``
+    left out once.
+
+    ``sample_seed = mix_seed(seed, epoch, index)`` seeds the random transforms of that image
+    (:meth:`sapd.data.coco.COCODetection.__getitem__`), so what a batch holds depends on the seed, the
+    epoch (the sampler's ``epoch``, which Lightning sets) and the position in the epoch alone: not on
+    the worker process, nor on the random draws made before. A run restarted from a mid-epoch
+    checkpoint builds this sampler with the checkpoint's epoch and batch count
+    (:meth:`sapd.data.datamodule.COCODataModule.load_state_dict`) and sees the batches an
+    uninterrupted run would have seen next.
+
+    Args:
+        sampler, batch_size, drop_last, group_ids: as :class:`AspectRatioBatchSampler` (one group: plain batches).
+        seed: the data seed.
+        start_epoch, start_batch: where a resumed run continues (None: from the start of every epoch).
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler[int] | Sequence[int],
+        batch_size: int,
+        drop_last: bool,
+        group_ids: Sequence[int],
+        seed: int,
+        start_epoch: int | None = None,
+        start_batch: int = 0,
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last, group_ids)
+        self.seed = int(seed)
+        self.start_epoch, self.start_batch = start_epoch, int(start_batch)
+        if start_epoch is not None and callable(getattr(self.sampler, "set_epoch", None)):
+            # the resumed epoch's order, also where the loader's workers draw indices before Lightning
+            # sets the epoch (and for the DistributedSampler Lightning puts in under DDP)
+            self.sampler.set_epoch(start_epoch)
+
+    @property
+    def epoch(self) -> int:
+        return int(getattr(self.sampler, "epoch", 0))
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch = self.epoch
+        skip = self.start_batch if self.start_epoch == epoch else 0
+        self.start_epoch, self.start_batch = None, 0  # once: the epochs after it start at their first batch
+        for i, batch in enumerate(super().__iter__()):
+            if i >= skip:
+                yield [(idx, mix_seed(self.seed, epoch, idx)) for idx in batch]
+
+    def __len__(self) -> int:  # the epoch's full length: Lightning counts the batches already done
+        return super().__len__()
 
 
 def shard_range(size: int, num_replicas: int, rank: int) -> range:

@@ -61,9 +61,13 @@ class Resize:
     def __init__(self, min_size: int | Sequence[int], max_size: int | None = 1333) -> None:
         self.min_size, self.max_size = _size_range(min_size), max_size
 
-    def __call__(self, img: Image.Image, target: dict) -> tuple[Image.Image, dict]:
+    def __call__(
+        self, img: Image.Image, target: dict, generator: torch.Generator | None = None
+    ) -> tuple[Image.Image, dict]:
         lo, hi = self.min_size
-        short = lo if lo == hi else int(torch.randint(lo, hi + 1, ()).item())  # torch RNG: seeded per worker
+        # generator: the sample's own (training: seeded by data seed, epoch and index, so a resumed run
+        # draws the same sizes); None: torch's global RNG
+        short = lo if lo == hi else int(torch.randint(lo, hi + 1, (), generator=generator).item())
         w, h = img.size
         nh, nw = resized_shape(h, w, short, self.max_size)
         if (nh, nw) != (h, w):
@@ -93,8 +97,10 @@ class RandomHorizontalFlip:
     def __init__(self, p: float = 0.5) -> None:
         self.p = float(p)
 
-    def __call__(self, img: Image.Image, target: dict) -> tuple[Image.Image, dict]:
-        if self.p <= 0 or torch.rand(()).item() >= self.p:
+    def __call__(
+        self, img: Image.Image, target: dict, generator: torch.Generator | None = None
+    ) -> tuple[Image.Image, dict]:
+        if self.p <= 0 or torch.rand((), generator=generator).item() >= self.p:
             return img, target
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         for k in _BOX_KEYS:
@@ -126,17 +132,21 @@ class ToTensorNormalize:
     def __init__(self, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> None:
         self.mean, self.std = tuple(mean), tuple(std)
 
-    def __call__(self, img: Image.Image, target: dict) -> tuple[torch.Tensor, dict]:
+    def __call__(
+        self, img: Image.Image, target: dict, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict]:
         return to_normalized_tensor(img, self.mean, self.std), target
 
 
 class Compose:
+    """The transforms in order; ``generator`` (the random draws of every one) is passed to each."""
+
     def __init__(self, transforms: Sequence) -> None:
         self.transforms = list(transforms)
 
-    def __call__(self, img, target: dict):
+    def __call__(self, img, target: dict, generator: torch.Generator | None = None):
         for t in self.transforms:
-            img, target = t(img, target)
+            img, target = t(img, target, generator=generator)
         return img, target
 
 
