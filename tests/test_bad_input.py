@@ -215,7 +215,9 @@ class _Probe(L.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
-def test_skipped_images_are_counted_in_the_main_process_from_worker_batches(tmp_path, caplog):
+# *-true precisions: Lightning converts the batch (rebuilding the target list) before any hook sees it
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true", "64-true"])
+def test_skipped_images_are_counted_in_the_main_process_from_worker_batches(tmp_path, caplog, precision):
     sizes = {i: (24, 16) for i in range(1, 6)}
     ann_file, img_dir = _write_set(tmp_path, sizes, [_ann(i, i, [2, 2, 8, 8]) for i in sizes])
     (img_dir / "3.png").unlink()
@@ -227,7 +229,7 @@ def test_skipped_images_are_counted_in_the_main_process_from_worker_batches(tmp_
     )  # fmt: skip
     trainer = L.Trainer(
         max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
+        enable_model_summary=False, num_sanity_val_steps=0, precision=precision,
     )  # fmt: skip
     probe = _Probe()
     with caplog.at_level(logging.INFO, logger="sapd.data.datamodule"):

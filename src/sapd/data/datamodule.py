@@ -55,6 +55,29 @@ def format_counts(split: str, ann_file: str | Path, stats: Mapping[str, int]) ->
     )
 
 
+class RecordingDataLoader(DataLoader):
+    """A ``DataLoader`` that passes each batch's skipped-image records (``targets.skipped``, see
+    :func:`~sapd.data.transforms.collate`) to ``on_skipped(split, records)`` in the main process, as
+    the batch leaves the loader.
+
+    Reading them there, and not in a Lightning hook, keeps them under every precision: for ``16-true``,
+    ``bf16-true`` and ``64-true`` Lightning converts the batch (``convert_input``) before any hook sees
+    it, and the conversion rebuilds the target list without them. The batch itself passes unchanged.
+    """
+
+    def __init__(self, *args, split: str = "train", on_skipped=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.split, self.on_skipped = split, on_skipped
+
+    def __iter__(self):
+        for batch in super().__iter__():
+            targets = batch[1] if isinstance(batch, tuple | list) and len(batch) == 2 else None
+            skipped = getattr(targets, "skipped", None)
+            if skipped and self.on_skipped is not None:
+                self.on_skipped(self.split, skipped)
+            yield batch
+
+
 def seed_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed
     (which the DataLoader derives from its generator), as PyTorch's reproducibility notes advise."""
@@ -344,15 +367,11 @@ class COCODataModule(L.LightningDataModule):
             return math.inf
 
     def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Reads the batch's record of skipped images (``targets.skipped``, see :func:`collate`) in
-        the main process, before moving the batch to the device drops it; the batch goes on as it is."""
+        """Counts the batches of the running pass over a split, to log its skipped images (which
+        :class:`RecordingDataLoader` recorded as the batch left the loader) once the pass ends."""
         split = self._running_split()
         if split is None:
             return batch
-        targets = batch[1] if isinstance(batch, tuple | list) and len(batch) == 2 else None
-        skipped = getattr(targets, "skipped", None)
-        if skipped:
-            self.record_skipped(split, skipped)
         self._pass_batches[split] = self._pass_batches.get(split, 0) + 1
         if self._pass_batches[split] >= self._pass_length(split, dataloader_idx):
             self.end_pass(split)
@@ -440,8 +459,10 @@ class COCODataModule(L.LightningDataModule):
             batching = {"batch_sampler": AspectRatioBatchSampler(SequentialSampler(dataset), batch_size, False, groups)}
         else:
             batching = {"batch_size": batch_size, "shuffle": False, "drop_last": False}
-        return DataLoader(
+        return RecordingDataLoader(
             dataset,
+            split=name,
+            on_skipped=self.record_skipped,
             **batching,
             num_workers=self.num_workers,
             persistent_workers=self.persistent_workers,

@@ -175,8 +175,9 @@ def build_transforms(
 class BatchTargets(list):
     """The targets of a collated batch (a list of dicts) plus ``skipped``: the
     :class:`~sapd.data.io.SkippedImage` records of the images :func:`collate` dropped. ``copy.copy``
-    (the DataLoader's pin-memory thread) keeps ``skipped``; rebuilding the list (moving the batch to
-    a device) does not, so it is read before: ``COCODataModule.on_before_batch_transfer``."""
+    (the DataLoader's pin-memory thread) keeps ``skipped``; rebuilding the list (Lightning's precision
+    conversion, moving the batch to a device) does not, so it is read as the batch leaves the loader:
+    :class:`~sapd.data.datamodule.RecordingDataLoader`."""
 
     def __init__(self, targets=(), skipped=()) -> None:
         super().__init__(targets)
