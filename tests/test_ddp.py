@@ -27,6 +27,7 @@ from sapd.data.samplers import AspectRatioBatchSampler, InferenceSampler, shard_
 from sapd.module import BOX_STATES, merge_evaluations
 
 NUM_VAL = 9  # odd: 2 processes take 5 + 4 images; a padding sampler would give the second one 5 (one repeated)
+TWO_CPU_PROCESSES = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
 DDP_TIMEOUT_S = 480  # the two processes import torch and Lightning one after the other; generous on a busy machine
 
 
@@ -236,10 +237,7 @@ def test_two_process_evaluation_equals_one_process(odd_checkpoint, tmp_path):
         str(driver),
         *common,
         f"results_file={ddp}/results.json",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.precision=32-true",
+        *TWO_CPU_PROCESSES,
         f"hydra.run.dir={ddp}",
     ]
     env = {**os.environ, "SAPD_TEST_OUT": str(ddp), "OMP_NUM_THREADS": "1"}
@@ -331,10 +329,7 @@ def test_a_non_finite_loss_on_one_process_is_skipped_by_all_without_a_hang(tmp_p
         sys.executable,
         str(driver),
         *TINY,
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.precision=32-true",
+        *TWO_CPU_PROCESSES,
         "trainer.max_epochs=1",
         "trainer.limit_val_batches=1",
         "validate_best=false",
