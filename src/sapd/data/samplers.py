@@ -111,7 +111,8 @@ class TrainBatchSampler(AspectRatioBatchSampler):
     (:meth:`sapd.data.coco.COCODetection.__getitem__`), so what a batch holds depends on the seed, the
     epoch (the sampler's ``epoch``, which Lightning sets) and the position in the epoch alone: not on
     the worker process, nor on the random draws made before. A run restarted from a mid-epoch
-    checkpoint builds this sampler with the checkpoint's epoch and batch count
+    checkpoint builds this sampler with the checkpoint's epoch and batch count (``len`` stays the
+    epoch's full length: Lightning counts the batches already done)
     (:meth:`sapd.data.datamodule.COCODataModule.load_state_dict`) and sees the batches an
     uninterrupted run would have seen next.
 
@@ -150,9 +151,6 @@ class TrainBatchSampler(AspectRatioBatchSampler):
         for i, batch in enumerate(super().__iter__()):
             if i >= skip:
                 yield [(idx, mix_seed(self.seed, epoch, idx)) for idx in batch]
-
-    def __len__(self) -> int:  # the epoch's full length: Lightning counts the batches already done
-        return super().__len__()
 
 
 def shard_range(size: int, num_replicas: int, rank: int) -> range:
