@@ -14,15 +14,28 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from sapd.paths import initialize_configs
-from sapd.report import decisions, find_summaries, folders, group_runs, main, markdown_table, pooled_std, report
+from sapd.report import (
+    decisions,
+    find_summaries,
+    folders,
+    goals,
+    group_runs,
+    main,
+    markdown_table,
+    pooled_std,
+    report,
+)
 
 SWITCHES = {"soft_weight_norm": "none", "valid_region": "cell_overlap", "eta": 1.0, "topk": 3}
 ABLATIONS = {"FSAF": (False, False), "+SW": (True, False), "+SW+SS": (True, True)}
 
 
 def write_run(folder, n, ablation, seed, ap, minutes=9.0, **switches):
-    sw, ss = ABLATIONS[ablation]
-    model = {"_target_": "sapd.models.SAPD", "soft_weight": sw, "soft_select": ss, **SWITCHES, **switches}
+    if ablation == "FCOS":  # model=fcos: its summary has no SAPD switches
+        model = {"_target_": "sapd.models.FCOSDetector"}
+    else:
+        sw, ss = ABLATIONS[ablation]
+        model = {"_target_": "sapd.models.SAPD", "soft_weight": sw, "soft_select": ss, **SWITCHES, **switches}
     run = folder / str(n)
     run.mkdir(parents=True)
     summary = {
@@ -95,6 +108,47 @@ def test_decision_rule_waits_for_three_seeds_per_row(tmp_path):
     assert "gain +10.0 > pooled std" in text
     assert "undecided: the rule needs >= 3 seeds per row" in text and "FSAF paper n=1" in text
     assert "becomes the default" not in text
+
+
+def goal_runs(folder, fcos, sw=(46, 47, 48)):
+    """FSAF 45 ± 1, +SW ``sw`` (default 47 ± 1: gap 2 > pooled std 1), +SW+SS 46 ± 0.5 (gap 1.0,
+    pooled std 0.79) and FCOS ``fcos``, one run per seed."""
+    table = {"FSAF": [44, 45, 46], "+SW": sw, "+SW+SS": [45.5, 46, 46.5], "FCOS": fcos}
+    n = 0
+    for ablation, aps in table.items():
+        for seed, ap in enumerate(aps):
+            write_run(folder, n, ablation, seed, ap)
+            n += 1
+    return group_runs(find_summaries([folder]))
+
+
+def test_a_peer_detector_is_its_own_last_row(tmp_path):
+    rows = goal_runs(tmp_path, fcos=[44, 45, 46])
+    names = [(r.name, r.variant) for r in rows]
+    assert names == [("FSAF", "paper"), ("+SW", "paper"), ("+SW+SS", "paper"), ("FCOS", "-")]
+    assert "| FCOS | - | 8 ep | 3 | 45.0 ± 1.0 |" in markdown_table(rows)
+    assert "FCOS" not in decisions(rows)  # the rule compares SAPD settings only
+
+
+def test_goal_met_when_every_gap_clears_its_bar(tmp_path):
+    text = goals(goal_runs(tmp_path, fcos=[44, 45, 46]))
+    assert "+SW - FSAF +2.0 (pooled std 1.0): met" in text
+    assert "+SW+SS - FSAF +1.0 (needs >= +1.0 and > pooled std 0.8): met" in text
+    assert "+SW+SS - FCOS +1.0 (pooled std 0.8): met" in text
+    assert text.endswith("-> goal met")
+
+
+def test_goal_not_met_below_the_peer_or_inside_the_noise(tmp_path):
+    text = goals(goal_runs(tmp_path / "a", fcos=[47, 48, 49]))
+    assert "+SW+SS - FCOS -2.0 (pooled std 0.8): not met" in text and text.endswith("-> goal not met")
+    # +SW 2 AP above FSAF is no gain when its seeds spread by 3: pooled std sqrt((2 + 18) / 4) = 2.2
+    text = goals(goal_runs(tmp_path / "b", fcos=[44, 45, 46], sw=[44, 47, 50]))
+    assert "+SW - FSAF +2.0 (pooled std 2.2): not met" in text and text.endswith("-> goal not met")
+
+
+def test_goal_waits_for_three_seeds_of_every_row(tmp_path):
+    text = goals(goal_runs(tmp_path, fcos=[44, 46]))
+    assert text.endswith("-> undecided: >= 3 seeds per row needed (FCOS - n=2)")
 
 
 def report_config(*overrides: str):

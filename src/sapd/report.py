@@ -7,8 +7,11 @@ table and times; :func:`sapd.train.run_summary`). This command finds them under 
 seed, and prints one markdown table: mean ± sample standard deviation over seeds of AP, AP50, AP75,
 APs, APm, APl (in %), the per-seed APs, the number of runs n, and minutes and seconds per step.
 
-A row is named by its ablation (FSAF, +SW, +SW+SS, or the architecture for other detectors) and
-by every switch that differs from the paper's setting, so runs of different variants never mix.
+A row is named by its ablation (FSAF, +SW, +SW+SS, or the architecture for other detectors, e.g.
+FCOS with variant "-") and by every switch that differs from the paper's setting, so runs of
+different variants never mix. ``decide=true`` adds the decision rule (:func:`decisions`: does a
+variant replace the default) and the goal (:func:`goals`: do the soft techniques beat FSAF, and
+SAPD the peer detectors, by more than the seed noise).
 """
 
 from __future__ import annotations
@@ -50,6 +53,8 @@ METRICS = TABLE_COLUMNS  # (column, COCO key): AP, AP50, AP75, APs, APm, APl
 ABLATION_ORDER = {"FSAF": 0, "+SW": 1, "+SS": 2, "+SW+SS": 3}
 # Switches that do not change a row's computation: without SW, f := 1 (eta and its normalisation
 # vanish, and sum w over positives is their number); without SS there is no top-k.
+# The variant column of a detector other than SAPD (model=fcos): no SAPD switch applies to it.
+PEER_VARIANT = "-"
 UNUSED = {
     "FSAF": {"eta", "soft_weight_norm", "normaliser", "topk"},
     "+SW": {"topk"},
@@ -97,11 +102,20 @@ def find_summaries(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     return runs
 
 
+def is_sapd(model: dict[str, Any]) -> bool:
+    return str(model.get("_target_") or "sapd.models.SAPD").endswith(".SAPD")
+
+
+def peer_name(model: dict[str, Any]) -> str:
+    """A detector other than SAPD by its class name, less a "Detector" suffix: FCOSDetector -> FCOS."""
+    name = str(model.get("_target_")).rsplit(".", 1)[-1]
+    return name.removesuffix("Detector") or name
+
+
 def ablation_name(model: dict[str, Any]) -> str:
     """FSAF / +SW / +SS / +SW+SS from the switches, or the architecture's class name for other detectors."""
-    target = str(model.get("_target_") or "sapd.models.SAPD")
-    if not target.endswith(".SAPD"):
-        return target.rsplit(".", 1)[-1]
+    if not is_sapd(model):
+        return peer_name(model)
     sw, ss = bool(model.get("soft_weight", True)), bool(model.get("soft_select", True))
     return {(False, False): "FSAF", (True, False): "+SW", (False, True): "+SS", (True, True): "+SW+SS"}[(sw, ss)]
 
@@ -109,6 +123,8 @@ def ablation_name(model: dict[str, Any]) -> str:
 def variant_name(run: dict[str, Any]) -> str:
     """The switches that differ from the paper's setting and matter to the run's ablation ("paper": none)."""
     model = run.get("model", {})
+    if not is_sapd(model):
+        return PEER_VARIANT
     unused = UNUSED.get(ablation_name(model), set())
     parts = [f"{k}={model[k]}" for k, v in PAPER_SETTING.items() if k in model and k not in unused and model[k] != v]
     return ", ".join(parts) if parts else "paper"
@@ -125,8 +141,9 @@ def group_runs(runs: Sequence[dict[str, Any]]) -> list[Row]:
     for run in runs:
         name, variant, budget = ablation_name(run.get("model", {})), variant_name(run), budget_name(run)
         key = (budget, variant, name)
-        if key not in rows:  # the paper's setting first, then variants by name; FSAF, +SW, +SW+SS within
-            order = (budget, variant != "paper", variant, ABLATION_ORDER.get(name, len(ABLATION_ORDER)), name)
+        if key not in rows:  # the paper's setting, then variants by name (FSAF, +SW, +SW+SS within), then peers
+            rank = 2 if variant == PEER_VARIANT else int(variant != "paper")
+            order = (budget, rank, variant, ABLATION_ORDER.get(name, len(ABLATION_ORDER)), name)
             rows[key] = Row(name=name, variant=variant, budget=budget, order=order)
         rows[key].runs.append(run)
     for row in rows.values():
@@ -216,6 +233,63 @@ def decisions(rows: Sequence[Row], min_seeds: int = MIN_SEEDS) -> str:
     return "\n".join(lines)
 
 
+SS_MARGIN = 1.0  # AP that +SW+SS must gain over FSAF for the goal
+
+
+def _gap(a: Row, b: Row) -> tuple[float, float]:
+    """Mean AP of ``a`` minus that of ``b``, and the two rows' pooled standard deviation."""
+    return a.mean_std("map")[0] - b.mean_std("map")[0], pooled_std(a, b)
+
+
+def goals(rows: Sequence[Row], min_seeds: int = MIN_SEEDS) -> str:
+    """Whether each SAPD setting with FSAF, +SW and +SW+SS rows reaches the project's goal at its budget.
+
+    The goal: +SW >= FSAF and +SW+SS >= FSAF + 1.0 AP, each gap larger than the pooled standard
+    deviation of the two rows, and +SW+SS >= every other detector (model=fcos) run at the same budget.
+    Every row needs ``min_seeds`` seeds; with fewer the line says "undecided".
+    """
+    by_key = {(r.budget, r.variant, r.name): r for r in rows}
+    lines = []
+    for row in rows:
+        if row.name != "+SW+SS":
+            continue
+        model = row.runs[0]["model"]
+        sw = by_key.get((row.budget, variant_name({"model": {**model, "soft_select": False}}), "+SW"))
+        fsaf_variant = variant_name({"model": {**model, "soft_weight": False, "soft_select": False}})
+        fsaf = by_key.get((row.budget, fsaf_variant, "FSAF"))
+        peers = [r for r in rows if r.budget == row.budget and r.variant == PEER_VARIANT]
+        head = f"- {row.variant} ({row.budget}): "
+        if sw is None or fsaf is None:
+            missing = " and ".join(n for n, r in (("FSAF", fsaf), ("+SW", sw)) if r is None)
+            lines.append(head + f"no {missing} row of this setting -> undecided")
+            continue
+        parts, met = [], []
+        gap, spread = _gap(sw, fsaf)
+        met.append(gap >= 0 and gap > spread)
+        parts.append(f"+SW - FSAF {gap:+.1f} (pooled std {spread:.1f}): {'met' if met[-1] else 'not met'}")
+        gap, spread = _gap(row, fsaf)
+        met.append(gap >= SS_MARGIN and gap > spread)
+        parts.append(
+            f"+SW+SS - FSAF {gap:+.1f} (needs >= +{SS_MARGIN:.1f} and > pooled std {spread:.1f}): "
+            f"{'met' if met[-1] else 'not met'}"
+        )
+        for peer in peers:
+            gap, spread = _gap(row, peer)
+            met.append(gap >= 0)
+            verdict = "met" if met[-1] else "not met"
+            parts.append(f"+SW+SS - {peer.name} {gap:+.1f} (pooled std {spread:.1f}): {verdict}")
+        if not peers:
+            parts.append("no peer detector at this budget")
+        short = [r for r in (fsaf, sw, row, *peers) if len(r.runs) < min_seeds]
+        if short:
+            seeds = ", ".join(f"{r.name} {r.variant} n={len(r.runs)}" for r in short)
+            verdict = f"undecided: >= {min_seeds} seeds per row needed ({seeds})"
+        else:
+            verdict = "goal met" if all(met) and peers else "goal not met"
+        lines.append(head + "; ".join(parts) + f" -> {verdict}")
+    return "\n".join(lines)
+
+
 def report(paths: Sequence[str | Path], decide: bool = False) -> str:
     runs = find_summaries(paths)
     if not runs:
@@ -227,6 +301,9 @@ def report(paths: Sequence[str | Path], decide: bool = False) -> str:
     if decide:
         text += "\n\nDecision rule (sapd.report.decisions):\n"
         text += decisions(rows) or "- no variant with a +SW+SS row"
+        text += "\n\nGoal (sapd.report.goals): +SW >= FSAF and +SW+SS >= FSAF + 1.0 AP, each gap > the pooled std;"
+        text += " +SW+SS >= every peer detector:\n"
+        text += goals(rows) or "- no +SW+SS row"
     return text
 
 
