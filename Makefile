@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format bench bench-data bench-assign bench-export gpu-check clean
+.PHONY: help install train test test-fast lint format bench bench-data bench-assign bench-export bench-train gpu-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ bench-data: $(STAMP) ## Images/s of the train loader (synthetic and 800-px image
 
 bench-assign: $(STAMP) ## Targets + losses + selection net alone, by instances per image
 	$(PY) -m benchmarks suite=assign $(ARGS)
+
+bench-train: $(STAMP) ## s/step of the CPU training recipe: SAPD phase 1 / phase 2 vs FCOS (writes benchmarks/results_train.*)
+	$(PY) -m benchmarks suite=train $(ARGS)
 
 bench-export: $(STAMP) ## Latency of the exported model: PyTorch vs TorchScript vs ONNX Runtime (writes benchmarks/results_export.*)
 	$(PY) -m benchmarks suite=export $(ARGS)

@@ -1,4 +1,4 @@
-"""``python -m benchmarks [suite=speed|data|assign|export] [key=value ...]``: one entry, a choice of suite.
+"""``python -m benchmarks [suite=speed|data|assign|export|train] [key=value ...]``: one entry, a choice of suite.
 
 ``suite`` picks the benchmark (default ``speed``); every other ``key=value`` goes to that suite
 (``python -m benchmarks suite=data help`` lists its keys).
@@ -15,6 +15,7 @@ SUITES = {
     "data": "images/s of the training data loader (synthetic set, 800-px images)",
     "assign": "targets + losses + selection net alone, forward + backward, by instances per image",
     "export": "PyTorch vs TorchScript vs ONNX Runtime latency of the exported model (writes results_export.*)",
+    "train": "s/step of the CPU training recipe: SAPD (model=tiny) phase 1 and 2 against FCOS (model=fcos)",
 }
 
 

@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ sits beside src/, outside the insta
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import __main__ as entry  # noqa: E402
-from benchmarks import assign, data, speed, workloads  # noqa: E402
+from benchmarks import assign, data, speed, train, workloads  # noqa: E402
 from benchmarks.measure import measure_extra_memory, run_interleaved  # noqa: E402
 from benchmarks.report import evaluate_goals, to_markdown  # noqa: E402
 from benchmarks.workloads import (  # noqa: E402
@@ -269,6 +269,21 @@ def test_data_suite_quick_run_measures_both_loaders():  # draws two tiny synthet
     assert all(_positive_finite(v) for v in results.values())
 
 
+def test_train_suite_times_each_case_in_its_phase(capsys):  # a tiny synthetic set, 3 short fits
+    results = train.main(["quick=true"])
+    assert list(results) == ["sapd_p1", "sapd_p2", "fcos"]
+    assert [r["phase"] for r in results.values()] == [1, 2, None]  # the switch epoch reached the detector
+    assert all(_positive_finite(r["median"]) and r["steps"] == 2 for r in results.values())
+    table = capsys.readouterr().out
+    assert "| FCOS (model=fcos) |" in table and "| SAPD phase 2 (model=tiny, soft selection) |" in table
+
+
+def test_train_suite_refuses_unknown_cases(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["cases=[sapd_p1,retinanet]"])
+    assert exc.value.code == 2 and "retinanet" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -300,7 +315,7 @@ def test_command_line_rejects_what_it_cannot_use(argv, capsys):
 def test_one_entry_dispatches_suites_and_prints_their_keys(capsys):
     assert entry.main(["help"]) is None
     listing = capsys.readouterr().out
-    assert all(f"suite={name}" in listing for name in ("speed", "data", "assign"))
+    assert all(f"suite={name}" in listing for name in ("speed", "data", "assign", "train"))
     with pytest.raises(SystemExit) as exc:
         entry.main(["suite=assign", "help"])
     assert exc.value.code == 0
