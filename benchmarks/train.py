@@ -161,7 +161,8 @@ def run(cfg: TrainStepConfig) -> dict[str, dict]:
         out.parent.mkdir(parents=True, exist_ok=True)
         figures = {"config": asdict(cfg), "machine": machine_info("cpu"), "results": results}
         out.write_text(json.dumps(figures, indent=2) + "\n")
-        out.with_suffix(".md").write_text(f"`{PROG} {' '.join(a for a in sys.argv[1:] if not a.startswith('suite='))}`".rstrip() + "\n\n" + text + "\n")
+        args = " ".join(a for a in sys.argv[1:] if not a.startswith("suite="))
+        out.with_suffix(".md").write_text(f"`{PROG} {args}`".replace(" `", "`") + "\n\n" + text + "\n")
         log(f"wrote {out} and {out.with_suffix('.md')}")
     return results
 
