@@ -134,7 +134,7 @@ def test_goal_met_when_every_gap_clears_its_bar(tmp_path):
     text = goals(goal_runs(tmp_path, fcos=[44, 45, 46]))
     assert "+SW - FSAF +2.0 (pooled std 1.0): met" in text
     assert "+SW+SS - FSAF +1.0 (needs >= +1.0 and > pooled std 0.8): met" in text
-    assert "+SW+SS - FCOS +1.0 (pooled std 0.8): met" in text
+    assert "+SW+SS - FCOS +1.0 (pooled std 0.8): met" in text and "n < 3" not in text
     assert text.endswith("-> goal met")
 
 
@@ -147,8 +147,25 @@ def test_goal_not_met_below_the_peer_or_inside_the_noise(tmp_path):
 
 
 def test_goal_waits_for_three_seeds_of_every_row(tmp_path):
-    text = goals(goal_runs(tmp_path, fcos=[44, 46]))
-    assert text.endswith("-> undecided: >= 3 seeds per row needed (FCOS - n=2)")
+    text = goals(goal_runs(tmp_path / "a", fcos=[44, 46]))
+    assert "+SW+SS - FCOS +1.0 (pooled std 0.9): met so far, n < 3" in text
+    assert text.endswith("-> undecided: needs FCOS - n=2 (>= 3 seeds per row)")
+    # without a peer every SAPD comparison can be met and the goal still waits for one
+    text = goals(goal_runs(tmp_path / "b", fcos=[]))
+    assert "no peer detector at this budget" in text and text.endswith("-> undecided: needs a peer row")
+
+
+def test_goal_not_met_by_one_decided_failure_while_another_row_is_short(tmp_path):
+    """+SW+SS 2 AP below FSAF with 3 seeds each fails the goal, whatever a 2-seed +SW row shows."""
+    for seed, (fsaf, sw, ss) in enumerate([(44, 46, 42), (45, 47, 43), (46, 0, 44)]):
+        write_run(tmp_path, 3 * seed, "FSAF", seed, fsaf)
+        write_run(tmp_path, 3 * seed + 1, "+SW+SS", seed, ss)
+        if sw:
+            write_run(tmp_path, 3 * seed + 2, "+SW", seed, sw)
+    text = goals(group_runs(find_summaries([tmp_path])))
+    assert "+SW - FSAF +1.5" in text and "n < 3" in text
+    assert "+SW+SS - FSAF -2.0 (needs >= +1.0 and > pooled std 1.0): not met;" in text
+    assert text.endswith("-> goal not met")
 
 
 def report_config(*overrides: str):

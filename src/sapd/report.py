@@ -246,7 +246,9 @@ def goals(rows: Sequence[Row], min_seeds: int = MIN_SEEDS) -> str:
 
     The goal: +SW >= FSAF and +SW+SS >= FSAF + 1.0 AP, each gap larger than the pooled standard
     deviation of the two rows, and +SW+SS >= every other detector (model=fcos) run at the same budget.
-    Every row needs ``min_seeds`` seeds; with fewer the line says "undecided".
+    A comparison decides only when both of its rows have ``min_seeds`` seeds. The goal is not met as
+    soon as one decided comparison fails; it is met when every comparison is decided and met (and
+    there is a peer); otherwise the line says "undecided".
     """
     by_key = {(r.budget, r.variant, r.name): r for r in rows}
     lines = []
@@ -263,29 +265,28 @@ def goals(rows: Sequence[Row], min_seeds: int = MIN_SEEDS) -> str:
             missing = " and ".join(n for n, r in (("FSAF", fsaf), ("+SW", sw)) if r is None)
             lines.append(head + f"no {missing} row of this setting -> undecided")
             continue
-        parts, met = [], []
-        gap, spread = _gap(sw, fsaf)
-        met.append(gap >= 0 and gap > spread)
-        parts.append(f"+SW - FSAF {gap:+.1f} (pooled std {spread:.1f}): {'met' if met[-1] else 'not met'}")
-        gap, spread = _gap(row, fsaf)
-        met.append(gap >= SS_MARGIN and gap > spread)
-        parts.append(
-            f"+SW+SS - FSAF {gap:+.1f} (needs >= +{SS_MARGIN:.1f} and > pooled std {spread:.1f}): "
-            f"{'met' if met[-1] else 'not met'}"
-        )
-        for peer in peers:
-            gap, spread = _gap(row, peer)
-            met.append(gap >= 0)
-            verdict = "met" if met[-1] else "not met"
-            parts.append(f"+SW+SS - {peer.name} {gap:+.1f} (pooled std {spread:.1f}): {verdict}")
-        if not peers:
-            parts.append("no peer detector at this budget")
-        short = [r for r in (fsaf, sw, row, *peers) if len(r.runs) < min_seeds]
-        if short:
-            seeds = ", ".join(f"{r.name} {r.variant} n={len(r.runs)}" for r in short)
-            verdict = f"undecided: >= {min_seeds} seeds per row needed ({seeds})"
+        checks = []  # (text, met, decided)
+        for a, b, margin in ((sw, fsaf, 0.0), (row, fsaf, SS_MARGIN), *((row, peer, None) for peer in peers)):
+            gap, spread = _gap(a, b)
+            if margin is None:  # against a peer: not below it
+                met, bar = gap >= 0, f"pooled std {spread:.1f}"
+            else:
+                met = gap >= margin and gap > spread
+                bar = f"needs >= +{margin:.1f} and > pooled std {spread:.1f}" if margin else f"pooled std {spread:.1f}"
+            decided = min(len(a.runs), len(b.runs)) >= min_seeds
+            state = (
+                ("met" if met else "not met") if decided else f"{'met' if met else 'not met'} so far, n < {min_seeds}"
+            )
+            checks.append((f"{a.name} - {b.name} {gap:+.1f} ({bar}): {state}", met, decided))
+        parts = [text for text, _, _ in checks] + ([] if peers else ["no peer detector at this budget"])
+        if any(decided and not met for _, met, decided in checks):
+            verdict = "goal not met"
+        elif all(decided for _, _, decided in checks) and peers:
+            verdict = "goal met"
         else:
-            verdict = "goal met" if all(met) and peers else "goal not met"
+            short = [r for r in (fsaf, sw, row, *peers) if len(r.runs) < min_seeds]
+            seeds = ", ".join(f"{r.name} {r.variant} n={len(r.runs)}" for r in short) or "a peer row"
+            verdict = f"undecided: needs {seeds}" + (f" (>= {min_seeds} seeds per row)" if short else "")
         lines.append(head + "; ".join(parts) + f" -> {verdict}")
     return "\n".join(lines)
 
