@@ -192,6 +192,13 @@ def pooled_std(a: Row, b: Row, key: str = "map") -> float:
 MIN_SEEDS = 3  # the rule decides only on rows of at least this many seeds
 
 
+def sibling_variant(row: Row, soft_weight: bool, soft_select: bool) -> str:
+    """The variant name of ``row``'s setting with the soft techniques switched as given (e.g. its FSAF
+    row: switches that do not matter to FSAF drop out of the name)."""
+    model = {**row.runs[0]["model"], "soft_weight": soft_weight, "soft_select": soft_select}
+    return variant_name({"model": model})
+
+
 def decisions(rows: Sequence[Row], min_seeds: int = MIN_SEEDS) -> str:
     """The rule fixed before the experiments, applied to every variant with a +SW+SS row.
 
@@ -206,7 +213,7 @@ def decisions(rows: Sequence[Row], min_seeds: int = MIN_SEEDS) -> str:
         if row.name != "+SW+SS" or row.variant == "paper":
             continue
         paper = by_key.get((row.budget, "paper", "+SW+SS"))
-        fsaf_variant = variant_name({"model": {**row.runs[0]["model"], "soft_weight": False, "soft_select": False}})
+        fsaf_variant = sibling_variant(row, soft_weight=False, soft_select=False)
         fsaf = by_key.get((row.budget, fsaf_variant, "FSAF"))
         if paper is None:
             lines.append(f"- {row.variant} ({row.budget}): no paper +SW+SS row at this budget to compare with")
@@ -255,10 +262,8 @@ def goals(rows: Sequence[Row], min_seeds: int = MIN_SEEDS) -> str:
     for row in rows:
         if row.name != "+SW+SS":
             continue
-        model = row.runs[0]["model"]
-        sw = by_key.get((row.budget, variant_name({"model": {**model, "soft_select": False}}), "+SW"))
-        fsaf_variant = variant_name({"model": {**model, "soft_weight": False, "soft_select": False}})
-        fsaf = by_key.get((row.budget, fsaf_variant, "FSAF"))
+        sw = by_key.get((row.budget, sibling_variant(row, soft_weight=True, soft_select=False), "+SW"))
+        fsaf = by_key.get((row.budget, sibling_variant(row, soft_weight=False, soft_select=False), "FSAF"))
         peers = [r for r in rows if r.budget == row.budget and r.variant == PEER_VARIANT]
         head = f"- {row.variant} ({row.budget}): "
         if sw is None or fsaf is None:
@@ -274,9 +279,7 @@ def goals(rows: Sequence[Row], min_seeds: int = MIN_SEEDS) -> str:
                 met = gap >= margin and gap > spread
                 bar = f"needs >= +{margin:.1f} and > pooled std {spread:.1f}" if margin else f"pooled std {spread:.1f}"
             decided = min(len(a.runs), len(b.runs)) >= min_seeds
-            state = (
-                ("met" if met else "not met") if decided else f"{'met' if met else 'not met'} so far, n < {min_seeds}"
-            )
+            state = ("met" if met else "not met") + ("" if decided else f" so far, n < {min_seeds}")
             checks.append((f"{a.name} - {b.name} {gap:+.1f} ({bar}): {state}", met, decided))
         parts = [text for text, _, _ in checks] + ([] if peers else ["no peer detector at this budget"])
         if any(decided and not met for _, met, decided in checks):
@@ -302,8 +305,8 @@ def report(paths: Sequence[str | Path], decide: bool = False) -> str:
     if decide:
         text += "\n\nDecision rule (sapd.report.decisions):\n"
         text += decisions(rows) or "- no variant with a +SW+SS row"
-        text += "\n\nGoal (sapd.report.goals): +SW >= FSAF and +SW+SS >= FSAF + 1.0 AP, each gap > the pooled std;"
-        text += " +SW+SS >= every peer detector:\n"
+        text += f"\n\nGoal (sapd.report.goals): +SW >= FSAF and +SW+SS >= FSAF + {SS_MARGIN:.1f} AP,"
+        text += " each gap > the pooled std; +SW+SS >= every peer detector:\n"
         text += goals(rows) or "- no +SW+SS row"
     return text
 
