@@ -61,6 +61,14 @@ def test_weight_shares_and_what_the_switches_leave_alone(checkpoint):
     best, _ = stats["best_f"]["centre"]
     assert (best > 0).all()
     assert stats["objects"].sum() == sum(len(t["boxes"]) for _, targets in batches for t in targets)
+    # Weight sum over the number of positives: exactly 1 without soft weights; below 1 with Eq. 4 as
+    # printed; level_max (each level's best point weighs 1) never lowers a weight, so its ratio lies
+    # between none's and 1 (1 where every object owns one point per level).
+    ratio = stats["weight_ratio"]
+    for valid in ("cell_overlap", "centre"):
+        for norm in ("none", "level_max"):
+            assert ratio[("FSAF", valid, norm)] == pytest.approx(1.0)
+        assert 0 < ratio[("+SW", valid, "none")] < ratio[("+SW", valid, "level_max")] <= 1 + 1e-6
 
 
 def test_cli_errors_are_one_line_and_exit_code_2(tmp_path, caplog):
@@ -93,6 +101,7 @@ def test_pictures_are_written(checkpoint, tmp_path, caplog):
     ]
     table = (tmp_path / "weight_share_by_size.md").read_text()
     assert "| cell_overlap, level_max | +SW+SS |" in table and "median f" in table
+    assert "| setting | FSAF | +SW | +SW+SS |" in table and "| centre, level_max | 1.00 | " in table
     for p in (p for p in paths if p.suffix == ".png"):
         with Image.open(p) as im:
             assert im.width > 400 and im.height > 300

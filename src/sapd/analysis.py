@@ -69,13 +69,16 @@ def weight_statistics(net, batches: Sequence) -> dict:
     Returns:
         dict with ``objects`` (LongTensor[B]: objects per size bin), ``f[(valid_region)]`` (list of
         (f, bin) tensors of FSAF-selected positives with soft weights on), ``best_f[(valid_region)]``
-        (best f of each object, with bins), ``share[(row, valid_region, norm)]`` (FloatTensor[B]).
+        (best f of each object, with bins), ``share[(row, valid_region, norm)]`` (FloatTensor[B]) and
+        ``weight_ratio[(row, valid_region, norm)]`` (float: the positives' weight sum over their number,
+        the factor by which ``normaliser=num_pos`` scales the loss against the paper's ``weight_sum``).
     """
     nb = len(SIZE_NAMES)
     objects = torch.zeros(nb)
     f_pairs: dict[str, list[tuple[Tensor, Tensor]]] = {v: [] for v, _ in SETTINGS}
     best_f: dict[str, list[tuple[Tensor, Tensor]]] = {v: [] for v, _ in SETTINGS}
     sums = {(row, v, n): torch.zeros(nb) for row in ROWS for v, n in SETTINGS}
+    num_pos = dict.fromkeys(sums, 0)
     base: SAPDCriterion = net.criterion
     for images, targets in batches:
         out = net(images)
@@ -89,6 +92,7 @@ def weight_statistics(net, batches: Sequence) -> dict:
                 )
                 a = crit(out, targets, net.strides, net.selection, phase, z=net.z)["assignment"]
                 sums[(row, valid, norm)] += torch.bincount(bins[a["instance"]], a["weight"], minlength=nb)
+                num_pos[(row, valid, norm)] += a["weight"].numel()
                 if row == "+SW" and norm == "none":  # w = f: phase-1 selection, soft weights, Eq. 4 as printed
                     f_pairs[valid].append((a["weight"], bins[a["instance"]]))
                     best = torch.zeros(len(boxes)).scatter_reduce_(0, a["instance"], a["weight"], reduce="amax")
@@ -98,7 +102,8 @@ def weight_statistics(net, batches: Sequence) -> dict:
     cat = {k: (torch.cat([f for f, _ in v]), torch.cat([b for _, b in v])) for k, v in f_pairs.items()}
     best = {k: (torch.cat([f for f, _ in v]), torch.cat([b for _, b in v])) for k, v in best_f.items()}
     share = {k: v / v.sum().clamp(min=1e-12) for k, v in sums.items()}
-    return {"objects": objects, "f": cat, "best_f": best, "share": share}
+    ratio = {k: v.sum().item() / max(num_pos[k], 1) for k, v in sums.items()}
+    return {"objects": objects, "f": cat, "best_f": best, "share": share, "weight_ratio": ratio}
 
 
 @torch.no_grad()
@@ -137,6 +142,16 @@ def share_table(stats: dict) -> str:
         f, bins = stats["f"][valid]
         med = [f"{f[bins == b].median().item():.2f}" if (bins == b).any() else "-" for b in range(len(SIZE_NAMES))]
         lines.append(f"| {valid} | median f of +SW positives | " + " | ".join(med) + " |")
+    lines += [
+        "",
+        "Weight sum of the positives over their number: the factor by which `normaliser=num_pos` scales the"
+        " detection loss against the paper's weight sum (FSAF: 1; +SW+SS counts its points on every selected level)",
+        "",
+        "| setting | " + " | ".join(ROWS) + " |",
+        "|" + "---|" * (len(ROWS) + 1),
+    ]
+    for valid, norm in SETTINGS:
+        lines.append(f"| {valid}, {norm} | " + " | ".join(f"{stats['weight_ratio'][(r, valid, norm)]:.2f}" for r in ROWS) + " |")
     return "\n".join(lines)
 
 
