@@ -98,6 +98,30 @@ def test_decision_rule_rejects_a_variant_below_fsaf(tmp_path):
     assert "below its FSAF row (48.0)" in text and text.endswith("not adopted")
 
 
+def test_decision_rule_against_a_later_default(tmp_path):
+    """reference= names the setting to beat: eta=2 on level_max against level_max (not against the
+    paper's row, which it would beat), and the reference row gets no line of its own."""
+    for seed, (p, lm, e2, f) in enumerate([(40, 47, 48, 45), (42, 48, 50, 46), (44, 49, 52, 47)]):
+        write_run(tmp_path, 4 * seed, "+SW+SS", seed, p)
+        write_run(tmp_path, 4 * seed + 1, "+SW+SS", seed, lm, soft_weight_norm="level_max")
+        write_run(tmp_path, 4 * seed + 2, "+SW+SS", seed, e2, soft_weight_norm="level_max", eta=2.0)
+        write_run(tmp_path, 4 * seed + 3, "FSAF", seed, f)
+    rows = group_runs(find_summaries([tmp_path]))
+    text = decisions(rows, reference="soft_weight_norm=level_max")
+    # eta=2: mean 50 vs 48; pooled std sqrt((8 + 2) / 4) = 1.58; FSAF (eta does not matter to it) 46
+    assert text.splitlines() == [
+        "- paper (8 ep): +SW+SS 42.0 vs soft_weight_norm=level_max 48.0, gain -6.0 <= pooled std 1.6;"
+        " below its FSAF row (46.0) -> not adopted",
+        "- eta=2.0, soft_weight_norm=level_max (8 ep): +SW+SS 50.0 vs soft_weight_norm=level_max 48.0,"
+        " gain +2.0 > pooled std 1.6; not below its FSAF row (46.0) -> becomes the default",
+    ]
+    assert "vs paper" in decisions(rows)  # the default reference is still the paper's setting
+    text = report([tmp_path], decide=True, reference="eta=2.0, soft_weight_norm=level_max")
+    assert "- soft_weight_norm=level_max (8 ep): +SW+SS 48.0 vs eta=2.0, soft_weight_norm=level_max 50.0" in text
+    lines = decisions(rows, reference="nothing").splitlines()
+    assert len(lines) == 3 and all(line.endswith(": no nothing +SW+SS row at this budget to compare with") for line in lines)
+
+
 def test_decision_rule_waits_for_three_seeds_per_row(tmp_path):
     """A gain far beyond the spread is still undecided while a row has fewer than 3 seeds."""
     for seed, (p, v) in enumerate([(40, 50), (41, 51)]):
@@ -153,6 +177,23 @@ def test_goal_waits_for_three_seeds_of_every_row(tmp_path):
     # without a peer every SAPD comparison can be met and the goal still waits for one
     text = goals(goal_runs(tmp_path / "b", fcos=[]))
     assert "no peer detector at this budget" in text and text.endswith("-> undecided: needs a peer row")
+
+
+def test_goal_of_a_screening_without_fsaf_rows_is_one_line(tmp_path):
+    """+SW+SS variants alone (the screening): one undecided line, not one per variant; a setting that
+    has its rows keeps its own line."""
+    for seed in range(3):
+        write_run(tmp_path / "a", 2 * seed, "+SW+SS", seed, 45 + seed)
+        write_run(tmp_path / "a", 2 * seed + 1, "+SW+SS", seed, 47 + seed, soft_weight_norm="level_max")
+    text = goals(group_runs(find_summaries([tmp_path / "a"])))
+    assert text == "- no +SW+SS setting has its FSAF and +SW rows at its budget (2 settings) -> undecided"
+    rows = goal_runs(tmp_path / "b", fcos=[44, 45, 46])
+    for seed in range(3):
+        write_run(tmp_path / "b", 20 + seed, "+SW+SS", seed, 47 + seed, soft_weight_norm="level_max")
+    text = goals(group_runs(find_summaries([tmp_path / "b"])))
+    assert text.splitlines()[0].endswith("-> goal met")
+    # its FSAF row is the paper one (FSAF has no soft weights to normalise): only +SW is missing
+    assert text.splitlines()[1] == "- soft_weight_norm=level_max (8 ep): no +SW row of this setting -> undecided"
 
 
 def test_goal_not_met_by_one_decided_failure_while_another_row_is_short(tmp_path):

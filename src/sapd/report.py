@@ -199,29 +199,32 @@ def sibling_variant(row: Row, soft_weight: bool, soft_select: bool) -> str:
     return variant_name({"model": model})
 
 
-def decisions(rows: Sequence[Row], min_seeds: int = MIN_SEEDS) -> str:
+def decisions(rows: Sequence[Row], min_seeds: int = MIN_SEEDS, reference: str = "paper") -> str:
     """The rule fixed before the experiments, applied to every variant with a +SW+SS row.
 
-    A variant becomes the default only if its +SW+SS mean AP beats the paper setting's +SW+SS mean at
-    the same budget by more than the pooled standard deviation of the two rows, and is not below the
-    FSAF row of the same variant (the FSAF row whose switches that matter to FSAF are the variant's),
-    each of the three rows with at least ``min_seeds`` seeds; with fewer the line says "undecided".
+    A variant becomes the default only if its +SW+SS mean AP beats the ``reference`` setting's +SW+SS
+    mean at the same budget (the paper's by default; a variant name such as
+    ``soft_weight_norm=level_max`` to compare with a later default) by more than the pooled standard
+    deviation of the two rows, and is not below the FSAF row of the same variant (the FSAF row whose
+    switches that matter to FSAF are the variant's), each of the three rows with at least
+    ``min_seeds`` seeds; with fewer the line says "undecided". Without an FSAF row (a screening) the
+    line says whether the variant beats the reference and is "not adopted".
     """
     by_key = {(r.budget, r.variant, r.name): r for r in rows}
     lines = []
     for row in rows:
-        if row.name != "+SW+SS" or row.variant == "paper":
+        if row.name != "+SW+SS" or row.variant == reference:
             continue
-        paper = by_key.get((row.budget, "paper", "+SW+SS"))
+        paper = by_key.get((row.budget, reference, "+SW+SS"))
         fsaf_variant = sibling_variant(row, soft_weight=False, soft_select=False)
         fsaf = by_key.get((row.budget, fsaf_variant, "FSAF"))
         if paper is None:
-            lines.append(f"- {row.variant} ({row.budget}): no paper +SW+SS row at this budget to compare with")
+            lines.append(f"- {row.variant} ({row.budget}): no {reference} +SW+SS row at this budget to compare with")
             continue
         mean, ref = row.mean_std("map")[0], paper.mean_std("map")[0]
         spread = pooled_std(row, paper)
         beats = mean - ref > spread
-        text = f"- {row.variant} ({row.budget}): +SW+SS {mean:.1f} vs paper {ref:.1f}, gain {mean - ref:+.1f}"
+        text = f"- {row.variant} ({row.budget}): +SW+SS {mean:.1f} vs {reference} {ref:.1f}, gain {mean - ref:+.1f}"
         text += f" {'>' if beats else '<='} pooled std {spread:.1f}"
         if fsaf is None:
             text += f"; no FSAF row of this variant ({fsaf_variant})"
@@ -291,10 +294,15 @@ def goals(rows: Sequence[Row], min_seeds: int = MIN_SEEDS) -> str:
             seeds = ", ".join(f"{r.name} {r.variant} n={len(r.runs)}" for r in short) or "a peer row"
             verdict = f"undecided: needs {seeds}" + (f" (>= {min_seeds} seeds per row)" if short else "")
         lines.append(head + "; ".join(parts) + f" -> {verdict}")
+    if lines and all(line.endswith("row of this setting -> undecided") for line in lines):
+        # a screening of +SW+SS variants alone: one line instead of one "undecided" per variant
+        return f"- no +SW+SS setting has its FSAF and +SW rows at its budget ({len(lines)} settings) -> undecided"
     return "\n".join(lines)
 
 
-def report(paths: Sequence[str | Path], decide: bool = False) -> str:
+def report(paths: Sequence[str | Path], decide: bool = False, reference: str = "paper") -> str:
+    """The markdown table of the runs under ``paths``; with ``decide`` the decision rule (against the
+    ``reference`` variant's +SW+SS row) and the goal lines below it."""
     runs = find_summaries(paths)
     if not runs:
         raise FileNotFoundError(
@@ -304,7 +312,7 @@ def report(paths: Sequence[str | Path], decide: bool = False) -> str:
     text = markdown_table(rows)
     if decide:
         text += "\n\nDecision rule (sapd.report.decisions):\n"
-        text += decisions(rows) or "- no variant with a +SW+SS row"
+        text += decisions(rows, reference=reference) or "- no variant with a +SW+SS row"
         text += f"\n\nGoal (sapd.report.goals): +SW >= FSAF and +SW+SS >= FSAF + {SS_MARGIN:.1f} AP,"
         text += " each gap > the pooled std; +SW+SS >= every peer detector:\n"
         text += goals(rows) or "- no +SW+SS row"
@@ -327,7 +335,7 @@ def main(cfg: DictConfig) -> None:
     configure_logging()
     if OmegaConf.is_missing(cfg, "dirs"):
         raise FileNotFoundError("give the folders to tabulate: python -m sapd.report dirs=results/table2_screen")
-    text = report(folders(cfg.dirs), decide=bool(cfg.decide))
+    text = report(folders(cfg.dirs), decide=bool(cfg.decide), reference=str(cfg.get("reference", "paper")))
     print(text)
 
 
