@@ -119,7 +119,8 @@ def test_decision_rule_against_a_later_default(tmp_path):
     text = report([tmp_path], decide=True, reference="eta=2.0, soft_weight_norm=level_max")
     assert "- soft_weight_norm=level_max (8 ep): +SW+SS 48.0 vs eta=2.0, soft_weight_norm=level_max 50.0" in text
     lines = decisions(rows, reference="nothing").splitlines()
-    assert len(lines) == 3 and all(line.endswith(": no nothing +SW+SS row at this budget to compare with") for line in lines)
+    assert len(lines) == 3
+    assert all(line.endswith(": no nothing +SW+SS row at this budget to compare with") for line in lines)
 
 
 def test_decision_rule_waits_for_three_seeds_per_row(tmp_path):
@@ -187,7 +188,7 @@ def test_goal_of_a_screening_without_fsaf_rows_is_one_line(tmp_path):
         write_run(tmp_path / "a", 2 * seed + 1, "+SW+SS", seed, 47 + seed, soft_weight_norm="level_max")
     text = goals(group_runs(find_summaries([tmp_path / "a"])))
     assert text == "- no +SW+SS setting has its FSAF and +SW rows at its budget (2 settings) -> undecided"
-    rows = goal_runs(tmp_path / "b", fcos=[44, 45, 46])
+    goal_runs(tmp_path / "b", fcos=[44, 45, 46])
     for seed in range(3):
         write_run(tmp_path / "b", 20 + seed, "+SW+SS", seed, 47 + seed, soft_weight_norm="level_max")
     text = goals(group_runs(find_summaries([tmp_path / "b"])))

@@ -151,7 +151,8 @@ def share_table(stats: dict) -> str:
         "|" + "---|" * (len(ROWS) + 1),
     ]
     for valid, norm in SETTINGS:
-        lines.append(f"| {valid}, {norm} | " + " | ".join(f"{stats['weight_ratio'][(r, valid, norm)]:.2f}" for r in ROWS) + " |")
+        ratios = (stats["weight_ratio"][(r, valid, norm)] for r in ROWS)
+        lines.append(f"| {valid}, {norm} | " + " | ".join(f"{v:.2f}" for v in ratios) + " |")
     return "\n".join(lines)
 
 
