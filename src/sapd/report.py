@@ -262,6 +262,7 @@ def goals(rows: Sequence[Row], min_seeds: int = MIN_SEEDS) -> str:
     """
     by_key = {(r.budget, r.variant, r.name): r for r in rows}
     lines = []
+    incomplete = 0  # settings without their FSAF or +SW row
     for row in rows:
         if row.name != "+SW+SS":
             continue
@@ -272,6 +273,7 @@ def goals(rows: Sequence[Row], min_seeds: int = MIN_SEEDS) -> str:
         if sw is None or fsaf is None:
             missing = " and ".join(n for n, r in (("FSAF", fsaf), ("+SW", sw)) if r is None)
             lines.append(head + f"no {missing} row of this setting -> undecided")
+            incomplete += 1
             continue
         checks = []  # (text, met, decided)
         for a, b, margin in ((sw, fsaf, 0.0), (row, fsaf, SS_MARGIN), *((row, peer, None) for peer in peers)):
@@ -294,7 +296,7 @@ def goals(rows: Sequence[Row], min_seeds: int = MIN_SEEDS) -> str:
             seeds = ", ".join(f"{r.name} {r.variant} n={len(r.runs)}" for r in short) or "a peer row"
             verdict = f"undecided: needs {seeds}" + (f" (>= {min_seeds} seeds per row)" if short else "")
         lines.append(head + "; ".join(parts) + f" -> {verdict}")
-    if lines and all(line.endswith("row of this setting -> undecided") for line in lines):
+    if lines and incomplete == len(lines):
         # a screening of +SW+SS variants alone: one line instead of one "undecided" per variant
         return f"- no +SW+SS setting has its FSAF and +SW rows at its budget ({len(lines)} settings) -> undecided"
     return "\n".join(lines)
