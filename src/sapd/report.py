@@ -215,14 +215,14 @@ def decisions(rows: Sequence[Row], min_seeds: int = MIN_SEEDS, reference: str = 
     for row in rows:
         if row.name != "+SW+SS" or row.variant == reference:
             continue
-        paper = by_key.get((row.budget, reference, "+SW+SS"))
+        ref_row = by_key.get((row.budget, reference, "+SW+SS"))
         fsaf_variant = sibling_variant(row, soft_weight=False, soft_select=False)
         fsaf = by_key.get((row.budget, fsaf_variant, "FSAF"))
-        if paper is None:
+        if ref_row is None:
             lines.append(f"- {row.variant} ({row.budget}): no {reference} +SW+SS row at this budget to compare with")
             continue
-        mean, ref = row.mean_std("map")[0], paper.mean_std("map")[0]
-        spread = pooled_std(row, paper)
+        mean, ref = row.mean_std("map")[0], ref_row.mean_std("map")[0]
+        spread = pooled_std(row, ref_row)
         beats = mean - ref > spread
         text = f"- {row.variant} ({row.budget}): +SW+SS {mean:.1f} vs {reference} {ref:.1f}, gain {mean - ref:+.1f}"
         text += f" {'>' if beats else '<='} pooled std {spread:.1f}"
@@ -234,7 +234,7 @@ def decisions(rows: Sequence[Row], min_seeds: int = MIN_SEEDS, reference: str = 
             above = mean >= fsaf_mean
             text += f"; {'not below' if above else 'below'} its FSAF row ({fsaf_mean:.1f})"
             adopt = beats and above
-        short = [r for r in (row, paper, fsaf) if r is not None and len(r.runs) < min_seeds]
+        short = [r for r in (row, ref_row, fsaf) if r is not None and len(r.runs) < min_seeds]
         if short:
             seeds = ", ".join(f"{r.name} {r.variant} n={len(r.runs)}" for r in short)
             lines.append(text + f" -> undecided: the rule needs >= {min_seeds} seeds per row ({seeds})")
@@ -337,7 +337,7 @@ def main(cfg: DictConfig) -> None:
     configure_logging()
     if OmegaConf.is_missing(cfg, "dirs"):
         raise FileNotFoundError("give the folders to tabulate: python -m sapd.report dirs=results/table2_screen")
-    text = report(folders(cfg.dirs), decide=bool(cfg.decide), reference=str(cfg.get("reference", "paper")))
+    text = report(folders(cfg.dirs), decide=bool(cfg.decide), reference=str(cfg.reference))
     print(text)
 
 
