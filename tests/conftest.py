@@ -14,7 +14,8 @@ from omegaconf import DictConfig, open_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# OMP_NUM_THREADS, where set, wins (several test runs sharing two cores each take one thread)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or min(2, os.cpu_count() or 1))
 
 from sapd.paths import initialize_configs  # noqa: E402
 
