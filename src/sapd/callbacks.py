@@ -85,14 +85,14 @@ class PhaseSwitch(L.Callback):
         if not hasattr(net, "set_phase"):  # a detector without phases (model=fcos)
             return
         phase = self.phase_for_epoch(trainer, trainer.current_epoch)
-        if int(net.phase) != phase:
+        if net.current_phase != phase:
             what = "soft-selected pyramid levels, top-k" if phase == 2 else "FSAF single level"
             log.info("epoch %d: switching to phase %d (%s)", trainer.current_epoch, phase, what)
         net.set_phase(phase)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if hasattr(pl_module.net, "phase") and batch_idx % max(trainer.log_every_n_steps, 1) == 0:
-            pl_module.log("train/phase", float(pl_module.net.phase), on_step=True, on_epoch=False)
+        if hasattr(pl_module.net, "current_phase") and batch_idx % max(trainer.log_every_n_steps, 1) == 0:
+            pl_module.log("train/phase", float(pl_module.net.current_phase), on_step=True, on_epoch=False)
 
 
 class SelectionHistogram(L.Callback):
