@@ -57,8 +57,8 @@ bench-train: $(STAMP) ## s/step of the CPU training recipe: SAPD phase 1 / phase
 bench-export: $(STAMP) ## Latency of the exported model: PyTorch vs TorchScript vs ONNX Runtime (writes benchmarks/results_export.*)
 	$(PY) -m benchmarks suite=export $(ARGS)
 
-gpu-check: $(STAMP) ## On a CUDA machine: tests there, bench device=cuda, a short R-50 800-px AMP run (benchmarks/gpu/; ARGS=tests|bench|train)
-	PY=$(PY) bash benchmarks/gpu_check.sh $(ARGS)
+gpu-check: $(STAMP) ## On a CUDA machine, ~10 min: test_cuda.py, 2-GPU DDP, short bench and R-50 AMP run (benchmarks/gpu/; ARGS="cuda ddp bench train suite")
+	@PY=$(PY) bash benchmarks/gpu_check.sh $(ARGS)
 
 clean: ## Remove caches, outputs and logs (keeps .venv and the data cache)
 	rm -rf .pytest_cache .ruff_cache outputs multirun logs wandb
