@@ -183,3 +183,10 @@ def test_the_training_step_reads_the_device_five_times(tmp_path, overrides, phas
     assert torch.isfinite(out["loss"])
     assert counter.total == 5, dict(counter.counts)
     assert module.instance_counts == {"instances": 4, "without_anchor_point": 0}
+
+
+def test_soft_selection_without_a_selection_net_is_refused_when_the_model_is_built(tmp_path):
+    from sapd.errors import ConfigError  # the apps' one-line refusal, exit 2
+
+    with pytest.raises(ConfigError, match="soft_select=true needs a feature-selection network"):
+        _net(tmp_path, "model.selection=null", "model.criterion.lambda_select=0")

@@ -17,6 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from sapd.errors import ConfigError
 from sapd.module import SAPDLitModule
 from sapd.utils import config_to_dict
 
@@ -91,8 +92,8 @@ def build_module(
         net = instantiate(cfg.model, num_classes=len(label_to_cat_id))
     except InstantiationException as exc:
         # a constructor's own refusal (e.g. "model.criterion.topk must be ...") is the message to show
-        if isinstance(exc.__cause__, ValueError):
-            raise exc.__cause__ from None
+        if isinstance(exc.__cause__, ValueError):  # a user's setting: the apps' one-line refusal (exit 2)
+            raise ConfigError(str(exc.__cause__)) from None
         raise
     optim = cfg.get("optim") or {}
     optimizer = instantiate(optim["optimizer"]) if "optimizer" in optim else None

@@ -66,6 +66,11 @@ class SAPD(nn.Module):
         self.selection = _finish(selection, in_channels=channels, num_levels=self.num_levels)
         self.criterion = criterion if criterion is not None else SAPDCriterion()
         self.criterion.check_levels(self.num_levels)
+        if self.criterion.soft_select and self.selection is None:  # else it fails at the phase switch, mid-run
+            raise ValueError(
+                "model.criterion.soft_select=true needs a feature-selection network: set model.selection "
+                "(model=sapd has one) or ablation=fsaf / ablation=sw"
+            )
         self.postprocessor = postprocess if postprocess is not None else PostProcess()
         if not float(z) > 0:
             raise ValueError(f"model.z must be > 0; got {z!r}")
