@@ -148,3 +148,19 @@ def test_messages_come_from_rank_zero_and_library_chatter_is_quiet(monkeypatch):
     # Lightning's tips and accelerator inventory are INFO records of this logger: not shown
     assert not logging.getLogger("lightning.pytorch.utilities.rank_zero").isEnabledFor(logging.INFO)
     assert all(any(isinstance(f, RankZeroFilter) for f in h.filters) for h in logging.getLogger().handlers)
+
+
+@pytest.mark.slow
+def test_offline_wandb_prints_nothing_unless_verbose(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
+    common = [*TINY, "logger=wandb", "trainer.max_epochs=1", "trainer.limit_train_batches=1"]
+    common += ["trainer.limit_val_batches=1", "validate_best=false", "report.enabled=false"]
+    counts = {}
+    for verbose in (False, True):
+        out = tmp_path / str(verbose)
+        train(compose_config("train", [*common, f"logger.wandb.verbose={verbose}"], out))
+        captured = capfd.readouterr()
+        counts[verbose] = sum(line.lstrip().startswith("wandb:") for line in (captured.out + captured.err).splitlines())
+        assert list((out / "wandb").glob("offline-run-*"))  # the run is recorded either way
+    assert counts[False] == 0 and counts[True] > 0, counts

@@ -59,14 +59,21 @@ def make_wandb_logger(
     log_model: bool = False,
     id: str | None = None,  # noqa: A002 - wandb's name
     resume: str | None = "allow",
+    verbose: bool = False,
     **kwargs: Any,
 ) -> WandbLogger:
     """A Lightning ``WandbLogger`` that needs no account: offline unless logged in (``mode='auto'``).
 
     ``id`` names the wandb run (None: a new id, drawn here so that it is known before the run
-    starts); with ``resume='allow'`` a run of that id that exists already is continued.
+    starts); with ``resume='allow'`` a run of that id that exists already is continued. Unless
+    ``verbose``, wandb prints nothing (``wandb.Settings(silent=True)``): its run links, sync hints
+    and closing history are a run's own business, the run folder holds them.
     """
     mode = resolve_wandb_mode(mode)
+    if not verbose and "settings" not in kwargs:
+        import wandb
+
+        kwargs["settings"] = wandb.Settings(silent=True)
     os.makedirs(save_dir, exist_ok=True)
     if not id:
         id = new_wandb_id()  # noqa: A001
