@@ -77,7 +77,7 @@ def make_wandb_logger(
     os.makedirs(save_dir, exist_ok=True)
     if not id:
         id = new_wandb_id()  # noqa: A001
-    return WandbLogger(
+    logger = WandbLogger(
         project=project,
         name=name,
         group=group,
@@ -90,6 +90,12 @@ def make_wandb_logger(
         resume=resume,
         **kwargs,
     )
+    # Lightning passes anonymous=None to wandb.init, which wandb (0.31 here) answers with a deprecation
+    # warning on every run (before any setting can quiet it); unset, wandb says nothing
+    init_args = getattr(logger, "_wandb_init", None)
+    if isinstance(init_args, dict) and init_args.get("anonymous") is None:
+        init_args.pop("anonymous", None)
+    return logger
 
 
 def new_wandb_id(length: int = 8) -> str:

@@ -120,6 +120,11 @@ def write_summary(summary: dict[str, Any], output_dir: Path) -> Path:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fits the model of ``cfg`` on its data, then evaluates the best checkpoint.
 
+    The run folder (``paths.output_dir``) is held for the run (:func:`sapd.run_folder.claim_run_folder`):
+    one in use by another training, or holding a run that ``ckpt_path`` does not resume, is refused
+    before any data is read. Ctrl-C saves ``last.ckpt`` at the end of the batch and ends the run with
+    ``SystemExit(130)`` after one line (:class:`sapd.callbacks.InterruptCheckpoint`).
+
     Returns:
         the final metrics (``val/map`` etc.) and the objects built (datamodule, module, trainer).
     """
