@@ -263,6 +263,13 @@ def test_ctrl_c_saves_last_ckpt_says_so_and_exits_130(tmp_path):
         f"sapd.train: interrupted at step {step}; saved {last}; resume with ckpt_path={last}"
     )
     assert not list(last.parent.glob(".last.ckpt.tmp-*"))
+    # the command it names resumes into the same folder and ends the epoch (16 images of batch 1 each)
+    epochs = step // 16 + 1
+    resume = [o for o in argv if not o.startswith(("trainer.max_epochs=", "callbacks.last_checkpoint="))]
+    resume += [f"trainer.max_epochs={epochs}", f"ckpt_path={last}"]
+    done = subprocess.run(resume, env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert torch.load(last, map_location="cpu", weights_only=False)["global_step"] == 16 * epochs
 
 
 @pytest.mark.slow
