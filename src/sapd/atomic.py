@@ -106,7 +106,8 @@ def replacing(path: str | Path, *, exclusive: bool = False) -> Iterator[Path]:
         if isinstance(exc, FileExistsError) and exclusive:
             raise WriteError(f"{path} exists and is left as it is; move it away or write elsewhere") from None
         if isinstance(exc, OSError):
-            raise WriteError(f"cannot write {path}: {_why(exc)}; {path} was left as it was") from None
+            kept = f"{path} was left as it was" if os.path.lexists(path) else "nothing was written"
+            raise WriteError(f"cannot write {path}: {_why(exc)}; {kept}") from None
         raise
     fsync_dir(path.parent)
 
