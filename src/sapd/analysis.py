@@ -1,5 +1,6 @@
 """Pictures that explain how SAPD's soft weights and level selection treat objects of each size:
-``python -m sapd.analysis ckpt_path=CKPT [out=DIR] [batches=N]`` (config ``conf/analysis.yaml``).
+``python -m sapd.analysis ckpt_path=CKPT [out=DIR] [batches=N]`` (config ``conf/analysis.yaml``);
+without ``out=`` the pictures go to the checkpoint's run folder, ``<run>/analysis/``.
 
 From a trained checkpoint and its own training / validation data, three PNG files:
 
@@ -306,6 +307,13 @@ def analyse(ckpt_path: str | Path, out_dir: str | Path, num_batches: int = 20) -
     return [p for p in paths if p.is_file()]
 
 
+def default_out(ckpt_path: str | Path) -> Path:
+    """``<run>/analysis``: the run folder of a checkpoint in ``<run>/checkpoints/``, else the checkpoint's folder."""
+    folder = Path(ckpt_path).parent
+    run = folder.parent if folder.name == "checkpoints" else folder
+    return run / "analysis"
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="analysis")
 @refusals("sapd.analysis")
 def main(cfg: DictConfig) -> None:
@@ -313,7 +321,7 @@ def main(cfg: DictConfig) -> None:
     configure_logging()
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise AnalysisError("give the checkpoint to analyse: python -m sapd.analysis ckpt_path=PATH")
-    paths = analyse(cfg.ckpt_path, cfg.out, int(cfg.batches))
+    paths = analyse(cfg.ckpt_path, cfg.out or default_out(cfg.ckpt_path), int(cfg.batches))
     for path in paths:
         log.info("wrote %s", path)
 

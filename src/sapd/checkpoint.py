@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from sapd.atomic import replacing
 from sapd.build import build_module, migrate_model_config
 from sapd.errors import UserError
 from sapd.module import SAPDLitModule
@@ -61,8 +60,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Each save goes to a temporary file in the destination folder, is flushed and fsynced, then
     renamed over the destination (``os.replace``: atomic on one filesystem), and the folder entry is
-    fsynced. A process killed during a save leaves the previous ``last.ckpt`` intact (and at worst a
-    ``.<name>.tmp-<pid>`` file, removed by the next save of that process). Lightning's own save
+    fsynced (:func:`sapd.atomic.replacing`). A process killed during a save leaves the previous
+    ``last.ckpt`` intact and at worst a ``.<name>.tmp-<pid>`` file, which the next save of that name
+    removes once that process is gone (a resumed run cleans up after the killed one). Lightning's own save
     writes through fsspec, whose temporary file lives in the system temporary folder: when that is
     another filesystem (a tmpfs ``/tmp``), the final move is a copy and a kill during it leaves a
     truncated checkpoint. Remote URLs (``s3://``, ...) keep Lightning's save.
@@ -75,31 +75,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         path = Path(str(path).removeprefix("file://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Makes a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):  # some filesystems cannot fsync a folder
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+        with replacing(path) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -52,6 +52,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import io
 import json
 import logging
 import types
@@ -68,6 +69,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import nms
 
+from sapd.atomic import replacing, same_file, write_bytes, write_text
 from sapd.checkpoint import load_module
 from sapd.data import transforms
 from sapd.errors import UserError, refusals
@@ -333,7 +335,6 @@ def export_onnx(
     batch = Dim("batch", min=1)
     spatial = {2: size_divisor * Dim("h", min=1), 3: size_divisor * Dim("w", min=1)}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with _quiet_exporter(), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's notes on unbacked sizes and deprecated APIs
@@ -349,11 +350,12 @@ def export_onnx(
                 verbose=False,
             )
             program.model.metadata_props[METADATA_KEY] = json.dumps(metadata or {})
-            program.save(str(path), external_data=False)
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types, with pages of text
         raise ExportError(f"torch.onnx.export failed ({_reason(exc)}); format=torchscript may work") from None
+    with replacing(path) as tmp:  # whole or not at all: a kill or a full disk leaves the old file
+        program.save(str(tmp), external_data=False)
     return path
 
 
@@ -376,17 +378,18 @@ def export_torchscript(net: nn.Module, path: str | Path, *, size_divisor: int, m
 
     ``metadata`` (JSON-able) is stored as the extra file ``sapd.json``."""
     model = ExportableSAPD(inference_copy(net), script=True).eval()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(model, example_inputs(size_divisor), check_trace=False)
-            torch.jit.save(traced, str(path), _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata or {})})
+            # into memory, then written by Python: a full disk is an OSError there, where torch's own
+            # file writer aborts the process
+            buffer = io.BytesIO()
+            torch.jit.save(traced, buffer, _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata or {})})
     except Exception as exc:  # noqa: BLE001 - tracing raises many types
         raise ExportError(f"torch.jit.trace failed ({_reason(exc)})") from None
-    return path
+    return write_bytes(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------- running and mapping back
@@ -590,6 +593,21 @@ def default_output(ckpt_path: str | Path, fmt: str) -> Path:
     return ckpt_path.with_name(ckpt_path.stem + FORMATS[fmt])
 
 
+def metadata_path(output: Path) -> Path:
+    """The JSON written beside an exported file: ``<output>.json``."""
+    return output.with_name(output.name + ".json")
+
+
+def check_output(output: Path, ckpt_path: str | Path) -> None:
+    """Refuses an output (or its ``<output>.json``) that is the checkpoint (links and ``..`` resolved)."""
+    for target in (output, metadata_path(output)):
+        if same_file(target, ckpt_path):
+            raise ExportError(
+                f"output={output} would replace the checkpoint {ckpt_path}: give another output=FILE "
+                f"(or none: {default_output(ckpt_path, 'onnx').name} / {default_output(ckpt_path, 'torchscript').name})"
+            )
+
+
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Exports ``cfg.ckpt_path`` as ``cfg.format``; returns the paths written and, with ``verify``, the parity found."""
     fmt = str(cfg.get("format", "onnx")).lower()
@@ -599,19 +617,20 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise ExportError("give the checkpoint to export: python -m sapd.export ckpt_path=PATH format=onnx")
     if fmt == "torchscript" and cfg.get("opset") is not None:
         raise ExportError("opset applies to format=onnx only")
+    output = Path(cfg.output) if cfg.get("output") else default_output(cfg.ckpt_path, fmt)
+    check_output(output, cfg.ckpt_path)
     set_threads(cfg.get("num_threads"))
     module, run_cfg = load_module(cfg.ckpt_path)
     net = module.net
     ExportableSAPD(net)  # refuses FCOS before any work
     size_divisor = int(run_cfg.data.get("size_divisor", 128))
-    output = Path(cfg.output) if cfg.get("output") else default_output(cfg.ckpt_path, fmt)
     meta = export_metadata(module, run_cfg, fmt=fmt, ckpt_path=cfg.ckpt_path)
     if fmt == "onnx":
         export_onnx(net, output, size_divisor=size_divisor, opset=cfg.get("opset"), metadata=meta)
     else:
         export_torchscript(net, output, size_divisor=size_divisor, metadata=meta)
-    sidecar = output.with_name(output.name + ".json")
-    sidecar.write_text(json.dumps(meta, indent=1) + "\n")
+    sidecar = metadata_path(output)
+    write_text(sidecar, json.dumps(meta, indent=1) + "\n")
     result: dict[str, Any] = {"output": str(output), "metadata": str(sidecar)}
     if cfg.get("verify", True):
         result["parity"] = verify(net, output, size_divisor=size_divisor)

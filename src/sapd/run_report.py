@@ -558,15 +558,17 @@ def report_module(
     num_images: int = 8,
     title: str = "",
     images_file: str = IMAGES_PNG,
+    class_table: bool = False,
 ) -> dict[str, Path]:
-    """Prints the per-class table of ``module``'s latest evaluation and writes ``out_dir/report/``.
+    """Writes ``out_dir/report/`` for ``module``'s latest evaluation and, with ``class_table``
+    (``report.class_table``), prints its per-class table on stdout.
 
     What ``sapd.train`` (after evaluating the best checkpoint) and ``sapd.evaluate`` call; ``module``
     is a :class:`sapd.module.SAPDLitModule` (its ``last_class_metrics``, ``class_names``,
     ``label_to_cat_id``), ``dataset`` the evaluated one (its first ``num_images`` images are drawn).
     """
     per_class = module.last_class_metrics
-    if per_class is not None:  # the command's product: on stdout
+    if per_class is not None and class_table:  # the command's product: on stdout
         rows = class_rows(per_class, module.class_names, module.label_to_cat_id)
         print("\n" + format_class_table(rows, title=f"Per-class AP (%), {title}" if title else "Per-class AP (%)"))
     return write_report(

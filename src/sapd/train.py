@@ -24,19 +24,18 @@ from omegaconf import DictConfig
 
 from sapd import run_report
 from sapd.build import build_module
-from sapd.callbacks import PhaseSwitch
+from sapd.callbacks import InterruptCheckpoint, PhaseSwitch
 from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file
 from sapd.errors import check_run_config, refusals
 from sapd.loggers import WANDB_ID_FILE, resume_wandb_config
 from sapd.logs import configure_logging
 from sapd.module import NonFiniteLossError
 from sapd.paths import CONFIG_PATH
+from sapd.run_folder import SUMMARY_FILE, claim_run_folder
 from sapd.utils import format_coco_table, instantiate_group, resolve_precision, set_threads
 
 log = logging.getLogger("sapd.train")
 
-
-SUMMARY_FILE = "summary.json"
 # Criterion keys a run summary records (flat, beside the model's ``_target_``): the switches ablations vary.
 REPORTED_CRITERION_KEYS = (
     "soft_weight",
@@ -121,6 +120,11 @@ def write_summary(summary: dict[str, Any], output_dir: Path) -> Path:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fits the model of ``cfg`` on its data, then evaluates the best checkpoint.
 
+    The run folder (``paths.output_dir``) is held for the run (:func:`sapd.run_folder.claim_run_folder`):
+    one in use by another training, or holding a run that ``ckpt_path`` does not resume, is refused
+    before any data is read. Ctrl-C saves ``last.ckpt`` at the end of the batch and ends the run with
+    ``SystemExit(130)`` after one line (:class:`sapd.callbacks.InterruptCheckpoint`).
+
     Returns:
         the final metrics (``val/map`` etc.) and the objects built (datamodule, module, trainer).
     """
@@ -128,6 +132,12 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     check_run_config(cfg)  # a wrong value costs a second, not a data-set scan
     if cfg.get("ckpt_path") and cfg.get("train", True):
         check_checkpoint_file(cfg.ckpt_path)  # missing, 0-byte or truncated: one line, before any data
+    # a folder in use, or holding a run this one does not resume: one line, nothing overwritten
+    with claim_run_folder(cfg.paths.output_dir, cfg.get("ckpt_path")):
+        return _fit_and_report(cfg, start)
+
+
+def _fit_and_report(cfg: DictConfig, start: float) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     set_threads(cfg.get("num_threads"))
@@ -149,6 +159,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         loggers.append(CSVLogger(save_dir=str(output_dir), name="csv"))
     if not loggers:  # nothing to monitor the learning rate into (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    # Ctrl-C saves last.ckpt at the next batch boundary and stops the run (exit status 130)
+    interrupt = InterruptCheckpoint(output_dir / "checkpoints" / "last.ckpt")
+    callbacks.append(interrupt)
     precision = resolve_precision(cfg.trainer.get("precision", "32-true"), str(cfg.trainer.get("accelerator", "auto")))
     trainer: L.Trainer = instantiate(
         cfg.trainer,
@@ -167,7 +180,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     fit_start, start_step = time.time(), trainer.global_step
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except SystemExit:  # Lightning's exit after a KeyboardInterrupt
+            if not interrupt.requested:
+                raise
+            if trainer.is_global_zero:
+                log.warning("sapd.train: %s", interrupt.message())
+            raise SystemExit(interrupt.EXIT_STATUS) from None
+        finally:
+            interrupt.restore()
     fit_seconds, fit_steps = time.time() - fit_start, trainer.global_step - start_step
     device = device_figures(trainer.strategy.root_device)  # before validation: the training peak
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -228,6 +250,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 metrics_files=csv_files,
                 score_thresh=float(report_cfg.get("score_thresh", 0.4)),
                 num_images=int(report_cfg.get("num_images", 8)),
+                class_table=bool(report_cfg.get("class_table", False)),
                 title=f"{cfg.get('task_name', 'train')}, {cfg.data.get('name', 'val')}",
             )
     for lg in loggers:
