@@ -187,17 +187,18 @@ class InterruptCheckpoint(L.Callback):
     validation batch) the callback raises ``KeyboardInterrupt``. Lightning then calls
     :meth:`on_exception`, which saves ``last.ckpt`` at that batch boundary (the point where the step
     checkpoints are saved, so the run resumes from it exactly) through the trainer's checkpoint IO
-    (whole or not at all). Under DDP the flag is or-reduced across the ranks at each training batch
-    end (a terminal's Ctrl-C reaches every rank, not at the same instant), so all ranks stop at the
-    same step. While the flag is set, or while saving, another SIGINT ends the process at once with
-    status 130 (the file being saved is then left as it was). ``sapd.train`` reads :attr:`saved` and
-    exits with status 130 after one line naming the checkpoint.
+    (whole or not at all). Under DDP the flag is or-reduced across the ranks every
+    :attr:`DDP_CHECK_EVERY` training batches (a terminal's Ctrl-C reaches every rank, not at the same
+    instant), so all ranks stop at the same step. While the flag is set, or while saving, another
+    SIGINT ends the process at once with status 130 (the file being saved is then left as it was).
+    ``sapd.train`` reads :attr:`saved` and exits with status 130 after one line naming the checkpoint.
 
     Args:
         fallback: where ``last.ckpt`` goes when no ``ModelCheckpoint`` writes one (``filename: last``).
     """
 
     EXIT_STATUS = 130  # 128 + SIGINT, the shell's status for a process ended by Ctrl-C
+    DDP_CHECK_EVERY = 10  # training batches between two agreements of the ranks on a pending Ctrl-C
 
     def __init__(self, fallback: str | Path, app: str = "sapd.train") -> None:
         self.fallback = Path(fallback)
@@ -230,7 +231,15 @@ class InterruptCheckpoint(L.Callback):
         self.install()
 
     # -- stopping at a batch boundary
-    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if trainer.world_size == 1:
+            if self.requested:
+                raise KeyboardInterrupt
+            return
+        # Under DDP the ranks agree through one small all-reduce, taken every DDP_CHECK_EVERY batches (the
+        # same batches on every rank) so that it does not add a collective and a host wait to every step.
+        if batch_idx % self.DDP_CHECK_EVERY:
+            return
         if trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             raise KeyboardInterrupt
 
