@@ -23,17 +23,16 @@ import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from sapd.app import hydra_app
 from sapd.checkpoint import load_module
-from sapd.errors import UserError, refusals
+from sapd.errors import UserError
 from sapd.logs import configure_logging
 from sapd.models.criterion import SAPDCriterion
-from sapd.paths import CONFIG_PATH
 
 log = logging.getLogger(__name__)
 
@@ -306,8 +305,7 @@ def analyse(ckpt_path: str | Path, out_dir: str | Path, num_batches: int = 20) -
     return [p for p in paths if p.is_file()]
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="analysis")
-@refusals("sapd.analysis")
+@hydra_app("sapd.analysis", "analysis")
 def main(cfg: DictConfig) -> None:
     """Writes the pictures and logs their paths; a bad checkpoint or data is one line on stderr, exit code 2."""
     configure_logging()

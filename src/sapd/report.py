@@ -25,12 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sapd.errors import refusals
+from sapd.app import hydra_app
 from sapd.logs import configure_logging
-from sapd.paths import CONFIG_PATH
 from sapd.utils import TABLE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -330,8 +328,7 @@ def folders(dirs: Any) -> list[str]:
     raise ValueError(f"dirs must be a folder or a list of folders, e.g. dirs='[a,b]', got {dirs!r}")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="report")
-@refusals("sapd.report", FileNotFoundError, ValueError)
+@hydra_app("sapd.report", "report", FileNotFoundError, ValueError)
 def main(cfg: DictConfig) -> None:
     """Prints the table (stdout); a missing folder, no runs or a bad ``dirs`` is one line on stderr, exit code 2."""
     configure_logging()

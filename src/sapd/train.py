@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -23,14 +22,14 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig
 
 from sapd import run_report
-from sapd.build import build_module
+from sapd.app import hydra_app
+from sapd.build import build_backbone, build_module
 from sapd.callbacks import PhaseSwitch
 from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file
-from sapd.errors import check_run_config, refusals
+from sapd.errors import check_run_config
 from sapd.loggers import WANDB_ID_FILE, resume_wandb_config
 from sapd.logs import configure_logging
 from sapd.module import NonFiniteLossError
-from sapd.paths import CONFIG_PATH
 from sapd.utils import format_coco_table, instantiate_group, resolve_precision, set_threads
 
 log = logging.getLogger("sapd.train")
@@ -131,12 +130,18 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     set_threads(cfg.get("num_threads"))
+    # before the data: pretrained weights that cannot be fetched or read are refused in a second,
+    # not after a data-set scan (the backbone is the model's first part built: the same weights)
+    backbone = build_backbone(cfg)
 
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
     module = build_module(
-        cfg, label_to_cat_id=list(datamodule.label_to_cat_id), class_names=list(datamodule.class_names)
+        cfg,
+        label_to_cat_id=list(datamodule.label_to_cat_id),
+        class_names=list(datamodule.class_names),
+        backbone=backbone,
     )
 
     output_dir = Path(cfg.paths.output_dir)
@@ -237,8 +242,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, objects
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-@refusals("sapd.train", NonFiniteLossError)
+@hydra_app("sapd.train", "train", NonFiniteLossError)
 def main(cfg: DictConfig) -> float | None:
     """Trains; a user error (config value, data, checkpoint) is one line on stderr and exit code 2."""
     configure_logging()
