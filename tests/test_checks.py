@@ -17,7 +17,7 @@ import timm
 import torch
 from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from conftest import compose_config
 from sapd.app import flatten
@@ -310,3 +310,36 @@ def test_commands_refuse_in_one_line_with_exit_status_2_hydras_own_refusals_too(
     (refused,) = (tmp_path / "logs").glob("train/multiruns/*/refused.jsonl")
     rows = [json.loads(line) for line in refused.read_text().splitlines()]
     assert [(r["job"], r["overrides"][-1]) for r in rows] == [(0, "data.batch_size=0"), (1, "data.batch_size=-1")]
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _checkpoint_of(path: Path, cfg, label_to_cat_id: list[int]) -> Path:
+    """A file with what a sapd checkpoint says about its run (its config and classes)."""
+    run = OmegaConf.to_container(cfg, resolve=False)
+    run.pop("hydra", None)
+    model = OmegaConf.to_container(OmegaConf.create({"m": cfg.model, "ablation": cfg.ablation}), resolve=True)["m"]
+    torch.save(
+        {
+            "state_dict": {},
+            "sapd_config": {**run, "model": model},
+            "sapd_classes": {"label_to_cat_id": label_to_cat_id},
+        },
+        path,
+    )
+    return path
+
+
+def test_resume_from_a_checkpoint_of_another_model_or_classes_is_one_line(train_cfg, tmp_path, caplog, monkeypatch):
+    other = _checkpoint_of(tmp_path / "other.ckpt", train_cfg("model.neck.out_channels=32"), [1, 2, 3])
+    cfg = compose_config("train", [f"ckpt_path={other}", *_no_coco(tmp_path)], tmp_path)  # 64 channels
+    line = _refused(cfg, caplog, monkeypatch)  # before the (missing) COCO folder is read
+    assert f"ckpt_path={other} holds another model: model.neck.out_channels is 32 there and 64 here" in line
+    caplog.clear()
+    cfg = train_cfg()
+    classes = _checkpoint_of(tmp_path / "classes.ckpt", cfg, [1, 2, 3])  # the synthetic set has 8
+    with open_dict(cfg):
+        cfg.ckpt_path = str(classes)
+    line = _refused(cfg, caplog, monkeypatch)
+    assert f"ckpt_path={classes} was trained on 3 classes and this data set has 8" in line

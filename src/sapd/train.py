@@ -25,7 +25,7 @@ from sapd import run_report
 from sapd.app import hydra_app
 from sapd.build import build_backbone, build_module
 from sapd.callbacks import PhaseSwitch
-from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file
+from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file, check_resume
 from sapd.errors import check_run_config
 from sapd.loggers import WANDB_ID_FILE, resume_wandb_config
 from sapd.logs import configure_logging
@@ -127,6 +127,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     check_run_config(cfg)  # a wrong value costs a second, not a data-set scan
     if cfg.get("ckpt_path") and cfg.get("train", True):
         check_checkpoint_file(cfg.ckpt_path)  # missing, 0-byte or truncated: one line, before any data
+        check_resume(cfg, cfg.ckpt_path)  # a checkpoint of another model: one line, before any data
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     set_threads(cfg.get("num_threads"))
@@ -137,6 +138,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if cfg.get("ckpt_path") and cfg.get("train", True):  # of other classes: one line, before the model
+        check_resume(cfg, cfg.ckpt_path, list(datamodule.label_to_cat_id))
     module = build_module(
         cfg,
         label_to_cat_id=list(datamodule.label_to_cat_id),
