@@ -118,6 +118,23 @@ def _leaves(node, prefix=""):
             yield full
 
 
+def test_a_results_file_that_cannot_be_written_is_refused_before_the_evaluation(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [(a_file / "results.json", "is a file, not a folder"), (tmp_path, "is a folder")]
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        cases.append((locked / "results.json", "permission denied"))
+    for path, why in cases:
+        cfg = compose_config("eval", ["ckpt_path=x.ckpt", f"results_file={path}"], tmp_path)
+        with pytest.raises(ConfigError, match=f"results_file={path}.*{why}"):
+            check_run_config(cfg)
+    check_run_config(
+        compose_config("eval", ["ckpt_path=x.ckpt", f"results_file={tmp_path / 'new' / 'r.json'}"], tmp_path)
+    )
+
+
 def test_every_setting_of_every_config_has_a_rule():
     """Each key of the commands' configs (every experiment, model, optimiser and trainer choice) is in
     the table, or named as checked where it is used (paths, names): a new key needs its range."""

@@ -426,6 +426,25 @@ def _check_pairs(cfg: Any) -> None:
         raise ConfigError(f"data.synthetic.min_side={low} exceeds data.synthetic.max_side={high}")
 
 
+def check_output_file(cfg: Any, key: str) -> None:
+    """An output file (``results_file``) that could not be written: it is a folder, or its nearest
+    existing folder is a file or not writable. Checked first, not after the whole evaluation."""
+    import os
+    from pathlib import Path
+
+    value = _value(cfg, key)[1]
+    if not value:
+        return
+    path = Path(str(value)).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{key}={value} is a folder: give a file name (or null: no file)")
+    existing = next((p for p in path.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"{key}={value} cannot be written: {existing} is a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key}={value} cannot be written: permission denied in {existing}; choose another {key}")
+
+
 def check_accelerator(cfg: Any) -> None:
     """A GPU trainer (``trainer=gpu``, ``ddp``, the COCO experiments) where torch sees no GPU, or more
     GPUs asked for than torch sees: one line naming ``trainer=cpu`` before any data is read."""
@@ -460,10 +479,12 @@ def check_accelerator(cfg: Any) -> None:
 
 def check_config(cfg: Any) -> None:
     """Every start-up check of a command's config, before any data or model is built: missing values,
-    :data:`SETTINGS`, the model's constructors, the rules that tie keys together and the accelerator.
+    :data:`SETTINGS`, the model's constructors, the rules that tie keys together, the results file's
+    folder and the accelerator.
     Raises :class:`~sapd.errors.ConfigError` (one line naming the key, the allowed values and the value)."""
     check_missing(cfg)
     check_settings(cfg)
     _check_models(cfg)
     _check_pairs(cfg)
+    check_output_file(cfg, "results_file")
     check_accelerator(cfg)
