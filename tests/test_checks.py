@@ -90,14 +90,18 @@ BAD = [
     ("predict", "device=gpu", "device"),
     ("export", "opset=abc", "opset"),
     ("export", "opset=11", "opset"),
+    ("analysis", "batches=0", "batches"),
+    ("synthetic", "workers=-1", "workers"),
+    ("synthetic", "data.synthetic.crowd_frac=2", "data.synthetic.crowd_frac"),
 ]
 
 
 @pytest.mark.parametrize("config, override, key", BAD, ids=[f"{c}:{o}" for c, o, _ in BAD])
 def test_a_setting_out_of_range_is_one_line_naming_the_key(tmp_path, config, override, key):
-    extra = {"train": [], "predict": ["ckpt_path=x.ckpt", "input=x.jpg"]}.get(config, ["ckpt_path=x.ckpt"])
+    needs = {"train": [], "synthetic": [], "predict": ["ckpt_path=x.ckpt", "input=x.jpg"]}
+    extra = needs.get(config, ["ckpt_path=x.ckpt"])  # the values each command needs
     overrides = [*override.split(" "), *extra]
-    if config == "export":  # no run folder (conf/hydra/tool.yaml)
+    if config in ("export", "analysis", "synthetic"):  # no run folder (conf/hydra/tool.yaml)
         GlobalHydra.instance().clear()
         with initialize_configs():
             cfg = compose(config_name=config, overrides=overrides)
@@ -141,7 +145,7 @@ def test_every_setting_of_every_config_has_a_rule():
     choices = [("train", [])]
     for group in ("experiment", "model", "optim", "trainer", "data", "debug", "ablation"):
         choices += [("train", [f"{group}={p.stem}"]) for p in sorted((ROOT / "conf" / group).glob("*.yaml"))]
-    choices += [("eval", []), ("predict", []), ("export", [])]
+    choices += [(name, []) for name in ("eval", "predict", "export", "analysis", "report", "synthetic")]
     unchecked = set()
     for name, overrides in choices:
         GlobalHydra.instance().clear()

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from sapd.app import hydra_app
 from sapd.checkpoint import load_module
-from sapd.errors import UserError
+from sapd.errors import UserError, check_run_config
 from sapd.logs import configure_logging
 from sapd.models.criterion import SAPDCriterion
 
@@ -311,6 +311,7 @@ def main(cfg: DictConfig) -> None:
     configure_logging()
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise AnalysisError("give the checkpoint to analyse: python -m sapd.analysis ckpt_path=PATH")
+    check_run_config(cfg)
     paths = analyse(cfg.ckpt_path, cfg.out, int(cfg.batches))
     for path in paths:
         log.info("wrote %s", path)

@@ -316,6 +316,10 @@ SETTINGS: dict[str, Rule] = {
     "format": Rule("onnx or torchscript", lambda v: isinstance(v, str) and v.lower() in ("onnx", "torchscript")),
     "opset": integer(18, 23, null="the exporter's default"),  # sapd.export.ONNX_OPSETS
     "verify": flag(),
+    # --- the tools (conf/analysis.yaml, report.yaml, synthetic.yaml)
+    "batches": integer(1),
+    "decide": flag(),
+    "workers": integer(1, null="up to 2"),
 }
 
 #: Keys whose values are names, paths or objects: checked where they are used, not here.
@@ -328,6 +332,9 @@ FREE = (
     "input",
     "output",
     "results_file",
+    "out",
+    "dirs",
+    "reference",
     "logger",
     "data.name",
     "data.root",

@@ -28,6 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sapd.app import hydra_app
+from sapd.errors import check_run_config
 from sapd.logs import configure_logging
 from sapd.utils import TABLE_COLUMNS
 
@@ -334,6 +335,7 @@ def main(cfg: DictConfig) -> None:
     configure_logging()
     if OmegaConf.is_missing(cfg, "dirs"):
         raise FileNotFoundError("give the folders to tabulate: python -m sapd.report dirs=results/table2_screen")
+    check_run_config(cfg)
     text = report(folders(cfg.dirs), decide=bool(cfg.decide), reference=str(cfg.reference))
     print(text)
 

@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw
 
 from sapd.app import hydra_app
 from sapd.data import DataError
+from sapd.errors import check_run_config
 from sapd.logs import configure_logging
 
 log = logging.getLogger(__name__)
@@ -477,6 +478,7 @@ def draw(cfg: DictConfig) -> Path:
 def main(cfg: DictConfig) -> None:
     """``python -m sapd.data.synthetic [out=DIR] [data.synthetic.KEY=VALUE ...]``: prints the set's folder."""
     configure_logging()
+    check_run_config(cfg)
     root = draw(cfg)
     print(root)
 
