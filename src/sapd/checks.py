@@ -380,7 +380,18 @@ def check_missing(cfg: Any) -> None:
     """A ``???`` value the command needs, and nobody gave: one line naming the key."""
     if not isinstance(cfg, DictConfig):
         return
-    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra."))
+
+    def walk(node: DictConfig, prefix: str) -> list[str]:  # interpolations are not resolved here
+        found = []
+        for key in node:
+            full = f"{prefix}{key}"
+            if OmegaConf.is_missing(node, key):
+                found.append(full)
+            elif not OmegaConf.is_interpolation(node, key) and isinstance(node.get(key), DictConfig):
+                found += walk(node.get(key), full + ".")
+        return found
+
+    missing = sorted(k for k in walk(cfg, "") if not k.startswith("hydra."))
     if missing:
         given = " ".join(f"{k}=..." for k in missing)
         raise ConfigError(f"{', '.join(missing)} has no value: give {given} on the command line")
