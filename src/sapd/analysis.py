@@ -24,17 +24,16 @@ import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from sapd.app import hydra_app
 from sapd.checkpoint import load_module
-from sapd.errors import UserError, refusals
+from sapd.errors import UserError, check_run_config
 from sapd.logs import configure_logging
 from sapd.models.criterion import SAPDCriterion
-from sapd.paths import CONFIG_PATH
 
 log = logging.getLogger(__name__)
 
@@ -314,13 +313,13 @@ def default_out(ckpt_path: str | Path) -> Path:
     return run / "analysis"
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="analysis")
-@refusals("sapd.analysis")
+@hydra_app("sapd.analysis", "analysis")
 def main(cfg: DictConfig) -> None:
     """Writes the pictures and logs their paths; a bad checkpoint or data is one line on stderr, exit code 2."""
     configure_logging()
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise AnalysisError("give the checkpoint to analyse: python -m sapd.analysis ckpt_path=PATH")
+    check_run_config(cfg)
     paths = analyse(cfg.ckpt_path, cfg.out or default_out(cfg.ckpt_path), int(cfg.batches))
     for path in paths:
         log.info("wrote %s", path)

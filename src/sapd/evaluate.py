@@ -14,16 +14,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sapd import run_report
+from sapd.app import hydra_app
 from sapd.checkpoint import load_module
-from sapd.errors import ConfigError, refusals
+from sapd.errors import ConfigError, check_run_config
 from sapd.logs import configure_logging
-from sapd.paths import CONFIG_PATH
 from sapd.utils import format_coco_table, instantiate_group, set_threads
 
 
@@ -62,6 +61,7 @@ def data_keys_added(argv: list[str]) -> list[str]:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Runs the checkpoint over ``cfg.split`` and returns the COCO table (empty for test-dev)."""
+    check_run_config(cfg)  # ckpt_path given, score_thresh, batch_size, ...: one line before any work
     set_threads(cfg.get("num_threads"))
     if cfg.split not in ("val", "test"):
         raise ConfigError(f"split must be 'val' or 'test', not {cfg.split!r}")
@@ -109,8 +109,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     return table
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
-@refusals("sapd.evaluate")
+@hydra_app("sapd.evaluate", "eval")
 def _main(cfg: DictConfig) -> None:
     configure_logging()
     evaluate(cfg)

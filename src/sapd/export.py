@@ -61,7 +61,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, List, Tuple  # noqa: UP035 - TorchScript reads these annotations
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -69,13 +68,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import nms
 
+from sapd.app import hydra_app
 from sapd.atomic import replacing, same_file, write_bytes, write_text
 from sapd.checkpoint import load_module
 from sapd.data import transforms
-from sapd.errors import UserError, refusals
+from sapd.errors import UserError, check_run_config
 from sapd.logs import configure_logging
 from sapd.models.detector import SAPD
-from sapd.paths import CONFIG_PATH
 from sapd.utils import set_threads
 
 log = logging.getLogger(__name__)
@@ -615,6 +614,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {cfg.get('format')!r}")
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
         raise ExportError("give the checkpoint to export: python -m sapd.export ckpt_path=PATH format=onnx")
+    check_run_config(cfg)  # opset, num_threads, ...: one line before any work
     if fmt == "torchscript" and cfg.get("opset") is not None:
         raise ExportError("opset applies to format=onnx only")
     output = Path(cfg.output) if cfg.get("output") else default_output(cfg.ckpt_path, fmt)
@@ -661,8 +661,7 @@ def verify(net: nn.Module, path: str | Path, *, size_divisor: int) -> dict[str, 
     return stats
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
-@refusals("sapd.export")
+@hydra_app("sapd.export", "export")
 def main(cfg: DictConfig) -> None:
     """Writes the model and its JSON; a bad request or checkpoint is one line on stderr, exit code 2."""
     configure_logging()

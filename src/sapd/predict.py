@@ -23,18 +23,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from sapd.api import Detector, resolve_device, run_eval_size
+from sapd.app import hydra_app
 from sapd.atomic import replacing, write_text
 from sapd.checkpoint import CheckpointError
 from sapd.data import DataError
 from sapd.data.io import read_image
-from sapd.errors import UserError, refusals
+from sapd.errors import UserError, check_run_config
 from sapd.logs import configure_logging
-from sapd.paths import CONFIG_PATH
 from sapd.utils import set_threads
 
 log = logging.getLogger(__name__)
@@ -111,6 +110,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         FileNotFoundError: no input; PredictError: a refused output, a bad ``batch_size`` or
         ``score_thresh``, or no readable image at all; CheckpointError: a bad checkpoint.
     """
+    check_run_config(cfg)  # score_thresh, batch_size, device, ...: one line before any work
     set_threads(cfg.get("num_threads"))
     input_path = Path(str(cfg.input))
     files = list_images(input_path)
@@ -172,8 +172,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     return {"written": written, "failed": [str(p) for p in failed], "output": str(out_dir)}
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
-@refusals("sapd.predict", FileNotFoundError)
+@hydra_app("sapd.predict", "predict", FileNotFoundError)
 def main(cfg: DictConfig) -> None:
     """Writes the predictions; a missing key, bad input, refused output or bad checkpoint is one line, exit code 2."""
     configure_logging()

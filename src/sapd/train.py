@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -23,14 +22,14 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig
 
 from sapd import run_report
-from sapd.build import build_module
+from sapd.app import hydra_app
+from sapd.build import build_backbone, build_module
 from sapd.callbacks import InterruptCheckpoint, PhaseSwitch
-from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file
-from sapd.errors import check_run_config, refusals
+from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file, check_resume
+from sapd.errors import check_run_config
 from sapd.loggers import WANDB_ID_FILE, resume_wandb_config
 from sapd.logs import configure_logging
 from sapd.module import NonFiniteLossError
-from sapd.paths import CONFIG_PATH
 from sapd.run_folder import SUMMARY_FILE, claim_run_folder
 from sapd.utils import format_coco_table, instantiate_group, resolve_precision, set_threads
 
@@ -132,6 +131,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     check_run_config(cfg)  # a wrong value costs a second, not a data-set scan
     if cfg.get("ckpt_path") and cfg.get("train", True):
         check_checkpoint_file(cfg.ckpt_path)  # missing, 0-byte or truncated: one line, before any data
+        check_resume(cfg, cfg.ckpt_path)  # a checkpoint of another model: one line, before any data
     # a folder in use, or holding a run this one does not resume: one line, nothing overwritten
     with claim_run_folder(cfg.paths.output_dir, cfg.get("ckpt_path")):
         return _fit_and_report(cfg, start)
@@ -141,12 +141,20 @@ def _fit_and_report(cfg: DictConfig, start: float) -> tuple[dict[str, float], di
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     set_threads(cfg.get("num_threads"))
+    # before the data: pretrained weights that cannot be fetched or read are refused in a second,
+    # not after a data-set scan (the backbone is the model's first part built: the same weights)
+    backbone = build_backbone(cfg)
 
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if cfg.get("ckpt_path") and cfg.get("train", True):  # of other classes: one line, before the model
+        check_resume(cfg, cfg.ckpt_path, list(datamodule.label_to_cat_id))
     module = build_module(
-        cfg, label_to_cat_id=list(datamodule.label_to_cat_id), class_names=list(datamodule.class_names)
+        cfg,
+        label_to_cat_id=list(datamodule.label_to_cat_id),
+        class_names=list(datamodule.class_names),
+        backbone=backbone,
     )
 
     output_dir = Path(cfg.paths.output_dir)
@@ -260,8 +268,7 @@ def _fit_and_report(cfg: DictConfig, start: float) -> tuple[dict[str, float], di
     return metrics, objects
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-@refusals("sapd.train", NonFiniteLossError)
+@hydra_app("sapd.train", "train", NonFiniteLossError)
 def main(cfg: DictConfig) -> float | None:
     """Trains; a user error (config value, data, checkpoint) is one line on stderr and exit code 2."""
     configure_logging()
