@@ -202,6 +202,7 @@ SETTINGS: dict[str, Rule] = {
     "report.enabled": flag(),
     "report.score_thresh": PROB,
     "report.num_images": integer(0),
+    "report.class_table": flag(),
     "ablation.soft_weight": flag(),
     "ablation.soft_select": flag(),
     # --- data (conf/data/*.yaml)
@@ -243,6 +244,8 @@ SETTINGS: dict[str, Rule] = {
     "model.head.feat_channels": integer(1),
     "model.head.num_convs": integer(0),
     "model.head.norm": one_of("gn", null="no normalisation"),
+    # null: no selection network (Table 2's FSAF, +SW and +BFP rows); a node's keys are checked below
+    "model.selection": Rule("a selection-network node", lambda v: isinstance(v, Mapping), "no selection network"),
     "model.selection.roi_size": integer(1),
     "model.selection.channels": integer(1),
     "model.selection.detach_features": flag(),
