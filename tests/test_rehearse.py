@@ -29,3 +29,55 @@ def test_a_checkpoint_of_the_sgd_recipe_loads_as_lightning_resumes_it(tmp_path):
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=True)
     assert loaded["hyper_parameters"]["scheduler"]["milestones"] == [1, 2]
+
+
+def test_the_coco_like_set_has_cocos_quirks(tmp_path):
+    from pycocotools import mask as mask_utils
+    from pycocotools.coco import COCO
+
+    from sapd.data.coco import COCODetection
+    from sapd.data.coco_like import make_coco_like, quirks
+
+    root = make_coco_like(tmp_path / "set", num_train=24, num_val=4)
+    q = quirks(root, "train")
+    assert q["images"] == 24 and q["categories"] == 80
+    assert q["no_annotations"] >= 1 and q["all_crowd"] == 1 and q["only_zero_size"] == 1
+    assert q["crowd_rle"] >= 1 and q["zero_size_boxes"] >= 2 and q["grayscale"] >= 1 and q["exif_rotated"] >= 1
+    ann_file = root / "annotations" / "instances_train2017.json"
+    data = json.loads(ann_file.read_text())
+    ids = [c["id"] for c in data["categories"]]
+    assert ids[0] == 1 and ids[-1] == 90 and len(ids) == 80 and 12 not in ids  # COCO's gaps
+    assert {c["name"] for c in data["categories"]} >= {"person", "toothbrush", "donut"}
+    crowd = next(a for a in data["annotations"] if a["iscrowd"])
+    assert mask_utils.area(crowd["segmentation"]) > 0  # compressed RLE that pycocotools decodes
+    COCO(str(ann_file))  # pycocotools reads it
+    # sapd reads it: the empty, all-crowd and zero-size-only images have no training box
+    ds = COCODetection(ann_file, root / "train2017")
+    assert ds.stats["empty_images"] == 3 and ds.stats["zero_size_boxes"] == q["zero_size_boxes"]
+    assert ds.stats["no_annotations"] == q["no_annotations"] and ds.stats["images"] == 24
+    assert make_coco_like(tmp_path / "set", num_train=24, num_val=4) == root  # reused, not drawn again
+
+
+@pytest.mark.slow  # two 2-process runs of experiment=r50 shrunk: ~1.5 min on 2 cores
+def test_short_rehearsal_of_the_coco_job(tmp_path):
+    """2 gloo processes, one image each per step, killed mid-epoch in phase 2 and resumed: the checks of
+    benchmarks/rehearse.py pass, and its figures are there."""
+    from test_ddp import run_with_timeout
+
+    out = tmp_path / "rehearse"
+    cmd = [sys.executable, "-m", "benchmarks", "suite=rehearse", "form=short", f"out={out}"]
+    code, log = run_with_timeout(cmd, cwd=REPO, env=None, timeout=600)
+    assert code == 0, log[-4000:]
+    report = json.loads((out / "rehearsal.json").read_text())
+    assert report["failures"] == []
+    assert report["exit_codes"] == {"killed": -9, "resumed": 0}
+    assert report["kill"]["checkpoint_step"] < report["kill"]["at_step"] < report["total_steps"]
+    lone = [e for e in report["empty_batch_steps"] if e["other_boxes"] and min(e["other_boxes"]) > 0]
+    assert lone  # one process had no training box while the other had some, and neither hung
+    assert [e["global_step"] for e in report["ends"]] == [report["total_steps"]] * 2
+    assert report["results"]["detections"] > 0
+    counts = report["data_counts"]["train"]
+    assert counts["no_annotations"] >= 1 and counts["zero_size_boxes"] >= 1 and counts["crowd"] >= 1
+    for ranks in report["processes"].values():
+        assert all(p["s_per_step"] > 0 and p["peak_rss_mib"] > 0 for p in ranks)
+    assert "s/step" in log and "peak RSS" in log and "all checks passed" in log
