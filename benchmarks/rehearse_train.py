@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import signal
 import time
 from pathlib import Path
@@ -95,6 +94,7 @@ class Recorder(L.Callback):
             "seconds": None if self.last_end is None else round(now - self.last_end, 4),
             "peak_rss_mib": round(peak_rss_bytes() / MIB, 1),
             "workers_pss_mib": round(self.workers_peak / MIB, 1),
+            "cpu_s": round(time.process_time(), 2),  # user + system seconds of this process so far
         }
         self.last_end = now
         with open(self.out / f"rank{trainer.global_rank}.jsonl", "a") as f:
@@ -125,7 +125,7 @@ def main(cfg: DictConfig) -> None:
         "global_step": int(trainer.global_step),
         "peak_rss_mib": round(peak_rss_bytes() / MIB, 1),
         "workers_pss_mib": round(recorder.workers_peak / MIB, 1),
-        "children_maxrss_mib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+        "cpu_s": round(time.process_time(), 2),
         "checksum": [float(p.detach().double().sum()) for p in module.parameters()],
         "finite": all(bool(torch.isfinite(p).all()) for p in module.parameters()),
     }
