@@ -81,3 +81,28 @@ def test_short_rehearsal_of_the_coco_job(tmp_path):
     for ranks in report["processes"].values():
         assert all(p["s_per_step"] > 0 and p["peak_rss_mib"] > 0 for p in ranks)
     assert "s/step" in log and "peak RSS" in log and "all checks passed" in log
+
+
+def test_rehearsal_finds_the_steps_where_one_process_had_no_training_box(capsys):
+    from benchmarks import __main__ as entry
+    from benchmarks.rehearse import empty_steps, step_figures
+
+    def row(step, boxes, phase=1, seconds=0.5):
+        return {"step": step, "boxes": boxes, "phase": phase, "seconds": seconds, "peak_rss_mib": 1.0,
+                "workers_pss_mib": 0.0, "cpu_s": float(step)}  # fmt: skip
+
+    killed = [[row(0, 2), row(1, 0), row(2, 0)], [row(0, 0), row(1, 3), row(2, 0)]]
+    resumed = [[row(2, 0, 2)], [row(2, 4, 2)]]
+    found = empty_steps([killed, resumed])
+    assert [(e["run"], e["step"], e["rank"], e["other_boxes"]) for e in found] == [
+        (0, 1, 0, [3]), (0, 2, 0, [0]), (0, 0, 1, [2]), (0, 2, 1, [0]), (1, 2, 0, [4]),
+    ]  # fmt: skip
+    figures = step_figures([row(0, 1, seconds=None), row(1, 1, 1, 0.2), row(2, 1, 2, 0.6), row(3, 1, 2, 0.8)])
+    assert figures["steps"] == 4 and figures["s_per_step_phase1"] == 0.2 and figures["s_per_step_phase2"] == 0.7
+    assert figures["cpu_s_at_last_step"] == 3.0
+    with pytest.raises(SystemExit) as exc:
+        entry.main(["suite=rehearse", "help"])
+    assert exc.value.code == 0 and "form=full" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        entry.main(["suite=rehearse", "form=medium"])
+    assert exc.value.code == 2
