@@ -123,7 +123,8 @@ def build_module(
     module = SAPDLitModule(
         net=net,
         optimizer=optimizer,
-        scheduler=dict(optim.get("scheduler") or {}),
+        # plain Python: checkpoints hold it, and Lightning resumes them with torch.load(weights_only=True)
+        scheduler=OmegaConf.to_container(OmegaConf.create(dict(optim.get("scheduler") or {})), resolve=True),
         batch_size=int(cfg.data.get("batch_size", 1)),
         base_batch_size=int(optim.get("base_batch_size", 16)),
         no_decay_norm_bias=bool(optim.get("no_decay_norm_bias", False)),
