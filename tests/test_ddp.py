@@ -333,6 +333,7 @@ def test_a_non_finite_loss_on_one_process_is_skipped_by_all_without_a_hang(tmp_p
         "trainer.max_epochs=1",
         "trainer.limit_val_batches=1",
         "validate_best=false",
+        "learning_check.max_skipped_fraction=0.5",  # 1 of 2 steps skipped is this test's point
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     env = {**os.environ, "SAPD_TEST_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
@@ -345,3 +346,18 @@ def test_a_non_finite_loss_on_one_process_is_skipped_by_all_without_a_hang(tmp_p
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # still in sync
     assert out.count("non-finite loss at step 1") == 2  # both processes skipped it
     assert "images [" in out and "on another process" in out
+
+
+@pytest.mark.slow
+def test_too_many_skipped_steps_stop_every_process_alike(tmp_path):
+    """The same run with the default learning_check: 1 of each process's 2 steps skipped (the counts of both
+    summed: 2 of 4) is too many; both processes stop with the same reason, before a checkpoint is scored."""
+    driver = tmp_path / "train_driver.py"
+    driver.write_text(TRAIN_DRIVER)
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(driver), *TINY, *TWO_CPU_PROCESSES, "trainer.max_epochs=1", f"hydra.run.dir={run}"]
+    env = {**os.environ, "SAPD_TEST_OUT": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    code, out = run_with_timeout(cmd, cwd=tmp_path, env=env, timeout=DDP_TIMEOUT_S)
+    assert code != 0 and not (tmp_path / "rank0.json").exists()
+    assert out.count("NothingLearnedError: 2 of 4 training steps were skipped") == 2, out[-4000:]
+    assert not list((run / "checkpoints").glob("epoch_*.ckpt"))

@@ -199,6 +199,9 @@ class SAPDLitModule(L.LightningModule):
         # training instances seen in this process, and those that own no anchor point on any level
         # (so nothing trains on them: tiny boxes under valid_region=centre); in summary.json
         self.instance_counts: dict[str, int] = {"instances": 0, "without_anchor_point": 0}
+        # training steps skipped in this process (a batch without images, or a non-finite loss on any
+        # process); sapd.callbacks.LearningCheck stops a run that skips too many
+        self.skipped_steps = 0
         self._bad_steps = 0
         self._results: list[dict[str, Any]] = []
         self._eval_image_ids: list[int] = []  # image ids of this process's evaluation, in the metric's order
@@ -285,6 +288,7 @@ class SAPDLitModule(L.LightningModule):
         so that each one runs its backward and DDP's gradient all-reduce completes (a process that
         returned None would leave the others waiting in it); the optimiser then steps with zero
         gradients, so momentum and weight decay still move the weights by one step."""
+        self.skipped_steps += 1
         if self._world_size() == 1:
             return None
         zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0

@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from sapd import run_report
 from sapd.build import build_module
-from sapd.callbacks import PhaseSwitch
+from sapd.callbacks import LearningCheck, PhaseSwitch
 from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file
 from sapd.errors import check_run_config, refusals
 from sapd.loggers import WANDB_ID_FILE, resume_wandb_config
@@ -126,6 +126,8 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """
     start = time.time()
     check_run_config(cfg)  # a wrong value costs a second, not a data-set scan
+    # always on (callbacks=none too): a run that learns nothing stops before a best checkpoint is kept
+    learning_check = LearningCheck(**(cfg.get("learning_check") or {}))
     if cfg.get("ckpt_path") and cfg.get("train", True):
         check_checkpoint_file(cfg.ckpt_path)  # missing, 0-byte or truncated: one line, before any data
     if cfg.get("seed") is not None:
@@ -141,7 +143,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     output_dir = Path(cfg.paths.output_dir)
     report_cfg = cfg.get("report") or {}
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks = [*instantiate_group(cfg.get("callbacks")), learning_check]
     # a run resumed from a checkpoint (ckpt_path=...) continues the wandb run that wrote it
     loggers = instantiate_group(resume_wandb_config(cfg.get("logger"), cfg.get("ckpt_path")))
     if report_cfg.get("enabled", True) and not any(isinstance(lg, CSVLogger) for lg in loggers):
