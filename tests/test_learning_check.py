@@ -137,3 +137,19 @@ def test_boxes_too_small_for_any_anchor_point_stop_the_run(tmp_path):
     assert msg.startswith("none of the 32 training instances owned an anchor point")
     assert "the largest box is 2.0 px" in msg and "every 8-128 px" in msg and "data.min_size" in msg
     _no_best_checkpoint(run)
+
+
+@pytest.mark.slow
+def test_a_validation_set_whose_images_are_all_missing_stops_the_run(train_cfg, tmp_path):
+    from sapd.data.synthetic import make_synthetic_coco
+
+    synthetic = OmegaConf.to_container(train_cfg().data.synthetic)
+    root = make_synthetic_coco(tmp_path / "set", **synthetic)
+    for image in (root / "val").glob("*.jpg"):
+        image.unlink()
+    run = tmp_path / "run"
+    cfg = compose_config("train", [*TINY, *SHORT, f"data.root={root}", "data.skip_bad_images=true"], run)
+    with pytest.raises(NothingLearnedError) as e:  # no table, no best checkpoint to choose: not a success
+        train(cfg)
+    assert str(e.value).startswith("no val image could be scored: every one evaluated was left out (4 missing")
+    _no_best_checkpoint(run)

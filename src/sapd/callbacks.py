@@ -101,8 +101,21 @@ class PhaseSwitch(L.Callback):
 
 
 class NothingLearnedError(UserError):
-    """A training run that cannot have learned: its weights diverged, it skipped its steps, read no
-    image, or no instance owned an anchor point."""
+    """A training run that cannot have learned (its weights diverged, it skipped its steps, read no
+    image, or no instance owned an anchor point), or whose validation scored nothing."""
+
+
+def nothing_scored(split: str, datamodule: Any) -> str:
+    """The reason a ``split`` evaluation gave no COCO table: its images were left out (and why), or none
+    had ground truth or a detection."""
+    reasons = Counter(((getattr(datamodule, "skipped_images", None) or {}).get(split) or {}).values())
+    if reasons:
+        why = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+        return (
+            f"no {split} image could be scored: every one evaluated was left out ({why}; "
+            f"data.skip_bad_images=true); check data.{split}_images and data.root"
+        )
+    return f"no {split} image could be scored: the images evaluated have neither ground truth nor a detection"
 
 
 class LearningCheck(L.Callback):
@@ -171,6 +184,14 @@ class LearningCheck(L.Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.check(trainer, pl_module)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """A validation of the fit that scored nothing (every image left out) stops the run: no best
+        checkpoint can be chosen. Before the checkpoint callbacks look for ``val/map``."""
+        if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
+            return
+        if getattr(pl_module, "last_coco_step", trainer.global_step) != trainer.global_step:
+            raise NothingLearnedError(nothing_scored("val", trainer.datamodule))
 
     def _first_nonfinite(self, pl_module: L.LightningModule) -> str | None:
         """The name of the first parameter or floating buffer of ``pl_module`` that is NaN or inf, else None."""

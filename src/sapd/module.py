@@ -369,6 +369,14 @@ class SAPDLitModule(L.LightningModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results))
             log.info("wrote %d detections to %s", len(results), path)
+            if not results:  # a valid results file, but pycocotools' COCO.loadRes fails on an empty list
+                thresh = getattr(getattr(self.net, "postprocessor", None), "score_thresh", None)
+                log.warning(
+                    "no detections: %s holds an empty list, which pycocotools' COCO.loadRes cannot load; "
+                    "a model trained longer, or a lower score_thresh (now %s), gives some",
+                    path,
+                    thresh,
+                )
 
     def _evaluation_share(self, metric: MeanAveragePrecision) -> dict[str, Any]:
         """This process's evaluation: image ids, the metric's per-image states (on the CPU) and results entries."""

@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig
 
 from sapd import run_report
+from sapd.api import SCORE_THRESH
 from sapd.build import build_module
 from sapd.callbacks import LearningCheck, PhaseSwitch
 from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file
@@ -228,7 +229,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 datamodule.val_dataset,
                 size_divisor=getattr(datamodule, "size_divisor", 128),
                 metrics_files=csv_files,
-                score_thresh=float(report_cfg.get("score_thresh", 0.4)),
+                score_thresh=float(report_cfg.get("score_thresh", SCORE_THRESH)),
                 num_images=int(report_cfg.get("num_images", 8)),
                 title=f"{cfg.get('task_name', 'train')}, {cfg.data.get('name', 'val')}",
             )
