@@ -9,6 +9,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -123,3 +124,27 @@ def test_evaluation_whose_images_are_all_left_out_is_refused_in_one_line(weak, t
         evaluate(cfg)
     n = synthetic["num_val"]
     assert str(e.value).startswith(f"no val image could be scored: every one evaluated was left out ({n} missing")
+
+
+def test_boxes_without_area_are_never_returned():
+    """Small boxes at every anchor point, also in the padding right of and below the smaller image: those
+    are clipped to no width or height and dropped, by the eager post-processing and the exported graph alike."""
+    from sapd.models.postprocess import postprocess_detections
+
+    strides = [8, 16, 32, 64, 128]
+    level_sizes = [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
+    features = [torch.zeros(2, 1, h, w) for h, w in level_sizes]
+    p = sum(h * w for h, w in level_sizes)
+    cls = torch.full((2, p, 2), -8.0)
+    cls[..., 0] = 3.0 + torch.rand(2, p, generator=torch.Generator().manual_seed(0))  # distinct scores, one class
+    reg = torch.full((2, p, 4), 0.01)  # boxes of 0.6-10 px around their points: no two overlap on a level
+    sizes = torch.tensor([[64, 96], [50, 70]])
+    ref = postprocess_detections(cls, reg, level_sizes, strides, sizes.tolist(), max_detections=1000)
+    out = sapd_export.detect(cls, reg, features, sizes, strides, 4.0, 0.05, 1000, 0.5, 1000)
+    exported = sapd_export.to_original_pixels(*out, sizes.tolist())
+    for r, e in zip(ref, exported):
+        for boxes in (r["boxes"], torch.from_numpy(e["boxes"])):
+            assert len(boxes) > 0 and (boxes[:, 2] > boxes[:, 0]).all() and (boxes[:, 3] > boxes[:, 1]).all()
+    assert len(ref[1]["boxes"]) < len(ref[0]["boxes"])  # the points over the second image's padding gave none
+    stats = match_detections([{k: v.numpy() for k, v in r.items()} for r in ref], exported)
+    assert parity_ok(stats) and stats["max_abs_box"] == 0

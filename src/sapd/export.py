@@ -75,6 +75,7 @@ from sapd.data import transforms
 from sapd.errors import UserError, refusals
 from sapd.logs import configure_logging
 from sapd.models.detector import SAPD
+from sapd.models.postprocess import has_area
 from sapd.paths import CONFIG_PATH
 from sapd.utils import set_threads
 
@@ -172,7 +173,8 @@ def detect(
         dim=2,
     )
     flat_scores = scores.reshape(-1)
-    keep = torch.nonzero(flat_scores > score_thresh).squeeze(1)
+    # as the eager post-processing: a box left without width or height by clipping is no detection
+    keep = torch.nonzero((flat_scores > score_thresh) & has_area(boxes).reshape(-1)).squeeze(1)
     # one NMS over all images and classes: each (image, class) is shifted to a region of its own
     image = torch.arange(n, device=boxes.device).reshape(n, 1).expand(n, c).reshape(-1)[keep]
     shift_x = labels.reshape(-1)[keep].to(boxes.dtype) * (sizes[:, 1].max() + 1.0)
