@@ -13,6 +13,7 @@ import torch
 from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
+from PIL import Image
 
 from conftest import TINY, compose_config, train_tiny_checkpoint
 from sapd import export as sapd_export
@@ -148,3 +149,32 @@ def test_boxes_without_area_are_never_returned():
     assert len(ref[1]["boxes"]) < len(ref[0]["boxes"])  # the points over the second image's padding gave none
     stats = match_detections([{k: v.numpy() for k, v in r.items()} for r in ref], exported)
     assert parity_ok(stats) and stats["max_abs_box"] == 0
+
+
+@pytest.mark.slow
+def test_score_threshold_counts_the_ground_truth_evaluation_scores(weak, tmp_path):
+    """benchmarks.score_threshold on a set whose annotations hold boxes evaluation drops (zero width or
+    height): they are not ground truth there either, so recall is measured against the boxes scored."""
+    from benchmarks.score_threshold import Config, measure
+
+    ckpt, _ = weak
+    (tmp_path / "images").mkdir()
+    images, anns = [], []
+    for i in (1, 2):
+        Image.new("RGB", (128, 96), (30 * i, 90, 160)).save(tmp_path / "images" / f"{i}.png")
+        images.append({"id": i, "file_name": f"{i}.png", "width": 128, "height": 96})
+        for bbox in ([10, 10, 40, 30], [60, 20, 0, 30], [70, 40, 25, 0]):  # a box, then two without area
+            anns.append({"id": len(anns) + 1, "image_id": i, "category_id": 1, "bbox": bbox, "iscrowd": 0})
+    categories = [{"id": 1, "name": "box"}]
+    (tmp_path / "val.json").write_text(json.dumps({"images": images, "annotations": anns, "categories": categories}))
+    raw = torch.load(ckpt, weights_only=False)
+    data = raw["sapd_config"]["data"]
+    for key in ("synthetic", "cache_dir"):
+        data.pop(key, None)
+    data.update(_target_="sapd.data.datamodule.COCODataModule", root=str(tmp_path), val_ann="val.json",
+                val_images="images", train_ann="val.json", train_images="images", num_workers=0)  # fmt: skip
+    moved = tmp_path / "moved.ckpt"
+    torch.save(raw, moved)
+    rows, num_gt = measure(Config(ckpt_path=str(moved), thresholds=[0.0, 0.5], device="cpu"))
+    assert num_gt == 2  # one scored box per image; the four without area are not ground truth
+    assert rows[0]["dets"] > 0 and rows[0]["recall"] <= 1.0
