@@ -27,7 +27,7 @@ from sapd.api import SCORE_THRESH
 from sapd.build import build_module
 from sapd.callbacks import LearningCheck, PhaseSwitch
 from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file
-from sapd.errors import check_run_config, refusals
+from sapd.errors import ConfigError, check_run_config, refusals
 from sapd.loggers import WANDB_ID_FILE, resume_wandb_config
 from sapd.logs import configure_logging
 from sapd.module import NonFiniteLossError
@@ -128,7 +128,10 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     start = time.time()
     check_run_config(cfg)  # a wrong value costs a second, not a data-set scan
     # always on (callbacks=none too): a run that learns nothing stops before a best checkpoint is kept
-    learning_check = LearningCheck(**(cfg.get("learning_check") or {}))
+    try:
+        learning_check = LearningCheck(**(cfg.get("learning_check") or {}))
+    except TypeError as exc:  # an unknown key (+learning_check.x=...)
+        raise ConfigError(f"learning_check: {exc}; its key is max_skipped_fraction") from None
     if cfg.get("ckpt_path") and cfg.get("train", True):
         check_checkpoint_file(cfg.ckpt_path)  # missing, 0-byte or truncated: one line, before any data
     if cfg.get("seed") is not None:
