@@ -341,6 +341,7 @@ def test_a_non_finite_loss_on_one_process_is_skipped_by_all_without_a_hang(tmp_p
         "trainer.max_epochs=1",
         "trainer.limit_val_batches=1",
         "validate_best=false",
+        "learning_check.max_skipped_fraction=0.5",  # 1 of 2 steps skipped is this test's point
         f"hydra.run.dir={tmp_path / 'run'}",
     ]
     env = {**os.environ, "SAPD_TEST_OUT": str(tmp_path), "OMP_NUM_THREADS": "1", "SAPD_TEST_FAULT": "nan"}
@@ -381,3 +382,18 @@ def test_a_process_whose_batch_holds_no_training_box_trains_on_without_a_hang(tm
     assert all(r["finite"] for r in ranks)
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert "non-finite loss" not in out and "switching to phase 2" in out
+
+
+@pytest.mark.slow
+def test_too_many_skipped_steps_stop_every_process_alike(tmp_path):
+    """The same run with the default learning_check: 1 of each process's 2 steps skipped (the counts of both
+    summed: 2 of 4) is too many; both processes stop with the same reason, before a checkpoint is scored."""
+    driver = tmp_path / "train_driver.py"
+    driver.write_text(TRAIN_DRIVER)
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(driver), *TINY, *TWO_CPU_PROCESSES, "trainer.max_epochs=1", f"hydra.run.dir={run}"]
+    env = {**os.environ, "SAPD_TEST_OUT": str(tmp_path), "OMP_NUM_THREADS": "1", "SAPD_TEST_FAULT": "nan"}
+    code, out = run_with_timeout(cmd, cwd=tmp_path, env=env, timeout=DDP_TIMEOUT_S)
+    assert code != 0 and not (tmp_path / "rank0.json").exists()
+    assert out.count("NothingLearnedError: 2 of 4 training steps were skipped") == 2, out[-4000:]
+    assert not list((run / "checkpoints").glob("epoch_*.ckpt"))

@@ -19,8 +19,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sapd import run_report
+from sapd.api import SCORE_THRESH
 from sapd.app import hydra_app
+from sapd.callbacks import nothing_scored
 from sapd.checkpoint import load_module
+from sapd.data import DataError
 from sapd.errors import ConfigError, check_run_config
 from sapd.logs import configure_logging
 from sapd.utils import format_coco_table, instantiate_group, set_threads
@@ -87,6 +90,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     else:
         trainer.test(module, datamodule=datamodule, verbose=False)
     table = module.last_coco_table
+    if cfg.split == "val" and not table:  # every image left out: say so rather than print nothing
+        raise DataError(nothing_scored("val", datamodule))
     if table and trainer.is_global_zero:  # the command's product: on stdout
         print("\n" + format_coco_table(table, title=f"COCO bbox, {cfg.split} ({cfg.ckpt_path})"))
     if module.results_file and trainer.is_global_zero:
@@ -100,7 +105,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             datamodule.val_dataset if cfg.split == "val" else datamodule.test_dataset,
             size_divisor=getattr(datamodule, "size_divisor", 128),
             metrics_files=run_report.find_metrics_csv(ckpt.parent.parent)[-1:],  # the training run's curves
-            score_thresh=float(report_cfg.get("score_thresh", 0.4)),
+            score_thresh=float(report_cfg.get("score_thresh", SCORE_THRESH)),
             num_images=int(report_cfg.get("num_images", 8)),
             class_table=bool(report_cfg.get("class_table", False)),
             title=f"{ckpt.name}, {getattr(datamodule, 'name', 'data')} {cfg.split}",

@@ -200,6 +200,9 @@ class SAPDLitModule(L.LightningModule):
         # (so nothing trains on them: tiny boxes under valid_region=centre); in summary.json
         self._num_instances = 0
         self._num_unassigned: Tensor | None = None  # summed on the device, read once (instance_counts)
+        # training steps skipped in this process (a batch without images, or a non-finite loss on any
+        # process); sapd.callbacks.LearningCheck stops a run that skips too many
+        self.skipped_steps = 0
         self._bad_steps = 0
         self._results: list[dict[str, Any]] = []
         self._eval_image_ids: list[int] = []  # image ids of this process's evaluation, in the metric's order
@@ -297,6 +300,7 @@ class SAPDLitModule(L.LightningModule):
         so that each one runs its backward and DDP's gradient all-reduce completes (a process that
         returned None would leave the others waiting in it); the optimiser then steps with zero
         gradients, so momentum and weight decay still move the weights by one step."""
+        self.skipped_steps += 1
         if self._world_size() == 1:
             return None
         zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
@@ -377,6 +381,14 @@ class SAPDLitModule(L.LightningModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results))
             log.info("wrote %d detections to %s", len(results), path)
+            if not results:  # a valid results file, but pycocotools' COCO.loadRes fails on an empty list
+                thresh = getattr(getattr(self.net, "postprocessor", None), "score_thresh", None)
+                log.warning(
+                    "no detections: %s holds an empty list, which pycocotools' COCO.loadRes cannot load; "
+                    "a model trained longer, or a lower score_thresh (now %s), gives some",
+                    path,
+                    thresh,
+                )
 
     def _evaluation_share(self, metric: MeanAveragePrecision) -> dict[str, Any]:
         """This process's evaluation: image ids, the metric's per-image states (on the CPU) and results entries."""

@@ -116,10 +116,18 @@ def writable_dir(folder: str) -> str:
     return folder
 
 
+def default_score_thresh() -> float:
+    """``${sapd.score_thresh:}``: the default score threshold of predict and the API (:data:`sapd.api.SCORE_THRESH`)."""
+    from sapd.api import SCORE_THRESH
+
+    return SCORE_THRESH
+
+
 def register_resolvers() -> None:
-    """The config resolvers sapd's YAML uses: ``sapd.writable_dir`` and ``sapd.pid`` (this process's id,
-    so that runs started in the same second get distinct folders)."""
+    """The config resolvers sapd's YAML uses: ``sapd.writable_dir``, ``sapd.pid`` (this process's id,
+    so that runs started in the same second get distinct folders) and ``sapd.score_thresh``."""
     OmegaConf.register_new_resolver("sapd.writable_dir", writable_dir, replace=True)
+    OmegaConf.register_new_resolver("sapd.score_thresh", default_score_thresh, replace=True)
     # cached in the config (as Hydra's `now`), so a config copied to other processes (a launcher's jobs)
     # keeps the folder name of the process that composed it
     OmegaConf.register_new_resolver("sapd.pid", lambda: os.getpid(), replace=True, use_cache=True)

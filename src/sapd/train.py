@@ -22,11 +22,12 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig
 
 from sapd import run_report
+from sapd.api import SCORE_THRESH
 from sapd.app import hydra_app
 from sapd.build import build_backbone, build_module
-from sapd.callbacks import InterruptCheckpoint, PhaseSwitch
+from sapd.callbacks import InterruptCheckpoint, LearningCheck, PhaseSwitch
 from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file, check_resume
-from sapd.errors import check_run_config
+from sapd.errors import ConfigError, check_run_config
 from sapd.loggers import WANDB_ID_FILE, resume_wandb_config
 from sapd.logs import configure_logging
 from sapd.module import NonFiniteLossError
@@ -129,15 +130,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """
     start = time.time()
     check_run_config(cfg)  # a wrong value costs a second, not a data-set scan
+    # always on (callbacks=none too): a run that learns nothing stops before a best checkpoint is kept
+    try:
+        learning_check = LearningCheck(**(cfg.get("learning_check") or {}))
+    except TypeError as exc:  # an unknown key (+learning_check.x=...)
+        raise ConfigError(f"learning_check: {exc}; its key is max_skipped_fraction") from None
     if cfg.get("ckpt_path") and cfg.get("train", True):
         check_checkpoint_file(cfg.ckpt_path)  # missing, 0-byte or truncated: one line, before any data
         check_resume(cfg, cfg.ckpt_path)  # a checkpoint of another model: one line, before any data
     # a folder in use, or holding a run this one does not resume: one line, nothing overwritten
     with claim_run_folder(cfg.paths.output_dir, cfg.get("ckpt_path")):
-        return _fit_and_report(cfg, start)
+        return _fit_and_report(cfg, start, learning_check)
 
 
-def _fit_and_report(cfg: DictConfig, start: float) -> tuple[dict[str, float], dict[str, Any]]:
+def _fit_and_report(
+    cfg: DictConfig, start: float, learning_check: LearningCheck
+) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     set_threads(cfg.get("num_threads"))
@@ -159,7 +167,7 @@ def _fit_and_report(cfg: DictConfig, start: float) -> tuple[dict[str, float], di
 
     output_dir = Path(cfg.paths.output_dir)
     report_cfg = cfg.get("report") or {}
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks = [*instantiate_group(cfg.get("callbacks")), learning_check]
     # a run resumed from a checkpoint (ckpt_path=...) continues the wandb run that wrote it
     loggers = instantiate_group(resume_wandb_config(cfg.get("logger"), cfg.get("ckpt_path")))
     if report_cfg.get("enabled", True) and not any(isinstance(lg, CSVLogger) for lg in loggers):
@@ -256,7 +264,7 @@ def _fit_and_report(cfg: DictConfig, start: float) -> tuple[dict[str, float], di
                 datamodule.val_dataset,
                 size_divisor=getattr(datamodule, "size_divisor", 128),
                 metrics_files=csv_files,
-                score_thresh=float(report_cfg.get("score_thresh", 0.4)),
+                score_thresh=float(report_cfg.get("score_thresh", SCORE_THRESH)),
                 num_images=int(report_cfg.get("num_images", 8)),
                 class_table=bool(report_cfg.get("class_table", False)),
                 title=f"{cfg.get('task_name', 'train')}, {cfg.data.get('name', 'val')}",

@@ -225,6 +225,13 @@ class COCODetection(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    def ground_truth(self, img_id: int) -> dict[str, np.ndarray]:
+        """The evaluation ground truth of image ``img_id``, as evaluation scores it (boxes it drops are not
+        in it): ``boxes`` float32[G, 4] (x1, y1, x2, y2, original pixels), ``labels`` int64[G] (contiguous)
+        and ``iscrowd`` bool[G]."""
+        rec = self._records[img_id]
+        return {"boxes": rec["eval_boxes"], "labels": rec["eval_labels"], "iscrowd": rec["eval_iscrowd"]}
+
     @property
     def aspect_ratios(self) -> list[float]:
         """``width / height`` of every image, from the annotation file (no image is read)."""
