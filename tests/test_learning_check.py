@@ -83,7 +83,7 @@ def test_more_skipped_steps_than_the_configured_fraction_stop_the_run(train_cfg,
 
 
 def test_the_skipped_fraction_is_checked_before_any_data(train_cfg):
-    with pytest.raises(ConfigError, match=r"learning_check.max_skipped_fraction must be a number in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"learning_check.max_skipped_fraction must be a finite number in \[0, 1\]"):
         train(train_cfg("learning_check.max_skipped_fraction=1.5", "data.root=/nowhere"))
     with pytest.raises(ConfigError, match="learning_check: .*its key is max_skipped_fraction"):
         train(train_cfg("+learning_check.max_skiped_fraction=0.2", "data.root=/nowhere"))

@@ -19,8 +19,9 @@ from conftest import TINY, compose_config, train_tiny_checkpoint
 from sapd import export as sapd_export
 from sapd.data import DataError
 from sapd.data.datamodule import COCODataModule
+from sapd.errors import UserError
 from sapd.evaluate import evaluate
-from sapd.export import ExportedModel, ExportError, example_inputs, match_detections, parity_ok
+from sapd.export import ExportedModel, example_inputs, match_detections, parity_ok
 from sapd.paths import initialize_configs
 from sapd.utils import format_coco_table
 
@@ -65,7 +66,7 @@ def test_export_takes_score_thresh_and_its_check_compares_detections(weak, tmp_p
 
 
 def test_export_refuses_a_score_thresh_outside_0_1(tmp_path):
-    with pytest.raises(ExportError, match=r"score_thresh must be a number in \[0, 1\)"):
+    with pytest.raises(UserError, match=r"score_thresh must be a finite number in \[0, 1\)"):
         sapd_export.export(export_config(f"ckpt_path={tmp_path / 'x.ckpt'}", "score_thresh=1.5"))
 
 

@@ -203,6 +203,7 @@ SETTINGS: dict[str, Rule] = {
     "report.score_thresh": PROB,
     "report.num_images": integer(0),
     "report.class_table": flag(),
+    "learning_check.max_skipped_fraction": number(0, 1),
     "ablation.soft_weight": flag(),
     "ablation.soft_select": flag(),
     # --- data (conf/data/*.yaml)
