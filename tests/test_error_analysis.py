@@ -38,7 +38,12 @@ def test_tide_attributes_a_duplicate_a_mislocalised_box_and_a_wrong_class():
     analysis = ea.analyse(GT, RESULTS)
     counts = {(r["size"], r["error"]): r["count"] for r in analysis.errors}
     assert {e: counts[("all", e)] for e in ea.ERROR_TYPES} == {
-        "Cls": 1, "Loc": 1, "Both": 0, "Dupe": 1, "Bkg": 0, "Miss": 0
+        "Cls": 1,
+        "Loc": 1,
+        "Both": 0,
+        "Dupe": 1,
+        "Bkg": 0,
+        "Miss": 0,
     }
     # B is the only large object: its mislocalised box counts there, not among the medium ones
     assert counts[("large", "Loc")] == 1 and counts[("medium", "Loc")] == 0

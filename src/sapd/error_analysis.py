@@ -118,8 +118,10 @@ def coco_from_states(
     num_images = len(states.get("groundtruth_box", ()))
 
     def cat(name: str, width: int | None = None) -> np.ndarray:
-        parts = [np.asarray(v, dtype=np.float64).reshape(-1, width) if width else np.asarray(v).reshape(-1)
-                 for v in _numpy(states.get(name, ()))]
+        parts = [
+            np.asarray(v, dtype=np.float64).reshape(-1, width) if width else np.asarray(v).reshape(-1)
+            for v in _numpy(states.get(name, ()))
+        ]
         if parts:
             return np.concatenate(parts)
         return np.zeros((0, width) if width else (0,))
@@ -146,9 +148,7 @@ def coco_from_states(
     gt_image = image_index("groundtruth_box")
     annotations = [
         {"id": i + 1, "image_id": int(img), "category_id": int(c), "bbox": box, "area": float(a), "iscrowd": int(cr)}
-        for i, (img, c, box, a, cr) in enumerate(
-            zip(gt_image, cat_ids[gt_labels], gt_boxes.tolist(), area, crowd)
-        )
+        for i, (img, c, box, a, cr) in enumerate(zip(gt_image, cat_ids[gt_labels], gt_boxes.tolist(), area, crowd))
     ]
     gt = {
         "images": [{"id": i} for i in range(1, num_images + 1)],
@@ -276,8 +276,11 @@ def bootstrap_compare(
         ev.accumulate()
     out = hotcoco.compare(ev_a, ev_b, n_bootstrap=n_bootstrap, seed=seed, confidence=confidence)
     return {
-        key: {"delta": float(out["deltas"][key]), "lower": float(out["ci"][key]["lower"]),
-              "upper": float(out["ci"][key]["upper"])}
+        key: {
+            "delta": float(out["deltas"][key]),
+            "lower": float(out["ci"][key]["lower"]),
+            "upper": float(out["ci"][key]["upper"]),
+        }
         for key in ("AP", "AP50", "AP75", "APs", "APm", "APl")
     }
 
@@ -348,8 +351,13 @@ def plot_errors(analysis: ErrorAnalysis, path: Path, title: str) -> Path:
     for i, size in enumerate(SIZES):
         delta = analysis.delta_ap(size)
         values = 100 * np.array([delta.get(e, math.nan) for e in ERROR_TYPES])
-        ax.bar(x + (i - (len(SIZES) - 1) / 2) * width, values, width, color=colours[i % len(colours)],
-               label=f"{size} (AP50 {100 * base.get(size, math.nan):.1f})")
+        ax.bar(
+            x + (i - (len(SIZES) - 1) / 2) * width,
+            values,
+            width,
+            color=colours[i % len(colours)],
+            label=f"{size} (AP50 {100 * base.get(size, math.nan):.1f})",
+        )
         if size == "all":
             for xi, v in zip(x, values):
                 ax.text(xi + (i - (len(SIZES) - 1) / 2) * width, v, f"{v:.1f}", ha="center", va="bottom", fontsize=7)
@@ -381,8 +389,15 @@ def plot_confusion(analysis: ErrorAnalysis, path: Path, title: str) -> Path:
     if n <= ANNOTATED_MAX_CLASSES + 1:
         rows, cols = np.nonzero(counts)
         for r, c in zip(rows, cols):
-            ax.text(c, r, str(int(counts[r, c])), ha="center", va="center", fontsize=7,
-                    color="white" if share[r, c] > 0.5 else "black")
+            ax.text(
+                c,
+                r,
+                str(int(counts[r, c])),
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if share[r, c] > 0.5 else "black",
+            )
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     thresh = f", score >= {analysis.score_thresh:.2f}" if analysis.score_thresh is not None else ""
