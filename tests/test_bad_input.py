@@ -291,3 +291,6 @@ def test_training_run_summary_holds_the_data_counts(tmp_path):
     assert 0 <= instances["without_anchor_point"] <= instances["instances"]
     assert summary["phase_switch_epoch"] == 0  # half of 1 epoch
     assert summary["device"] == {"type": "cpu"}  # trainer=cpu; on CUDA also the GPU's name and peak memory
+    # what sapd.report pairs and pools runs by: the data (its root and generator) and the commit
+    assert summary["data"]["root"] == str(root) and summary["data"]["synthetic"] == synthetic
+    assert summary["commit"] is None or set(summary["commit"]) == {"sha", "dirty"}

@@ -323,6 +323,7 @@ SETTINGS: dict[str, Rule] = {
     # --- the tools (conf/analysis.yaml, report.yaml, synthetic.yaml)
     "batches": integer(1),
     "decide": flag(),
+    "same_commit": flag(),
     "workers": integer(1, null="up to 2"),
 }
 

@@ -194,6 +194,7 @@ class SAPDLitModule(L.LightningModule):
         self.val_map_best = MaxMetric()
         self.last_coco_table: dict[str, float] = {}  # COCO numbers of the latest evaluation (val or test)
         self.last_coco_step: int | None = None  # global step of the latest validation with a table
+        self.last_eval_states: dict[str, list[Tensor]] | None = None  # its per-image boxes (torchmetrics' states)
         self.last_class_metrics: ClassMetrics | None = None  # per-class AP and PR curves of that evaluation
         self.wandb_run_id: str | None = None  # stored in checkpoints, so a resumed run continues its dashboard
         # training instances seen in this process, and those that own no anchor point on any level
@@ -463,6 +464,8 @@ class SAPDLitModule(L.LightningModule):
             metric.reset()
             return {}, None
         num_gt = self._count_ground_truth(metric)
+        # the evaluated ground truth and detections, for the report's error analysis (sapd.run_report)
+        self.last_eval_states = {name: list(getattr(metric, name)) for name in BOX_STATES}
         values = metric.compute()
         metric.reset()
         table = {key: float(values[key]) for key in COCO_KEYS}
