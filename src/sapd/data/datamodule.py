@@ -51,7 +51,9 @@ def format_counts(split: str, ann_file: str | Path, stats: Mapping[str, int]) ->
         f"{s['annotations']} annotations: {s['boxes']} training boxes, {s['crowd']} crowd, "
         f"{s['degenerate_boxes']} degenerate dropped ({s['zero_size_boxes']} with w or h <= 0, also not evaluated; "
         f"{s['outside_boxes']} outside the image; {s['tiny_boxes']} under min_box_size after clipping), "
-        f"{s['unknown_category']} of an unknown category id skipped"
+        f"{s['non_finite_boxes']} with NaN or infinite values dropped, "
+        f"{s['unknown_category']} of an unknown category id skipped, "
+        f"{s['unknown_image']} of an unknown image id skipped"
     )
 
 
@@ -126,6 +128,8 @@ class COCODataModule(L.LightningDataModule):
             reason}); the first few are logged one by one, each epoch's total at its end (or at
             teardown), and :meth:`data_counts` reports them. (Recorded by ``on_before_batch_transfer``,
             so with a Trainer that was given this data module; per process under DDP.)
+        allow_outside_root: read images whose ``file_name`` is absolute or leads (``..``) out of the
+            image folder and ``root`` (False: such a file name is refused in one line).
         limit_val_images: evaluate on the first n val images only (None: all).
         seed: seeds the training shuffle (None: Lightning's / torch's global seed decides).
     """
@@ -156,6 +160,7 @@ class COCODataModule(L.LightningDataModule):
         aspect_ratio_groups: int = 2,
         drop_empty: bool = False,
         skip_bad_images: bool = False,
+        allow_outside_root: bool = False,
         limit_val_images: int | None = None,
         seed: int | None = None,
     ) -> None:
@@ -182,6 +187,7 @@ class COCODataModule(L.LightningDataModule):
         self.flip_prob, self.size_divisor = float(flip_prob), int(size_divisor)
         self.aspect_ratio_groups = int(aspect_ratio_groups)
         self.drop_empty, self.skip_bad_images = bool(drop_empty), bool(skip_bad_images)
+        self.allow_outside_root = bool(allow_outside_root)
         self.limit_val_images = None if limit_val_images is None else int(limit_val_images)
         self.seed = seed
         self._train_seed: int | None = None  # the seed in use (see train_seed)
@@ -240,7 +246,15 @@ class COCODataModule(L.LightningDataModule):
         if not train:
             min_size, max_size = eval_size(min_size, max_size, self.val_min_size, self.val_max_size)
         tf = build_transforms(train=train, min_size=min_size, max_size=max_size, flip_prob=self.flip_prob)
-        return COCODetection(ann, images, transforms=tf, skip_bad_images=self.skip_bad_images, **kw)
+        return COCODetection(
+            ann,
+            images,
+            transforms=tf,
+            skip_bad_images=self.skip_bad_images,
+            root=self.root,
+            allow_outside_root=self.allow_outside_root,
+            **kw,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Builds the data sets of ``stage`` (once each), logging one line of counts per split
@@ -256,7 +270,8 @@ class COCODataModule(L.LightningDataModule):
                     f"{train.ann_file}: no training box left after filtering: {s['annotations']} annotations of "
                     f"{s['images'] + s['dropped_empty']} images = {s['crowd']} crowd + {s['degenerate_boxes']} "
                     f"degenerate ({s['zero_size_boxes']} with w or h <= 0, {s['outside_boxes']} outside the image, "
-                    f"{s['tiny_boxes']} under min_box_size) + {s['unknown_category']} of an unknown category id; "
+                    f"{s['tiny_boxes']} under min_box_size) + {s['non_finite_boxes']} with NaN or infinite values + "
+                    f"{s['unknown_category']} of an unknown category id (and {s['unknown_image']} of no image); "
                     "fix the annotation file (a COCO bbox is [x, y, width, height] in pixels)"
                 )
             self.train_dataset = train
@@ -290,7 +305,7 @@ class COCODataModule(L.LightningDataModule):
     def _log_counts(split: str, dataset: COCODetection) -> None:
         """One line per split when its data set is built: a warning when boxes or annotations were dropped."""
         s = dataset.stats
-        dropped = s["degenerate_boxes"] or s["unknown_category"]
+        dropped = s["degenerate_boxes"] or s["unknown_category"] or s["non_finite_boxes"] or s["unknown_image"]
         line = format_counts(split, dataset.ann_file, s)
         if s["unknown_category"]:
             line += f" (ids {sorted(map(str, dataset.unknown_category_ids))[:10]})"
