@@ -528,3 +528,49 @@ def test_parsed_records_keep_what_training_and_evaluation_need_and_no_segmentati
     assert ds.aspect_ratios[0] == pytest.approx(64 / 48)
     crowd = ds.coco.loadAnns([4])[0]  # asked for: the file as written, segmentation included
     assert crowd["segmentation"] == CROWD_RLE and ds._coco is not None
+
+
+def test_data_module_passes_the_data_root_and_allow_outside_root(tmp_path):
+    from sapd.data.datamodule import COCODataModule
+
+    root = tmp_path / "set"
+    ann_file, img_dir = _write_quirky_set(root)
+    (img_dir / "gray.png").rename(root / "gray.png")  # beside the image folder, inside data.root
+    Image.new("RGB", (40, 30)).save(tmp_path / "far.png")  # outside data.root
+    _edit(ann_file, lambda ds: ds["images"][1].update(file_name="../gray.png"))
+    _edit(ann_file, lambda ds: ds["images"][2].update(file_name="../../far.png"))
+    kw = {"train_ann": "instances.json", "train_images": "images", "num_workers": 0}
+    with pytest.raises(DataError) as e:
+        COCODataModule(root, **kw, val_ann="instances.json", val_images="images").setup("validate")
+    _one_line(e, "image id 13 has file_name '../../far.png'", "data.allow_outside_root=true")
+    dm = COCODataModule(root, **kw, val_ann="instances.json", val_images="images", allow_outside_root=True)
+    dm.setup("validate")
+    assert [dm.val_dataset[i][1]["image_id"] for i in (1, 2)] == [12, 13]  # both read
+
+
+def test_categories_read_before_the_data_sets_are_checked(tmp_path):
+    from sapd.data.datamodule import COCODataModule
+
+    ann_file, _ = _write_quirky_set(tmp_path)
+    _edit(ann_file, lambda ds: ds["categories"][1].update(id=9))
+    dm = COCODataModule(tmp_path, val_ann="instances.json", val_images="images", num_workers=0)
+    with pytest.raises(DataError) as e:
+        dm.label_to_cat_id  # noqa: B018 -- read before setup (the model is built from it)
+    _one_line(e, "category id 9 is given to 2 categories")
+
+
+def test_loader_workers_fork_from_a_frozen_heap(tmp_path):
+    """A worker's garbage collection does not copy the main process's pages: they are frozen before the fork."""
+    import gc
+
+    from sapd.data.datamodule import COCODataModule
+
+    _write_quirky_set(tmp_path)
+    dm = COCODataModule(tmp_path, val_ann="instances.json", val_images="images", num_workers=1)
+    dm.setup("validate")
+    gc.unfreeze()
+    try:
+        dm.val_dataloader()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -2,7 +2,8 @@
 
 Conventions: boxes are ``x1, y1, x2, y2`` in pixels; COCO's json stores ``x, y, w, h``.
 M = training boxes of one image, C = its crowd boxes, G = its evaluation ground truth (what COCOeval
-sees: every annotation of a known category except non-crowd ones with w <= 0 or h <= 0).
+sees: every annotation of a known category with finite numbers, except non-crowd ones with w <= 0
+or h <= 0 or wholly outside the image).
 """
 
 from __future__ import annotations

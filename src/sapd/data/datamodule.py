@@ -10,7 +10,7 @@ COCO layout under ``root`` (the default file names; each may be overridden)::
 from __future__ import annotations
 
 import copy
-import json
+import gc
 import logging
 import math
 import os
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
-from sapd.data import COCO_HOWTO, DataError
-from sapd.data.coco import COCODetection
+from sapd.data import DataError
+from sapd.data.coco import COCODetection, read_annotations
 from sapd.data.samplers import (
     AspectRatioBatchSampler,
     EpochRandomSampler,
@@ -212,14 +212,7 @@ class COCODataModule(L.LightningDataModule):
         """Categories of the val file (smaller than train's), without building the data sets."""
         if self._categories is None:
             self.prepare_data()
-            ann = self.paths("val")[0]
-            if not ann.is_file():
-                raise DataError(f"annotation file not found: {ann} -- {COCO_HOWTO}")
-            try:
-                with open(ann) as f:
-                    cats = json.load(f).get("categories") or []
-            except (OSError, ValueError) as e:
-                raise DataError(f"cannot read annotation file {ann}: {e}") from None
+            cats = read_annotations(self.paths("val")[0], segmentations=False)["categories"]  # checked
             self._categories = sorted(cats, key=lambda c: c["id"])
         return self._categories
 
@@ -474,6 +467,12 @@ class COCODataModule(L.LightningDataModule):
             batching = {"batch_sampler": AspectRatioBatchSampler(SequentialSampler(dataset), batch_size, False, groups)}
         else:
             batching = {"batch_size": batch_size, "shuffle": False, "drop_last": False}
+        if self.num_workers > 0:
+            # the workers are forked and share this process's pages until they write to them; a garbage
+            # collection in a worker writes into the header of every object it tracks, and so copies each
+            # page holding one: objects frozen here are out of its reach (Python's gc.freeze docs)
+            gc.collect()
+            gc.freeze()
         return RecordingDataLoader(
             dataset,
             split=name,
