@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format bench bench-data bench-assign bench-export bench-train bench-memory gpu-check clean
+.PHONY: help install train test test-fast lint format bench bench-data bench-assign bench-export bench-train bench-memory rehearse gpu-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -60,8 +60,11 @@ bench-memory: $(STAMP) ## Host memory of the COCO loader on a drawn COCO-sized f
 bench-export: $(STAMP) ## Latency of the exported model: PyTorch vs TorchScript vs ONNX Runtime (writes benchmarks/results_export.*)
 	$(PY) -m benchmarks suite=export $(ARGS)
 
-gpu-check: $(STAMP) ## On a CUDA machine: tests there, bench device=cuda, a short R-50 800-px AMP run (benchmarks/gpu/; ARGS=tests|bench|train)
-	PY=$(PY) bash benchmarks/gpu_check.sh $(ARGS)
+rehearse: $(STAMP) ## experiment=r50 shrunk, 2 CPU processes, a drawn COCO-quirk set, killed and resumed (docs/rehearsal.md; ARGS=form=short)
+	$(PY) -m benchmarks suite=rehearse $(ARGS)
+
+gpu-check: $(STAMP) ## On a CUDA machine, ~10 min: test_cuda.py, 2-GPU DDP, short bench and R-50 AMP run (benchmarks/gpu/; ARGS="cuda ddp bench train suite")
+	@PY=$(PY) bash benchmarks/gpu_check.sh $(ARGS)
 
 clean: ## Remove caches, outputs and logs (keeps .venv and the data cache)
 	rm -rf .pytest_cache .ruff_cache outputs multirun logs wandb

@@ -6,8 +6,10 @@ Runs :class:`sapd.Detector` over the validation images of the checkpoint's own d
 synthetic set is drawn into ``data_dir`` if it is not cached there) and counts, for every threshold,
 the detections kept (score >= threshold), the true positives (same category, IoU >= ``iou`` with a
 ground-truth box not matched by a higher-scoring detection: greedy in score order, as COCO matches)
-and the ground-truth boxes found. A detection that matches no box but lies mostly inside a crowd
-region of its category (intersection / its area >= ``iou``) is ignored, as COCOeval ignores it.
+and the ground-truth boxes found. The ground truth is the data set's evaluation ground truth
+(:meth:`sapd.data.coco.COCODetection.ground_truth`): boxes evaluation drops (no width or height)
+are not counted. A detection that matches no box but lies mostly inside a crowd region of its
+category (intersection / its area >= ``iou``) is ignored, as COCOeval ignores it.
 Because matching runs in score order, a detection's outcome does not depend on the detections below
 it, so one matching at the lowest threshold gives every threshold's counts. Prints one markdown
 table and the threshold with the highest F1 = 2PR / (P + R).
@@ -128,13 +130,11 @@ def measure(cfg: Config) -> tuple[list[dict], int]:
     num_gt = 0
     all_scores, all_tp, all_ignored = [], [], []
     for index, result in det.stream(paths, batch_size=cfg.batch_size):
-        anns = coco.loadAnns(coco.getAnnIds(imgIds=ids[index]))
-        xywh = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        gt = torch.cat([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], dim=1)
-        gt_cats = torch.tensor([a["category_id"] for a in anns], dtype=torch.long)
-        crowd = torch.tensor([bool(a.get("iscrowd", 0)) for a in anns], dtype=torch.bool)
+        # the ground truth evaluation scores (degenerate boxes it drops are not counted), by contiguous label
+        truth = {k: torch.from_numpy(v) for k, v in ds.ground_truth(ids[index]).items()}
+        crowd = truth["iscrowd"].bool()
         num_gt += int((~crowd).sum())
-        tp, ignored = match_in_score_order(result.boxes, result.category_ids, gt, gt_cats, crowd, cfg.iou)
+        tp, ignored = match_in_score_order(result.boxes, result.labels, truth["boxes"], truth["labels"], crowd, cfg.iou)
         all_scores.append(result.scores)
         all_tp.append(tp)
         all_ignored.append(ignored)

@@ -20,6 +20,7 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or min(2, os.c
 from sapd.paths import initialize_configs  # noqa: E402
 
 # A tiny but complete run: small synthetic set, small images, a slim network, CPU, no logger.
+# The selection net keeps the model's width: some experiments have none (model.selection=null) to shrink.
 TINY = [
     "data.synthetic.num_train=16",
     "data.synthetic.num_val=8",
@@ -39,7 +40,6 @@ TINY = [
     "model.head.feat_channels=16",
     "model.head.num_convs=1",
     "model.head.norm=gn",
-    "model.selection.channels=16",
     "logger=none",
     "trainer=cpu",
     "trainer.precision=32-true",

@@ -12,7 +12,7 @@ from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
 from conftest import TINY, compose_config
-from sapd.analysis import SIZE_NAMES, main, size_bin, weight_statistics
+from sapd.analysis import SIZE_NAMES, default_out, main, size_bin, weight_statistics
 from sapd.checkpoint import load_module
 from sapd.paths import initialize_configs
 from sapd.train import train
@@ -106,3 +106,13 @@ def test_pictures_are_written(checkpoint, tmp_path, caplog):
         with Image.open(p) as im:
             assert im.width > 400 and im.height > 300
             assert len(set(im.convert("L").getdata())) > 20  # a drawing, not a blank canvas
+
+
+@pytest.mark.slow
+def test_without_out_the_pictures_go_to_the_checkpoints_run_folder(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not into the working folder's docs/figures
+    main(analysis_config(f"ckpt_path={checkpoint}", "batches=1"))
+    run = checkpoint.parent.parent
+    assert (run / "analysis" / "weight_share_by_size.md").is_file()
+    assert not (tmp_path / "docs").exists()
+    assert default_out(tmp_path / "model.ckpt") == tmp_path / "analysis"  # a checkpoint outside a run folder

@@ -13,8 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import train_tiny_checkpoint
+from conftest import compose_config, train_tiny_checkpoint
 from sapd import Detections, Detector
+from sapd.api import SCORE_THRESH
 from sapd.data import DataError
 from sapd.data.transforms import collate, preprocess_image
 
@@ -146,7 +147,7 @@ def test_batches_hold_images_of_one_padded_size(det, trained, monkeypatch):
 
 
 @pytest.mark.slow
-def test_score_thresh_filters_and_defaults_to_the_models(trained, det):
+def test_score_thresh_filters_and_defaults_to_predicts(trained, det, tmp_path):
     path = trained[1][2]
     everything = det(path)
     assert len(everything) == 100  # threshold 0: max_detections of the model
@@ -154,9 +155,13 @@ def test_score_thresh_filters_and_defaults_to_the_models(trained, det):
     kept = det(path, score_thresh=cut)
     assert 0 < len(kept) < len(everything) and (kept.scores >= cut).all()
     assert torch.equal(kept.boxes, everything.boxes[: len(kept)])
+    # one default for the API and predict, declared once (sapd.api.SCORE_THRESH, read by conf/predict.yaml)
     default = Detector.from_checkpoint(trained[0], device="cpu")
-    assert default.score_thresh == default.net.postprocessor.score_thresh == 0.05
-    assert all((r.scores >= 0.05).all() for r in default(trained[1][:2]))
+    predict_cfg = compose_config("predict", ["ckpt_path=x", "input=y"], tmp_path)
+    assert default.score_thresh == predict_cfg.score_thresh == SCORE_THRESH == 0.4
+    assert all((r.scores >= 0.4).all() for r in default(trained[1][:2]))
+    everything_it_returns = Detector.from_checkpoint(trained[0], device="cpu", score_thresh=None)
+    assert everything_it_returns.score_thresh == everything_it_returns.net.postprocessor.score_thresh == 0.05
     assert Detector(det.net, min_size=128, max_size=None, device="cpu", score_thresh=0.3).score_thresh == 0.3
     with pytest.raises(ValueError, match=r"score_thresh must be in \[0, 1\]; got 1.5"):
         det(path, score_thresh=1.5)

@@ -525,6 +525,8 @@ def test_parsed_records_keep_what_training_and_evaluation_need_and_no_segmentati
     assert t["boxes"].tolist() == [[4, 4, 24, 14], [50, 30, 64, 48]] and t["labels"].tolist() == [1, 1]
     assert t["eval_iscrowd"].tolist() == [False, False, False, True] and t["eval_area"].tolist() == [200, 900, 4, 100]
     assert [ds.file_name(i) for i in range(len(ds))][:2] == ["rgb.jpg", "gray.png"]
+    truth = ds.ground_truth(11)
+    assert torch.equal(torch.from_numpy(truth["boxes"]), t["eval_boxes"]) and truth["iscrowd"].tolist()[-1]
     assert ds.aspect_ratios[0] == pytest.approx(64 / 48)
     crowd = ds.coco.loadAnns([4])[0]  # asked for: the file as written, segmentation included
     assert crowd["segmentation"] == CROWD_RLE and ds._coco is not None

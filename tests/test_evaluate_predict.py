@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,8 @@ from sapd.evaluate import evaluate
 from sapd.module import SAPDLitModule
 from sapd.predict import PredictError, output_paths, predict
 from sapd.predict import main as predict_main
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 @pytest.fixture(scope="module")
@@ -71,10 +76,14 @@ def test_evaluate_writes_the_report(trained, tmp_path, capsys):
     with_gt = [float(r["AP"]) for r in rows if r["AP"] != ""]
     assert len(with_gt) == sum(int(r["num_gt"]) > 0 for r in rows)
     assert sum(with_gt) / len(with_gt) == pytest.approx(table["map"], abs=1e-5)  # the csv rounds to 1e-6
-    assert "Per-class AP" in capsys.readouterr().out
+    assert "Per-class AP" not in capsys.readouterr().out  # printed on request only (report.class_table)
     off = compose_config("eval", [f"ckpt_path={ckpt}", "trainer=cpu", "report.enabled=false"], tmp_path / "off")
     evaluate(off)
     assert not (tmp_path / "off" / "report").exists()
+    overrides = [f"ckpt_path={ckpt}", "trainer=cpu", "report.num_images=0", "report.class_table=true"]
+    evaluate(compose_config("eval", overrides, tmp_path / "table"))
+    printed = capsys.readouterr().out
+    assert "Per-class AP" in printed and all(name in printed for name in datamodule.class_names)
 
 
 def test_evaluate_missing_checkpoint_is_one_clear_error(tmp_path):
@@ -342,3 +351,24 @@ def test_evaluate_takes_the_checkpoints_data_unless_a_data_config_is_chosen(trai
     )
     evaluate(cfg)
     assert len({d["image_id"] for d in json.loads(results.read_text())}) == 3
+
+
+@pytest.mark.slow
+def test_evaluate_takes_data_keys_without_a_data_config(trained, tmp_path):
+    """``python -m sapd.evaluate ckpt_path=... data.KEY=VALUE`` changes the checkpoint's data config;
+    a key it does not have is one line, exit status 2."""
+    ckpt, _ = trained
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    results = tmp_path / "results.json"
+    common = [sys.executable, "-m", "sapd.evaluate", f"ckpt_path={ckpt}", "trainer=cpu", "report.enabled=false"]
+    argv = [*common, f"results_file={results}", "score_thresh=0.0", "data.limit_val_images=2"]
+    done = subprocess.run([*argv, f"hydra.run.dir={tmp_path / 'a'}"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert len({d["image_id"] for d in json.loads(results.read_text())}) == 2
+    wrong = subprocess.run(
+        [*common, "data.val_anns=x.json", f"hydra.run.dir={tmp_path / 'b'}"], env=env, capture_output=True, text=True
+    )
+    text = wrong.stdout + wrong.stderr
+    lines = [ln for ln in text.splitlines() if "sapd.evaluate:" in ln]
+    assert wrong.returncode == 2 and len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    assert "data.val_anns is not a key of the checkpoint's data config" in lines[0]

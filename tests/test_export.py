@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -265,3 +266,30 @@ def test_export_benchmark_quick_run(tmp_path, capsys):
     assert saved["models"]["tiny"]["ms_per_image"] == pytest.approx(tiny["ms_per_image"])
     table = out.with_suffix(".md").read_text()
     assert "| tiny | 128x192 (128x192) | onnxruntime |" in table and table in capsys.readouterr().out
+
+
+PLAIN_LOAD = """
+import sys, torch
+{imports}
+model = torch.jit.load(sys.argv[1])
+boxes, scores, labels, count = model(torch.randn(1, 3, 128, 192), torch.tensor([[120, 190]]))
+assert boxes.shape[0] == 1 and "sapd" not in sys.modules
+print("ran", int(count[0]))
+"""
+
+
+@pytest.mark.slow
+def test_torchscript_loads_in_a_process_without_sapd_after_import_torchvision(exported):
+    """What the README tells a deployment: ``import torch, torchvision`` then ``torch.jit.load``."""
+    _, _, files, _ = exported
+    path = str(files["torchscript"])
+    loaded = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD.format(imports="import torchvision"), path], capture_output=True, text=True
+    )
+    assert loaded.returncode == 0 and loaded.stdout.startswith("ran "), loaded.stderr[-2000:]
+    without = subprocess.run(
+        [sys.executable, "-c", PLAIN_LOAD.format(imports=""), path], capture_output=True, text=True
+    )
+    assert without.returncode != 0 and "torchvision::nms" in without.stderr  # why the README names the import
+    readme = (ROOT / "README.md").read_text()
+    assert "`import torch, torchvision` then `torch.jit.load(path)`" in readme

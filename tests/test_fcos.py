@@ -83,3 +83,17 @@ def test_fpn_width_must_suit_torchvisions_group_norm():
         FCOSDetector(
             num_classes=2, backbone=backbone, neck=FPN(in_channels=list(backbone.out_channels), out_channels=48)
         )
+
+
+def test_postprocess_never_returns_a_box_without_area():
+    """An image much smaller than its padded batch: boxes of points over the padding are clipped to
+    nothing and dropped (torchvision's post-processing keeps them)."""
+    from sapd.models.postprocess import PostProcess
+
+    torch.manual_seed(0)
+    net = small_fcos(postprocess=PostProcess(score_thresh=0.0, pre_nms_topk=1000, max_detections=1000)).eval()
+    with torch.no_grad():
+        out = net(torch.randn(1, 3, 256, 256))
+    (det,) = net.postprocess(out, [(24, 24)])
+    boxes = det["boxes"]
+    assert len(boxes) > 0 and ((boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])).all()

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,8 @@ from sapd.callbacks import SelectionHistogram
 from sapd.loggers import WANDB_ID_FILE, make_wandb_logger, resolve_wandb_mode, resume_wandb_config, stored_wandb_id
 from sapd.logs import RankZeroFilter, configure_logging
 from sapd.train import train
+
+SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 def test_wandb_mode_auto(monkeypatch, tmp_path):
@@ -148,3 +153,21 @@ def test_messages_come_from_rank_zero_and_library_chatter_is_quiet(monkeypatch):
     # Lightning's tips and accelerator inventory are INFO records of this logger: not shown
     assert not logging.getLogger("lightning.pytorch.utilities.rank_zero").isEnabledFor(logging.INFO)
     assert all(any(isinstance(f, RankZeroFilter) for f in h.filters) for h in logging.getLogger().handlers)
+
+
+@pytest.mark.slow
+def test_offline_wandb_prints_nothing_unless_verbose(tmp_path):
+    """One process per run: wandb keeps some console state per process."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SILENT"}
+    env.update(WANDB_MODE="offline", PYTHONPATH=os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")]))
+    common = [*TINY, "logger=wandb", "trainer.max_epochs=1", "trainer.limit_train_batches=1"]
+    common += ["trainer.limit_val_batches=1", "validate_best=false", "report.enabled=false"]
+    counts = {}
+    for verbose in (False, True):
+        out = tmp_path / str(verbose)
+        argv = [sys.executable, "-m", "sapd.train", *common, f"logger.wandb.verbose={verbose}", f"hydra.run.dir={out}"]
+        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        counts[verbose] = sum(ln.lstrip().startswith("wandb:") for ln in (done.stdout + done.stderr).splitlines())
+        assert list((out / "wandb").glob("offline-run-*"))  # the run is recorded either way
+    assert counts[False] == 0 and counts[True] > 0, counts

@@ -10,7 +10,7 @@ from torch import nn
 from torchvision.ops import FrozenBatchNorm2d, box_iou
 
 from sapd.models import FPN, SAPD, FeatureSelectionNet, PostProcess, SAPDCriterion, SAPDHead, TimmBackbone
-from sapd.models.backbone import DeformConv3x3
+from sapd.models.backbone import DeformConv3x3, WeightsError
 from sapd.models.head import group_norm
 from sapd.models.neck import NonLocal2d
 from sapd.models.postprocess import postprocess_detections
@@ -107,7 +107,7 @@ def test_pretrained_unreachable_gives_clear_error(monkeypatch):
         monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", True)
     except (ImportError, AttributeError):
         pass
-    with pytest.raises(RuntimeError, match=r"model\.backbone\.checkpoint_path=/path/to/weights or pretrained=false"):
+    with pytest.raises(WeightsError, match=r"model\.backbone\.checkpoint_path=/path/to/weights .*pretrained=false"):
         TimmBackbone(name="resnet10t", pretrained=True)
 
 
@@ -125,7 +125,7 @@ def test_local_checkpoint(tmp_path, suffix):
     bb = TimmBackbone(name="resnet10t", checkpoint_path=path, frozen_stages=-1, norm_eval=False)
     assert torch.equal(bb.body.layer3[0].conv2.weight, ref.layer3[0].conv2.weight)
     assert torch.equal(bb.body.layer4[0].bn1.running_var, ref.layer4[0].bn1.running_var)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(WeightsError, match="missing.pth is not a file"):
         TimmBackbone(name="resnet10t", checkpoint_path=tmp_path / "missing.pth")
 
 

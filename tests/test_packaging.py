@@ -14,6 +14,7 @@ import pytest
 from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 
+from sapd.errors import ConfigError
 from sapd.paths import CONFIG_MODULE, config_path, initialize_configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,7 +112,7 @@ def test_sapd_config_dir_overrides(monkeypatch, tmp_path):
 
 def test_sapd_config_dir_must_be_a_folder(monkeypatch, tmp_path):
     monkeypatch.setenv("SAPD_CONFIG_DIR", str(tmp_path / "missing"))
-    with pytest.raises(FileNotFoundError, match="SAPD_CONFIG_DIR=.*missing is not a folder"):
+    with pytest.raises(ConfigError, match="SAPD_CONFIG_DIR=.*missing is not a folder"):
         config_path()
 
 

@@ -40,10 +40,10 @@ def _errors(caplog) -> list[str]:
     [
         ("model.criterion.topk=0", "model.criterion.topk must be an integer >= 1; got 0"),
         ("model.criterion.topk=9", "model.criterion.topk=9 exceeds the 5 pyramid levels: choose 1 to 5"),
-        ("model.criterion.eta=-1", "model.criterion.eta must be >= 0; got -1"),
-        ("model.criterion.epsilon=0", "model.criterion.epsilon must be in (0, 1]; got 0"),
-        ("model.criterion.epsilon=1.5", "model.criterion.epsilon must be in (0, 1]; got 1.5"),
-        ("model.postprocess.nms_thresh=0", "model.postprocess.nms_thresh must be in (0, 1]"),
+        ("model.criterion.eta=-1", "model.criterion.eta must be a finite number >= 0; got -1"),
+        ("model.criterion.epsilon=0", "model.criterion.epsilon must be a finite number in (0, 1]; got 0"),
+        ("model.criterion.epsilon=1.5", "model.criterion.epsilon must be a finite number in (0, 1]; got 1.5"),
+        ("model.postprocess.nms_thresh=0", "model.postprocess.nms_thresh must be a finite number in (0, 1]"),
         ("data.batch_size=0", "data.batch_size must be an integer >= 1; got 0"),
         ("data.val_batch_size=-2", "data.val_batch_size must be an integer >= 1"),
         ("data.num_workers=-1", "data.num_workers must be an integer >= 0"),
@@ -57,7 +57,10 @@ def test_config_is_checked_before_anything_is_built(tmp_path, override, message)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def test_the_default_and_every_experiment_pass_the_checks(tmp_path):
+def test_the_default_and_every_experiment_pass_the_checks(tmp_path, monkeypatch):
+    # as on a machine with 8 GPUs: the COCO experiments train on GPUs (trainer=gpu)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     for name in [None, *sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))]:
         check_run_config(compose_config("train", [f"experiment={name}"] if name else [], tmp_path))
 

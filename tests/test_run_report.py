@@ -153,7 +153,7 @@ def test_class_csv_and_console_table(tmp_path):
     assert float(read[0]["AP"]) == pytest.approx(float(per_class.ap[0]), abs=1e-6)
     table = run_report.format_class_table(rows, title="Per-class AP (%)")
     lines = table.splitlines()
-    assert len(lines) == 2 + NUM_CLASSES and "shape4" in lines[6] and lines[6].split()[2] == "-"
+    assert len(lines) == 2 + NUM_CLASSES and "shape4" in lines[6] and lines[6].split()[2] == "n/a"
 
 
 def hand_made_metrics_csv(path: Path, rows: list[dict]) -> Path:

@@ -1,5 +1,6 @@
 """Pictures that explain how SAPD's soft weights and level selection treat objects of each size:
-``python -m sapd.analysis ckpt_path=CKPT [out=DIR] [batches=N]`` (config ``conf/analysis.yaml``).
+``python -m sapd.analysis ckpt_path=CKPT [out=DIR] [batches=N]`` (config ``conf/analysis.yaml``);
+without ``out=`` the pictures go to the checkpoint's run folder, ``<run>/analysis/``.
 
 From a trained checkpoint and its own training / validation data, three PNG files:
 
@@ -23,17 +24,16 @@ import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import hydra
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
+from sapd.app import hydra_app
 from sapd.checkpoint import load_module
-from sapd.errors import UserError, refusals
+from sapd.errors import UserError, check_run_config
 from sapd.logs import configure_logging
 from sapd.models.criterion import SAPDCriterion
-from sapd.paths import CONFIG_PATH
 
 log = logging.getLogger(__name__)
 
@@ -306,14 +306,21 @@ def analyse(ckpt_path: str | Path, out_dir: str | Path, num_batches: int = 20) -
     return [p for p in paths if p.is_file()]
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="analysis")
-@refusals("sapd.analysis")
+def default_out(ckpt_path: str | Path) -> Path:
+    """``<run>/analysis``: the run folder of a checkpoint in ``<run>/checkpoints/``, else the checkpoint's folder."""
+    folder = Path(ckpt_path).parent
+    run = folder.parent if folder.name == "checkpoints" else folder
+    return run / "analysis"
+
+
+@hydra_app("sapd.analysis", "analysis")
 def main(cfg: DictConfig) -> None:
     """Writes the pictures and logs their paths; a bad checkpoint or data is one line on stderr, exit code 2."""
     configure_logging()
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise AnalysisError("give the checkpoint to analyse: python -m sapd.analysis ckpt_path=PATH")
-    paths = analyse(cfg.ckpt_path, cfg.out, int(cfg.batches))
+    check_run_config(cfg)
+    paths = analyse(cfg.ckpt_path, cfg.out or default_out(cfg.ckpt_path), int(cfg.batches))
     for path in paths:
         log.info("wrote %s", path)
 

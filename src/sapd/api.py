@@ -7,6 +7,7 @@
     det = Detector.from_checkpoint("logs/train/runs/<time>/checkpoints/last.ckpt", device="cpu")
     result = det("photo.jpg")                        # one image -> one Detections
     results = det(["a.jpg", pil_image, array], batch_size=8, score_thresh=0.2)  # a list -> a list
+    # score_thresh: SCORE_THRESH (0.4, as python -m sapd.predict) unless given; None: all the model returns
 
 Inputs, alone or in a list (a list may mix kinds):
 
@@ -47,6 +48,13 @@ from sapd.data.transforms import collate, eval_size, preprocess_image
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
+
+# The default score threshold of Detector and of ``python -m sapd.predict`` (conf/predict.yaml reads it as
+# ``${sapd.score_thresh:}``, as do the run reports' drawings): 0.4 maximised F1 of the kept boxes against the
+# ground truth (same class, IoU >= 0.5) on the 250 synthetic validation images for a default-budget +SW+SS
+# checkpoint (49.5 AP), 2026-11-25 (README, "Detect objects"; benchmarks/score_threshold.py). A model
+# trained only a few steps scores lower: give it score_thresh=0.05, or None for the model's own threshold.
+SCORE_THRESH = 0.4
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +262,8 @@ class Detector:
         class_names: name of each contiguous label (None: the label number as text).
         category_ids: data-set category id of each contiguous label (None: the label).
         device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` or a torch.device.
-        score_thresh: detections below it are dropped; None: the network's post-processing
-            threshold (``model.postprocess.score_thresh``, 0.05 by default), i.e. all it returns.
+        score_thresh: detections below it are dropped (:data:`SCORE_THRESH`, 0.4, by default); None: the
+            network's post-processing threshold (``model.postprocess.score_thresh``, 0.05), i.e. all it returns.
         channels_last: feed batches in channels-last memory format (as the run did).
     """
 
@@ -269,7 +277,7 @@ class Detector:
         class_names: Sequence[str] | None = None,
         category_ids: Sequence[int] | None = None,
         device: str | torch.device | None = "auto",
-        score_thresh: float | None = None,
+        score_thresh: float | None = SCORE_THRESH,
         channels_last: bool = False,
     ) -> None:
         self.device = resolve_device(device)
@@ -295,13 +303,14 @@ class Detector:
         path: str | Path,
         *,
         device: str | torch.device | None = "auto",
-        score_thresh: float | None = None,
+        score_thresh: float | None = SCORE_THRESH,
         min_size: int | None = None,
         max_size: int | None = None,
     ) -> Detector:
         """The detector of a sapd training checkpoint (its model and data config travel inside it).
 
-        Images are resized to the run's evaluation size unless ``min_size`` / ``max_size`` are given.
+        Images are resized to the run's evaluation size unless ``min_size`` / ``max_size`` are given;
+        ``score_thresh`` as in the class (None: the model's own threshold).
         Raises :class:`sapd.checkpoint.CheckpointError` naming the file when it cannot be loaded.
         """
         from sapd.checkpoint import load_module  # Lightning and Hydra: only when a checkpoint is read

@@ -17,6 +17,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from sapd.errors import ConfigError, UserError
 from sapd.module import SAPDLitModule
 from sapd.utils import config_to_dict
 
@@ -66,12 +67,39 @@ def migrate_model_config(model: Mapping[str, Any]) -> tuple[dict[str, Any], list
     return cfg, moved
 
 
+def _instantiate(node: Any, **kwargs: Any) -> Any:
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as exc:
+        # a constructor's own refusal (e.g. "model.criterion.topk must be ...") is the message to show,
+        # as the apps' one-line refusal (exit 2)
+        cause = exc.__cause__
+        if isinstance(cause, UserError):
+            raise cause from None
+        if isinstance(cause, ValueError):
+            raise ConfigError(str(cause)) from None
+        raise
+
+
+def build_backbone(cfg: DictConfig) -> Any:
+    """The backbone of ``cfg.model`` alone, its pretrained weights fetched or read now: the first
+    thing a training run builds, so that weights that cannot be had (no network, a file of another
+    model, a file that is not weights) are refused before any data set is read. Pass it on to
+    :func:`build_module` (``backbone=``), which then builds the rest around it; None for a model
+    config without a ``backbone`` node."""
+    node = cfg.model.get("backbone") if "model" in cfg else None
+    if node is None or "_target_" not in node:
+        return None
+    return _instantiate(node)
+
+
 def build_module(
     cfg: DictConfig,
     *,
     label_to_cat_id: Sequence[int],
     class_names: Sequence[str] | None = None,
     pretrained: bool = True,
+    backbone: Any = None,
 ) -> SAPDLitModule:
     """The detector of ``cfg.model`` wrapped with the optimiser of ``cfg.optim``.
 
@@ -81,25 +109,22 @@ def build_module(
         class_names: names of the labels (for drawings and per-class tables).
         pretrained: False builds the backbone without fetching pretrained weights (a checkpoint's
             state dict replaces them anyway).
+        backbone: the backbone :func:`build_backbone` built from this config (None: built here).
     """
     if not pretrained and "backbone" in cfg.model:
         cfg = copy.deepcopy(cfg)  # the caller's config stays as it was
         with open_dict(cfg):
             cfg.model.backbone.pretrained = False
             cfg.model.backbone.checkpoint_path = None
-    try:
-        net = instantiate(cfg.model, num_classes=len(label_to_cat_id))
-    except InstantiationException as exc:
-        # a constructor's own refusal (e.g. "model.criterion.topk must be ...") is the message to show
-        if isinstance(exc.__cause__, ValueError):
-            raise exc.__cause__ from None
-        raise
+    extra = {"backbone": backbone} if backbone is not None else {}
+    net = _instantiate(cfg.model, num_classes=len(label_to_cat_id), **extra)
     optim = cfg.get("optim") or {}
     optimizer = instantiate(optim["optimizer"]) if "optimizer" in optim else None
     module = SAPDLitModule(
         net=net,
         optimizer=optimizer,
-        scheduler=dict(optim.get("scheduler") or {}),
+        # plain Python: checkpoints hold it, and Lightning resumes them with torch.load(weights_only=True)
+        scheduler=OmegaConf.to_container(OmegaConf.create(dict(optim.get("scheduler") or {})), resolve=True),
         batch_size=int(cfg.data.get("batch_size", 1)),
         base_batch_size=int(optim.get("base_batch_size", 16)),
         no_decay_norm_bias=bool(optim.get("no_decay_norm_bias", False)),

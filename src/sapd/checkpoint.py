@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -13,6 +11,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
+from sapd.atomic import replacing
 from sapd.build import build_module, migrate_model_config
 from sapd.errors import UserError
 from sapd.module import SAPDLitModule
@@ -61,8 +60,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     Each save goes to a temporary file in the destination folder, is flushed and fsynced, then
     renamed over the destination (``os.replace``: atomic on one filesystem), and the folder entry is
-    fsynced. A process killed during a save leaves the previous ``last.ckpt`` intact (and at worst a
-    ``.<name>.tmp-<pid>`` file, removed by the next save of that process). Lightning's own save
+    fsynced (:func:`sapd.atomic.replacing`). A process killed during a save leaves the previous
+    ``last.ckpt`` intact and at worst a ``.<name>.tmp-<pid>`` file, which the next save of that name
+    removes once that process is gone (a resumed run cleans up after the killed one). Lightning's own save
     writes through fsspec, whose temporary file lives in the system temporary folder: when that is
     another filesystem (a tmpfs ``/tmp``), the final move is a copy and a kill during it leaves a
     truncated checkpoint. Remote URLs (``s3://``, ...) keep Lightning's save.
@@ -75,31 +75,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
         path = Path(str(path).removeprefix("file://"))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Makes a rename in ``folder`` durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        with contextlib.suppress(OSError):  # some filesystems cannot fsync a folder
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+        with replacing(path) as tmp, open(tmp, "wb") as f:
+            torch.save(checkpoint, f)
+            f.flush()
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -144,3 +122,69 @@ def load_module(path: str | Path) -> tuple[SAPDLitModule, DictConfig]:
         )
     module.eval()
     return module, run_cfg
+
+
+# Model settings that decide the weights a checkpoint holds, or which of them train: a resumed run
+# must keep them (the loss and post-processing settings may change).
+RESUME_MODEL_KEYS = (
+    "_target_",
+    "backbone.name",
+    "backbone.dcn",
+    "backbone.norm_eval",
+    "backbone.frozen_stages",
+    "neck.out_channels",
+    "neck.num_levels",
+    "neck.bfp",
+    "head.feat_channels",
+    "head.num_convs",
+    "head.norm",
+    "selection.roi_size",
+    "selection.channels",
+    "num_convs",
+)
+
+
+def _dotted(node: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def check_resume(cfg: DictConfig, path: str | Path, label_to_cat_id: list[int] | None = None) -> None:
+    """Refuses, in one line, to resume ``cfg`` from a checkpoint of another model (a key of
+    :data:`RESUME_MODEL_KEYS` differs) or, given the data's ``label_to_cat_id``, of other classes.
+
+    Reads only the checkpoint's settings (the file is memory-mapped, its tensors are not read), so
+    the model check runs before any data set is read and the class check before any model is built;
+    Lightning's own refusal would come after both, as a long traceback.
+    """
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - a file torch cannot read is named where it is loaded
+        return
+    stored = ckpt.get("sapd_config") if isinstance(ckpt, dict) else None
+    if not stored or not isinstance(stored.get("model"), dict):
+        raise CheckpointError(
+            f"ckpt_path={path} is not a sapd training checkpoint (no 'sapd_config' inside): resume from the "
+            "checkpoints/last.ckpt of a sapd.train run"
+        )
+    theirs, _ = migrate_model_config(stored["model"])
+    ours = OmegaConf.to_container(cfg.model, resolve=True)
+    diffs = [(k, _dotted(theirs, k), _dotted(ours, k)) for k in RESUME_MODEL_KEYS]
+    diffs = [(k, a, b) for k, a, b in diffs if a != b]
+    if diffs:
+        key, a, b = diffs[0]
+        more = f" (and {len(diffs) - 1} more model setting(s))" if len(diffs) > 1 else ""
+        raise CheckpointError(
+            f"ckpt_path={path} holds another model: model.{key} is {a!r} there and {b!r} here{more}; resume with "
+            "the settings of the run that wrote it (its .hydra/config.yaml), or leave out ckpt_path for a new run"
+        )
+    stored_ids = (ckpt.get("sapd_classes") or {}).get("label_to_cat_id")
+    if label_to_cat_id is not None and stored_ids is not None and list(stored_ids) != list(label_to_cat_id):
+        raise CheckpointError(
+            f"ckpt_path={path} was trained on {len(stored_ids)} classes and this data set has "
+            f"{len(label_to_cat_id)}{' (other category ids)' if len(stored_ids) == len(label_to_cat_id) else ''}: "
+            "resume on the data set it was trained on, or leave out ckpt_path for a new run"
+        )

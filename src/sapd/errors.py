@@ -6,21 +6,23 @@ data): every such error is a :class:`UserError` (``DataError``, ``CheckpointErro
 
 :func:`refusals` wraps each Hydra task function: a user error is logged as the one line
 ``sapd.<app>: <message>`` (stderr, and the run's log file) and the process exits with status 2, with
-no traceback. ``HYDRA_FULL_ERROR=1`` (Hydra's own
-switch for full tracebacks) re-raises it instead, traceback and all. Anything else (a bug) keeps
-its traceback.
+no traceback; in a ``-m`` sweep the job is recorded as refused and the sweep goes on.
+``HYDRA_FULL_ERROR=1`` (Hydra's own switch for full tracebacks) re-raises it instead, traceback and
+all. Anything else (a bug) keeps its traceback. :mod:`sapd.app` does the same for Hydra's own
+refusals (an unknown key or group option, ...).
 
-:func:`check_run_config` is the start-up check of a training config: it runs before any data or
-model is built, so a wrong value costs a second, not a data-set scan.
+:func:`check_run_config` is the start-up check of a command's config (:mod:`sapd.checks`): it runs
+before any data or model is built, so a wrong value costs a second, not a data-set scan.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 EXIT_USER_ERROR = 2
@@ -74,10 +76,62 @@ def refuse(app: str, message: str) -> None:
         print(f"{app}: {message}", file=sys.stderr, flush=True)
 
 
+TASK_ERROR = "_sapd_task_error"  # set on an exception that left a command's task function as a bug
+REFUSED_FILE = "refused.jsonl"  # in a sweep's folder: one line per refused job
+
+
+def _omegaconf_user_error(exc: BaseException) -> str | None:
+    """The one line of a config value left ``???`` or an interpolation that cannot be resolved, met
+    while a command runs; None for other errors."""
+    from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
+
+    if isinstance(exc, MissingMandatoryValue):
+        key = getattr(exc, "full_key", None) or "a key"
+        return f"{key} has no value: give {key}=... on the command line"
+    if isinstance(exc, InterpolationResolutionError):
+        key = getattr(exc, "full_key", None)
+        text = " ".join(str(exc).split("\n    full_key")[0].split())
+        return f"{key}: {text}" if key else text
+    return None
+
+
+def _sweep_job() -> tuple[str, int, list[str]] | None:
+    """(sweep folder, job number, overrides) when this process runs one job of a ``-m`` sweep."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            return None
+        return str(hc.sweep.dir), int(hc.job.num), list(hc.overrides.task)
+    except Exception:  # noqa: BLE001 - outside Hydra (tests, the API), or a config without a sweep
+        return None
+
+
+def record_refusal(app: str, message: str, sweep: tuple[str, int, list[str]]) -> None:
+    """Appends the refused job to ``<sweep folder>/refused.jsonl`` (one JSON object a line: app, job,
+    overrides, message); :class:`sapd.app.SweepRefusals` lists them when the sweep ends."""
+    import json
+
+    folder, job, overrides = sweep
+    os.makedirs(folder, exist_ok=True)
+    line = json.dumps({"app": app, "job": job, "overrides": overrides, "message": message}) + "\n"
+    fd = os.open(os.path.join(folder, REFUSED_FILE), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, line.encode())  # one write with O_APPEND: jobs of a parallel launcher do not interleave
+    finally:
+        os.close(fd)
+
+
 def refusals(app: str, *also: type[BaseException]) -> Callable[[F], F]:
-    """Decorator for a Hydra task function: a user error (a :class:`UserError`, or one of the types
-    ``also``) becomes the one line ``<app>: <message>`` and exit status 2; ``HYDRA_FULL_ERROR=1``
-    re-raises it with its traceback."""
+    """Decorator for a Hydra task function: a user error (a :class:`UserError`, a config value left
+    ``???``, an interpolation that cannot be resolved, or one of the types ``also``) becomes the one
+    line ``<app>: <message>`` and exit status 2; ``HYDRA_FULL_ERROR=1`` re-raises it with its traceback.
+
+    In a ``-m`` sweep the refused job is recorded in the sweep's folder (:func:`record_refusal`) and
+    the sweep goes on with the next job; the sweep ends with a list of them and exit status 2.
+    """
 
     def decorate(fn: F) -> F:
         @functools.wraps(fn)
@@ -86,9 +140,17 @@ def refusals(app: str, *also: type[BaseException]) -> Callable[[F], F]:
                 return fn(*args, **kwargs)
             except Exception as exc:
                 user = _user_error(exc, also)
-                if user is None or full_errors():
+                line = one_line(user) if user is not None else _omegaconf_user_error(exc)
+                if line is None or full_errors():
+                    if line is None:
+                        with contextlib.suppress(AttributeError):
+                            setattr(exc, TASK_ERROR, True)  # a bug: sapd.app keeps its traceback
                     raise
-                refuse(app, one_line(user))
+                refuse(app, line)
+                sweep = _sweep_job()
+                if sweep is not None:
+                    record_refusal(app, line, sweep)
+                    return None
                 raise SystemExit(EXIT_USER_ERROR) from None
 
         return wrapper  # type: ignore[return-value]
@@ -96,60 +158,10 @@ def refusals(app: str, *also: type[BaseException]) -> Callable[[F], F]:
     return decorate
 
 
-def _get(cfg: Mapping | Any, dotted: str) -> Any:
-    node: Any = cfg
-    for part in dotted.split("."):
-        if node is None or not hasattr(node, "get"):
-            return None
-        node = node.get(part)
-    return node
-
-
-def _check_int(cfg: Any, key: str, low: int, rule: str, *, optional: bool = False) -> None:
-    value = _get(cfg, key)
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ConfigError(f"{key} must be {rule}; got {value!r}")
-
-
 def check_run_config(cfg: Any) -> None:
-    """Start-up checks of a training run config, before any data or model is built.
+    """Start-up checks of a command's config, before any data or model is built: every setting against
+    its range (:data:`sapd.checks.SETTINGS`), values left missing, the model's constructors, a GPU
+    trainer without a GPU. Raises :class:`ConfigError` naming the key and the allowed values."""
+    from sapd.checks import check_config
 
-    The loss and post-processing settings are checked by building their config nodes alone
-    (``SAPDCriterion`` and ``PostProcess`` check their own ranges: ``topk`` >= 1, ``eta`` >= 0,
-    ``epsilon`` in (0, 1], ...), ``topk`` against the pyramid's levels, and the data settings here
-    (``batch_size`` >= 1, ...). Raises :class:`ConfigError` naming the key and the allowed values.
-    """
-    from hydra.utils import instantiate
-
-    model = _get(cfg, "model")
-    if model is not None:
-        num_levels = _get(cfg, "model.neck.num_levels")
-        for name in ("criterion", "postprocess"):
-            node = model.get(name)
-            if node is None or "_target_" not in node:
-                continue
-            try:
-                obj = instantiate(node)
-            except Exception as exc:  # noqa: BLE001 - instantiate wraps the constructor's ValueError
-                cause = exc.__cause__ or exc
-                raise ConfigError(" ".join(str(cause).split())) from None
-            if name == "criterion" and num_levels is not None and hasattr(obj, "check_levels"):
-                try:
-                    obj.check_levels(int(num_levels))
-                except ValueError as exc:
-                    raise ConfigError(str(exc)) from None
-    data = _get(cfg, "data")
-    if data is not None:
-        _check_int(cfg, "data.batch_size", 1, "an integer >= 1")
-        _check_int(cfg, "data.val_batch_size", 1, "an integer >= 1 (or null: data.batch_size)", optional=True)
-        _check_int(cfg, "data.num_workers", 0, "an integer >= 0", optional=True)
-    trainer = _get(cfg, "trainer")
-    if trainer is not None:
-        _check_int(cfg, "trainer.num_nodes", 1, "an integer >= 1", optional=True)
-        epochs = _get(cfg, "trainer.max_epochs")
-        if epochs is not None and (
-            isinstance(epochs, bool) or not isinstance(epochs, int) or epochs == 0 or epochs < -1
-        ):
-            raise ConfigError(f"trainer.max_epochs must be an integer >= 1 (or -1: no limit); got {epochs!r}")
+    check_config(cfg)

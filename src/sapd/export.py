@@ -51,16 +51,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
+import io
 import json
 import logging
+import tempfile
 import types
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, List, Tuple  # noqa: UP035 - TorchScript reads these annotations
 
-import hydra
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -68,12 +70,14 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torchvision.ops import nms
 
+from sapd.app import hydra_app
+from sapd.atomic import replacing, same_file, write_bytes, write_text
 from sapd.checkpoint import load_module
 from sapd.data import transforms
-from sapd.errors import UserError, refusals
+from sapd.errors import UserError, check_run_config
 from sapd.logs import configure_logging
 from sapd.models.detector import SAPD
-from sapd.paths import CONFIG_PATH
+from sapd.models.postprocess import has_area
 from sapd.utils import set_threads
 
 log = logging.getLogger(__name__)
@@ -85,6 +89,10 @@ ONNX_OPSETS = (18, 23)  # what torch's ONNX exporter writes natively (18 = its l
 METADATA_KEY = "sapd"  # ONNX metadata_props key / TorchScript extra file "sapd.json"
 # Parity of an exported model with PyTorch on CPU (tests/test_export.py, and the check after export).
 BOX_RTOL, BOX_ATOL, SCORE_ATOL = 1e-3, 1e-3, 1e-4
+# When the exported threshold keeps no detection of the check's random batches (a weak model's scores sit
+# near the 0.01 prior), the check runs a copy exported at the score of this quantile of the batches'
+# (point, class) pairs instead: tens of detections per image, so that it compares something.
+CHECK_QUANTILE = 0.97
 
 
 class ExportError(UserError):
@@ -166,7 +174,8 @@ def detect(
         dim=2,
     )
     flat_scores = scores.reshape(-1)
-    keep = torch.nonzero(flat_scores > score_thresh).squeeze(1)
+    # as the eager post-processing: a box left without width or height by clipping is no detection
+    keep = torch.nonzero((flat_scores > score_thresh) & has_area(boxes).reshape(-1)).squeeze(1)
     # one NMS over all images and classes: each (image, class) is shifted to a region of its own
     image = torch.arange(n, device=boxes.device).reshape(n, 1).expand(n, c).reshape(-1)[keep]
     shift_x = labels.reshape(-1)[keep].to(boxes.dtype) * (sizes[:, 1].max() + 1.0)
@@ -333,7 +342,6 @@ def export_onnx(
     batch = Dim("batch", min=1)
     spatial = {2: size_divisor * Dim("h", min=1), 3: size_divisor * Dim("w", min=1)}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with _quiet_exporter(), warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's notes on unbacked sizes and deprecated APIs
@@ -349,11 +357,12 @@ def export_onnx(
                 verbose=False,
             )
             program.model.metadata_props[METADATA_KEY] = json.dumps(metadata or {})
-            program.save(str(path), external_data=False)
     except ExportError:
         raise
     except Exception as exc:  # noqa: BLE001 - the exporter raises many types, with pages of text
         raise ExportError(f"torch.onnx.export failed ({_reason(exc)}); format=torchscript may work") from None
+    with replacing(path) as tmp:  # whole or not at all: a kill or a full disk leaves the old file
+        program.save(str(tmp), external_data=False)
     return path
 
 
@@ -376,17 +385,18 @@ def export_torchscript(net: nn.Module, path: str | Path, *, size_divisor: int, m
 
     ``metadata`` (JSON-able) is stored as the extra file ``sapd.json``."""
     model = ExportableSAPD(inference_copy(net), script=True).eval()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(model, example_inputs(size_divisor), check_trace=False)
-            torch.jit.save(traced, str(path), _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata or {})})
+            # into memory, then written by Python: a full disk is an OSError there, where torch's own
+            # file writer aborts the process
+            buffer = io.BytesIO()
+            torch.jit.save(traced, buffer, _extra_files={f"{METADATA_KEY}.json": json.dumps(metadata or {})})
     except Exception as exc:  # noqa: BLE001 - tracing raises many types
         raise ExportError(f"torch.jit.trace failed ({_reason(exc)})") from None
-    return path
+    return write_bytes(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------- running and mapping back
@@ -511,9 +521,11 @@ def match_detections(
 
 
 def parity_ok(stats: dict[str, float | int]) -> bool:
-    """The parity this module promises: every detection paired, boxes within 1e-3 relative, scores within 1e-4."""
+    """The parity this module promises: every detection paired, boxes within 1e-3 relative, scores within 1e-4;
+    and some detections compared (none paired proves nothing)."""
     return (
-        stats["count_diff"] == 0
+        stats["detections"] > 0
+        and stats["count_diff"] == 0
         and stats["unmatched"] == 0
         and stats["max_rel_box"] <= BOX_RTOL
         and stats["max_abs_score"] <= SCORE_ATOL
@@ -590,6 +602,21 @@ def default_output(ckpt_path: str | Path, fmt: str) -> Path:
     return ckpt_path.with_name(ckpt_path.stem + FORMATS[fmt])
 
 
+def metadata_path(output: Path) -> Path:
+    """The JSON written beside an exported file: ``<output>.json``."""
+    return output.with_name(output.name + ".json")
+
+
+def check_output(output: Path, ckpt_path: str | Path) -> None:
+    """Refuses an output (or its ``<output>.json``) that is the checkpoint (links and ``..`` resolved)."""
+    for target in (output, metadata_path(output)):
+        if same_file(target, ckpt_path):
+            raise ExportError(
+                f"output={output} would replace the checkpoint {ckpt_path}: give another output=FILE "
+                f"(or none: {default_output(ckpt_path, 'onnx').name} / {default_output(ckpt_path, 'torchscript').name})"
+            )
+
+
 def export(cfg: DictConfig) -> dict[str, Any]:
     """Exports ``cfg.ckpt_path`` as ``cfg.format``; returns the paths written and, with ``verify``, the parity found."""
     fmt = str(cfg.get("format", "onnx")).lower()
@@ -597,53 +624,101 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {cfg.get('format')!r}")
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
         raise ExportError("give the checkpoint to export: python -m sapd.export ckpt_path=PATH format=onnx")
+    check_run_config(cfg)  # opset, num_threads, ...: one line before any work
     if fmt == "torchscript" and cfg.get("opset") is not None:
         raise ExportError("opset applies to format=onnx only")
+    output = Path(cfg.output) if cfg.get("output") else default_output(cfg.ckpt_path, fmt)
+    check_output(output, cfg.ckpt_path)
     set_threads(cfg.get("num_threads"))
+    score_thresh = cfg.get("score_thresh")  # its range: sapd.checks.SETTINGS, checked at the start
     module, run_cfg = load_module(cfg.ckpt_path)
     net = module.net
     ExportableSAPD(net)  # refuses FCOS before any work
+    if score_thresh is not None:  # baked into the graph (and written in the metadata)
+        net.postprocessor.score_thresh = float(score_thresh)
     size_divisor = int(run_cfg.data.get("size_divisor", 128))
-    output = Path(cfg.output) if cfg.get("output") else default_output(cfg.ckpt_path, fmt)
     meta = export_metadata(module, run_cfg, fmt=fmt, ckpt_path=cfg.ckpt_path)
     if fmt == "onnx":
         export_onnx(net, output, size_divisor=size_divisor, opset=cfg.get("opset"), metadata=meta)
     else:
         export_torchscript(net, output, size_divisor=size_divisor, metadata=meta)
-    sidecar = output.with_name(output.name + ".json")
-    sidecar.write_text(json.dumps(meta, indent=1) + "\n")
+    sidecar = metadata_path(output)
+    write_text(sidecar, json.dumps(meta, indent=1) + "\n")
     result: dict[str, Any] = {"output": str(output), "metadata": str(sidecar)}
     if cfg.get("verify", True):
-        result["parity"] = verify(net, output, size_divisor=size_divisor)
+        result["parity"] = verify(net, output, size_divisor=size_divisor, fmt=fmt, opset=cfg.get("opset"))
     return result
 
 
-def verify(net: nn.Module, path: str | Path, *, size_divisor: int) -> dict[str, float | int]:
-    """Runs the exported file and PyTorch on two random batches (1 and 3 images, sizes other than the
-    traced example's) and returns :func:`match_detections` over them; logs a warning when parity fails,
-    raises :class:`ExportError` when the file cannot run them."""
-    model = ExportedModel(path)
-    ref_net = inference_copy(net)
+def _check_batches(size_divisor: int) -> list[tuple[Tensor, Tensor]]:
+    """The check's two random batches (1 and 3 images, sizes other than the traced example's)."""
     gen = torch.Generator().manual_seed(1)
-    refs, exps = [], []
     d = size_divisor
+    batches = []
     for n, (h, w) in ((1, (3 * d, 5 * d)), (3, (5 * d, 3 * d))):
         images = torch.randn(n, 3, h, w, generator=gen)
-        sizes = torch.tensor([[h - d // 4 * i, w - d // 2 * i] for i in range(n)])
+        batches.append((images, torch.tensor([[h - d // 4 * i, w - d // 2 * i] for i in range(n)])))
+    return batches
+
+
+def _compare(ref_net: nn.Module, path: Path, batches: list[tuple[Tensor, Tensor]]) -> dict[str, float | int]:
+    model = ExportedModel(path)
+    refs, exps = [], []
+    for images, sizes in batches:
         refs += reference_detections(ref_net, images, sizes)
         try:
             outputs = model(images.numpy(), sizes.numpy())
         except Exception as exc:  # noqa: BLE001 - ONNX Runtime and TorchScript raise their own types
+            n, h, w = images.shape[0], images.shape[2], images.shape[3]
             raise ExportError(f"the exported {path} fails on {n} image(s) of {h}x{w}: {_reason(exc)}") from None
         exps += to_original_pixels(*outputs, sizes.tolist())
-    stats = match_detections(refs, exps)
-    if not parity_ok(stats):
+    return match_detections(refs, exps)
+
+
+def verify(
+    net: nn.Module, path: str | Path, *, size_divisor: int, fmt: str | None = None, opset: int | None = None
+) -> dict[str, float | int]:
+    """Runs the exported file and PyTorch on two random batches and returns :func:`match_detections` over
+    them, with ``score_thresh``, the threshold they were compared at; logs a warning when parity fails
+    (:func:`parity_ok`: also when no detection was compared), raises :class:`ExportError` when the file
+    cannot run them.
+
+    Where the exported threshold keeps no detection of the batches and ``fmt`` is given, a copy of the
+    model is exported as ``fmt`` into a temporary folder at a threshold that keeps some
+    (:data:`CHECK_QUANTILE` of the batches' scores) and checked instead: same graph, other constant.
+    """
+    ref_net = inference_copy(net)
+    batches = _check_batches(size_divisor)
+    threshold = float(ref_net.postprocessor.score_thresh)
+    stats: dict[str, float | int] = _compare(ref_net, Path(path), batches)
+    if stats["detections"] == 0 and fmt is not None:
+        with torch.no_grad():
+            scores = torch.cat([ref_net(images)["cls_logits"].sigmoid().flatten() for images, _ in batches])
+        lowered = min(float(torch.quantile(scores.float(), CHECK_QUANTILE)), threshold)
+        log.info(
+            "the exported score threshold %g keeps no detection of the check's random batches: "
+            "checking a copy exported at %.4g instead",
+            threshold,
+            lowered,
+        )
+        ref_net.postprocessor = dataclasses.replace(ref_net.postprocessor, score_thresh=lowered)
+        with tempfile.TemporaryDirectory(prefix="sapd-export-check-") as tmp:
+            copy_path = Path(tmp) / Path(path).name
+            if fmt == "onnx":
+                export_onnx(ref_net, copy_path, size_divisor=size_divisor, opset=opset)
+            else:
+                export_torchscript(ref_net, copy_path, size_divisor=size_divisor)
+            stats = _compare(ref_net, copy_path, batches)
+        threshold = lowered
+    stats["score_thresh"] = threshold
+    if stats["detections"] == 0:
+        log.warning("the check against PyTorch compared no detection (score threshold %g): parity unknown", threshold)
+    elif not parity_ok(stats):
         log.warning("exported detections differ from PyTorch's on a random batch: %s", stats)
     return stats
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
-@refusals("sapd.export")
+@hydra_app("sapd.export", "export")
 def main(cfg: DictConfig) -> None:
     """Writes the model and its JSON; a bad request or checkpoint is one line on stderr, exit code 2."""
     configure_logging()
@@ -652,9 +727,10 @@ def main(cfg: DictConfig) -> None:
     if "parity" in result:
         p = result["parity"]
         log.info(
-            "check against PyTorch on random batches: %d detections, %d unpaired, max box diff %.2g px "
+            "check against PyTorch on random batches: %d detections (score >= %g), %d unpaired, max box diff %.2g px "
             "(relative %.2g), max score diff %.2g",
             p["detections"],
+            p["score_thresh"],
             p["unmatched"] + p["count_diff"],
             p["max_abs_box"],
             p["max_rel_box"],

@@ -59,18 +59,25 @@ def make_wandb_logger(
     log_model: bool = False,
     id: str | None = None,  # noqa: A002 - wandb's name
     resume: str | None = "allow",
+    verbose: bool = False,
     **kwargs: Any,
 ) -> WandbLogger:
     """A Lightning ``WandbLogger`` that needs no account: offline unless logged in (``mode='auto'``).
 
     ``id`` names the wandb run (None: a new id, drawn here so that it is known before the run
-    starts); with ``resume='allow'`` a run of that id that exists already is continued.
+    starts); with ``resume='allow'`` a run of that id that exists already is continued. Unless
+    ``verbose``, wandb prints nothing (``wandb.Settings(silent=True)``): its run links, sync hints
+    and closing history are a run's own business, the run folder holds them.
     """
     mode = resolve_wandb_mode(mode)
+    if not verbose and "settings" not in kwargs:
+        import wandb
+
+        kwargs["settings"] = wandb.Settings(silent=True)
     os.makedirs(save_dir, exist_ok=True)
     if not id:
         id = new_wandb_id()  # noqa: A001
-    return WandbLogger(
+    logger = WandbLogger(
         project=project,
         name=name,
         group=group,
@@ -83,6 +90,12 @@ def make_wandb_logger(
         resume=resume,
         **kwargs,
     )
+    # Lightning passes anonymous=None to wandb.init, which wandb (0.31 here) answers with a deprecation
+    # warning on every run (before any setting can quiet it); unset, wandb says nothing
+    init_args = getattr(logger, "_wandb_init", None)
+    if isinstance(init_args, dict) and init_args.get("anonymous") is None:
+        init_args.pop("anonymous", None)
+    return logger
 
 
 def new_wandb_id(length: int = 8) -> str:

@@ -198,7 +198,11 @@ class SAPDLitModule(L.LightningModule):
         self.wandb_run_id: str | None = None  # stored in checkpoints, so a resumed run continues its dashboard
         # training instances seen in this process, and those that own no anchor point on any level
         # (so nothing trains on them: tiny boxes under valid_region=centre); in summary.json
-        self.instance_counts: dict[str, int] = {"instances": 0, "without_anchor_point": 0}
+        self._num_instances = 0
+        self._num_unassigned: Tensor | None = None  # summed on the device, read once (instance_counts)
+        # training steps skipped in this process (a batch without images, or a non-finite loss on any
+        # process); sapd.callbacks.LearningCheck stops a run that skips too many
+        self.skipped_steps = 0
         self._bad_steps = 0
         self._results: list[dict[str, Any]] = []
         self._eval_image_ids: list[int] = []  # image ids of this process's evaluation, in the metric's order
@@ -239,16 +243,25 @@ class SAPDLitModule(L.LightningModule):
         sizes, scales = self.image_meta(targets)
         return self.net.postprocess(outputs, sizes, scales)
 
+    @property
+    def instance_counts(self) -> dict[str, int]:
+        """Training instances seen in this process, and those that owned no anchor point on any level (so
+        nothing trained on them: tiny boxes under valid_region=centre); in summary.json."""
+        unassigned = int(self._num_unassigned) if self._num_unassigned is not None else 0
+        return {"instances": self._num_instances, "without_anchor_point": unassigned}
+
     # ------------------------------------------------------------------ training
     def training_step(self, batch, batch_idx: int):
         images, targets = batch
         empty = images.shape[0] == 0  # every image of the batch was skipped (data.skip_bad_images)
         losses = None if empty else self.net.loss(self(images), targets)
-        nonfinite = losses is not None and not bool(torch.isfinite(losses["total"]))
+        # the one read of a device value in the step: whether the loss is finite (and, under DDP, whether
+        # any process's is), which decides on the host whether the step is taken
+        nonfinite = torch.tensor(False) if losses is None else ~torch.isfinite(losses["total"].detach())
         empty, nonfinite_any = self._on_any_process(empty, nonfinite)
         if nonfinite_any:
             self._bad_steps += 1
-            where = f"images {[int(t['image_id']) for t in targets]}" if nonfinite else "on another process"
+            where = f"images {[int(t['image_id']) for t in targets]}" if bool(nonfinite) else "on another process"
             log.warning("non-finite loss at step %d (%s); step skipped", self.global_step, where)
             if self._bad_steps >= self.hparams.max_bad_steps:
                 raise NonFiniteLossError(
@@ -258,9 +271,10 @@ class SAPDLitModule(L.LightningModule):
         if empty or nonfinite_any:
             return self._skipped_step()
         self._bad_steps = 0
-        self.instance_counts["instances"] += sum(len(t["labels"]) for t in targets)
+        self._num_instances += sum(len(t["labels"]) for t in targets)
         if "num_unassigned" in losses:
-            self.instance_counts["without_anchor_point"] += int(losses["num_unassigned"])
+            unassigned = losses["num_unassigned"].detach()
+            self._num_unassigned = unassigned if self._num_unassigned is None else self._num_unassigned + unassigned
         bs = images.shape[0]
         self._log_losses("train", losses, bs, on_step=True)
         # the selection net's level probabilities reach callbacks (SelectionHistogram) as step outputs
@@ -270,12 +284,13 @@ class SAPDLitModule(L.LightningModule):
         trainer = self._trainer
         return int(trainer.world_size) if trainer is not None else 1
 
-    def _on_any_process(self, *flags: bool) -> tuple[bool, ...]:
-        """Each flag, true when it is true on any process of a distributed run (one all-reduce of the
-        flags); the flags themselves in a single process. Every process then takes the same branch."""
+    def _on_any_process(self, *flags: bool | Tensor) -> tuple[bool, ...]:
+        """Each flag (a bool, or a one-element tensor on any device), true when it is true on any process of
+        a distributed run (one all-reduce of the flags, one read of the result); the flags themselves in a
+        single process. Every process then takes the same branch."""
         if self._world_size() == 1:
             return tuple(bool(f) for f in flags)
-        local = torch.tensor([float(bool(f)) for f in flags], device=self.device)
+        local = torch.stack([torch.as_tensor(f, device=self.device).reshape(()).float() for f in flags])
         total = self.trainer.strategy.reduce(local, reduce_op="sum")
         return tuple(bool(v > 0) for v in total.tolist())
 
@@ -285,6 +300,7 @@ class SAPDLitModule(L.LightningModule):
         so that each one runs its backward and DDP's gradient all-reduce completes (a process that
         returned None would leave the others waiting in it); the optimiser then steps with zero
         gradients, so momentum and weight decay still move the weights by one step."""
+        self.skipped_steps += 1
         if self._world_size() == 1:
             return None
         zero = sum(p.sum() for p in self.parameters() if p.requires_grad) * 0.0
@@ -367,6 +383,14 @@ class SAPDLitModule(L.LightningModule):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(results))
             log.info("wrote %d detections to %s", len(results), path)
+            if not results:  # a valid results file, but pycocotools' COCO.loadRes fails on an empty list
+                thresh = getattr(getattr(self.net, "postprocessor", None), "score_thresh", None)
+                log.warning(
+                    "no detections: %s holds an empty list, which pycocotools' COCO.loadRes cannot load; "
+                    "a model trained longer, or a lower score_thresh (now %s), gives some",
+                    path,
+                    thresh,
+                )
 
     def _evaluation_share(self, metric: MeanAveragePrecision) -> dict[str, Any]:
         """This process's evaluation: image ids, the metric's per-image states (on the CPU) and results entries."""

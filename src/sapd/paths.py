@@ -12,8 +12,9 @@ When sapd runs from a checkout's ``src/`` put first on ``PYTHONPATH`` (a second 
 ``sapd.conf`` is installed from somewhere else, the checkout's own ``conf/`` is used, so code and
 configs always come from the same tree.
 
-Use :data:`CONFIG_PATH` as ``@hydra.main(config_path=CONFIG_PATH, ...)`` and
-:func:`initialize_configs` around ``hydra.compose`` (tests, notebooks).
+The commands find their configs through :func:`sapd.app.hydra_app` (``config_path()`` when they start);
+``CONFIG_PATH`` is the same for an ``@hydra.main(config_path=CONFIG_PATH, ...)`` of your own, and
+:func:`initialize_configs` goes around ``hydra.compose`` (tests, notebooks).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 from hydra import initialize_config_dir, initialize_config_module
 from omegaconf import OmegaConf
 
-from sapd.errors import EXIT_USER_ERROR
+from sapd.errors import EXIT_USER_ERROR, ConfigError
 
 CONFIG_MODULE = "sapd.conf"
 _PKG = "pkg://"
@@ -44,18 +45,23 @@ def _installed_conf() -> Path | None:
     return Path(spec.origin).resolve().parent
 
 
-def config_path() -> str:
+def config_path(config_name: str | None = None) -> str:
     """Hydra's ``config_path`` for sapd: an absolute folder, or ``pkg://sapd.conf``.
 
     In order: ``$SAPD_CONFIG_DIR``; the ``conf/`` of the checkout whose ``src/`` this sapd was
     imported from, when the installed ``sapd.conf`` is another folder; else ``pkg://sapd.conf``.
+    A ``SAPD_CONFIG_DIR`` that is not a folder, or lacks ``<config_name>.yaml``, is a
+    :class:`~sapd.errors.ConfigError` (one line naming it and what to do).
     """
     env = os.environ.get("SAPD_CONFIG_DIR")
     if env:
         folder = Path(env).expanduser().resolve()
         if not folder.is_dir():
-            raise FileNotFoundError(
-                f"SAPD_CONFIG_DIR={env} is not a folder: point it at a copy of sapd's conf/ or unset it."
+            raise ConfigError(f"SAPD_CONFIG_DIR={env} is not a folder: point it at a copy of sapd's conf/ or unset it")
+        if config_name and not (folder / f"{config_name}.yaml").is_file():
+            raise ConfigError(
+                f"SAPD_CONFIG_DIR={env} has no {config_name}.yaml: point it at a copy of sapd's conf/ "
+                "(train.yaml, eval.yaml, predict.yaml and the group folders) or unset it"
             )
         return str(folder)
     installed = _installed_conf()
@@ -64,9 +70,9 @@ def config_path() -> str:
     if package.parent.name == "src" and (checkout_conf / "__init__.py").is_file() and installed != checkout_conf:
         return str(checkout_conf)
     if installed is None:
-        raise FileNotFoundError(
+        raise ConfigError(
             "sapd's Hydra configs (the package sapd.conf) are not installed: reinstall sapd "
-            "(pip install -e . in a checkout, or pip install its wheel) or set SAPD_CONFIG_DIR to a conf folder."
+            "(pip install -e . in a checkout, or pip install its wheel) or set SAPD_CONFIG_DIR to a conf folder"
         )
     return _PKG + CONFIG_MODULE
 
@@ -110,14 +116,29 @@ def writable_dir(folder: str) -> str:
     return folder
 
 
+def default_score_thresh() -> float:
+    """``${sapd.score_thresh:}``: the default score threshold of predict and the API (:data:`sapd.api.SCORE_THRESH`)."""
+    from sapd.api import SCORE_THRESH
+
+    return SCORE_THRESH
+
+
 def register_resolvers() -> None:
-    """The config resolvers sapd's YAML uses: ``sapd.writable_dir`` and ``sapd.pid`` (this process's id,
-    so that runs started in the same second get distinct folders)."""
+    """The config resolvers sapd's YAML uses: ``sapd.writable_dir``, ``sapd.pid`` (this process's id,
+    so that runs started in the same second get distinct folders) and ``sapd.score_thresh``."""
     OmegaConf.register_new_resolver("sapd.writable_dir", writable_dir, replace=True)
+    OmegaConf.register_new_resolver("sapd.score_thresh", default_score_thresh, replace=True)
     # cached in the config (as Hydra's `now`), so a config copied to other processes (a launcher's jobs)
     # keeps the folder name of the process that composed it
     OmegaConf.register_new_resolver("sapd.pid", lambda: os.getpid(), replace=True, use_cache=True)
 
 
 register_resolvers()
-CONFIG_PATH = config_path()
+
+
+def __getattr__(name: str) -> str:
+    """``CONFIG_PATH``: :func:`config_path` when asked for (not at import, so that a bad
+    ``SAPD_CONFIG_DIR`` is a command's one-line refusal, not an import error)."""
+    if name == "CONFIG_PATH":
+        return config_path()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,29 +8,32 @@ give ``cat.jpg.json`` / ``cat.jpg.png`` and ``cat.png.json`` / ``cat.png.png``. 
 
 Images that cannot be read are logged, skipped, counted and named again at the end; the others are
 still processed. The command refuses (one line, exit code 2) an output folder that is the input
-folder or any output path that is an input file, and fails with exit code 2 when no input image
-could be read at all.
+folder, any output path that is an input file, and an output folder that already holds any file it
+would write: predictions are never replaced (nor suffixed). Each file is written whole or not at all
+(:mod:`sapd.atomic`), so a full disk stops the run with one line and leaves no empty or cut file. It
+fails with exit code 2 when no input image could be read at all.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from sapd.api import Detector, resolve_device, run_eval_size
+from sapd.app import hydra_app
+from sapd.atomic import replacing, write_text
 from sapd.checkpoint import CheckpointError
 from sapd.data import DataError
 from sapd.data.io import read_image
-from sapd.errors import UserError, refusals
+from sapd.errors import UserError, check_run_config
 from sapd.logs import configure_logging
-from sapd.paths import CONFIG_PATH
 from sapd.utils import set_threads
 
 log = logging.getLogger(__name__)
@@ -66,7 +69,8 @@ def output_paths(image: Path, out_dir: Path) -> tuple[Path, Path]:
 
 
 def check_outputs(input_path: Path, files: list[Path], out_dir: Path) -> None:
-    """Refuses an output folder that is the input folder, is not a folder, or would write over an input."""
+    """Refuses an output folder that is the input folder, is not a folder, would write over an input,
+    or holds any of the files to write (existing predictions or anything else of that name)."""
     out = out_dir.resolve()
     if input_path.is_dir() and input_path.resolve() == out:
         raise PredictError(
@@ -82,6 +86,13 @@ def check_outputs(input_path: Path, files: list[Path], out_dir: Path) -> None:
                     f"output={out_dir}: {target} would overwrite the input image {target.resolve()}; "
                     "give another output=FOLDER"
                 )
+    existing = [t for image in files for t in output_paths(image, out_dir) if os.path.lexists(t)]
+    if existing:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise PredictError(
+            f"output={out_dir} already holds {existing[0]}{more}: predict never replaces a file; "
+            "give a new output=FOLDER or move those files away"
+        )
 
 
 def _batch_size(value: Any) -> int:
@@ -99,6 +110,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         FileNotFoundError: no input; PredictError: a refused output, a bad ``batch_size`` or
         ``score_thresh``, or no readable image at all; CheckpointError: a bad checkpoint.
     """
+    check_run_config(cfg)  # score_thresh, batch_size, device, ...: one line before any work
     set_threads(cfg.get("num_threads"))
     input_path = Path(str(cfg.input))
     files = list_images(input_path)
@@ -137,8 +149,9 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         path, image = opened.pop(index)
         doc = {"file": str(path), "width": image.width, "height": image.height, "detections": result.to_records()}
         json_path, png_path = output_paths(path, out_dir)
-        json_path.write_text(json.dumps(doc, indent=1))
-        det.draw(image, result).save(png_path)
+        write_text(json_path, json.dumps(doc, indent=1), exclusive=True)
+        with replacing(png_path, exclusive=True) as tmp:
+            det.draw(image, result).save(tmp, format="PNG")
         written += 1
 
     if failed:
@@ -159,8 +172,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
     return {"written": written, "failed": [str(p) for p in failed], "output": str(out_dir)}
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="predict")
-@refusals("sapd.predict", FileNotFoundError)
+@hydra_app("sapd.predict", "predict", FileNotFoundError)
 def main(cfg: DictConfig) -> None:
     """Writes the predictions; a missing key, bad input, refused output or bad checkpoint is one line, exit code 2."""
     configure_logging()

@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from sapd.errors import refusals
+from sapd.app import hydra_app
+from sapd.errors import check_run_config
 from sapd.logs import configure_logging
-from sapd.paths import CONFIG_PATH
 from sapd.utils import TABLE_COLUMNS
 
 log = logging.getLogger(__name__)
@@ -330,13 +329,13 @@ def folders(dirs: Any) -> list[str]:
     raise ValueError(f"dirs must be a folder or a list of folders, e.g. dirs='[a,b]', got {dirs!r}")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="report")
-@refusals("sapd.report", FileNotFoundError, ValueError)
+@hydra_app("sapd.report", "report", FileNotFoundError, ValueError)
 def main(cfg: DictConfig) -> None:
     """Prints the table (stdout); a missing folder, no runs or a bad ``dirs`` is one line on stderr, exit code 2."""
     configure_logging()
     if OmegaConf.is_missing(cfg, "dirs"):
         raise FileNotFoundError("give the folders to tabulate: python -m sapd.report dirs=results/table2_screen")
+    check_run_config(cfg)
     text = report(folders(cfg.dirs), decide=bool(cfg.decide), reference=str(cfg.reference))
     print(text)
 

@@ -37,6 +37,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sapd.api import SCORE_THRESH
+from sapd.utils import format_percent
+
 log = logging.getLogger(__name__)
 
 REPORT_DIR = "report"
@@ -195,12 +198,9 @@ def class_rows(
 
 
 def format_class_table(rows: Sequence[Mapping[str, Any]], title: str = "Per-class AP") -> str:
-    """The per-class rows as a plain-text table, APs in % ("-" without ground truth)."""
+    """The per-class rows as a plain-text table, APs in % (``n/a`` without ground truth)."""
     width = max([len(str(r["name"])) for r in rows] + [5])
-
-    def pct(v: float) -> str:
-        return f"{100 * v:6.1f}" if not math.isnan(v) else f"{'-':>6}"
-
+    pct = format_percent
     lines = [title, f"{'label':>5}  {'class':<{width}} {'AP':>6} {'AP50':>6} {'AP75':>6} {'#gt':>7}"]
     for r in rows:
         aps = " ".join(pct(r[key]) for key in ("AP", "AP50", "AP75"))
@@ -504,7 +504,7 @@ def write_report(
     module=None,
     dataset=None,
     size_divisor: int = 128,
-    score_thresh: float = 0.4,
+    score_thresh: float = SCORE_THRESH,
     num_images: int = 8,
     title: str = "",
     images_file: str = IMAGES_PNG,
@@ -554,19 +554,21 @@ def report_module(
     *,
     size_divisor: int = 128,
     metrics_files: Sequence[str | Path] = (),
-    score_thresh: float = 0.4,
+    score_thresh: float = SCORE_THRESH,
     num_images: int = 8,
     title: str = "",
     images_file: str = IMAGES_PNG,
+    class_table: bool = False,
 ) -> dict[str, Path]:
-    """Prints the per-class table of ``module``'s latest evaluation and writes ``out_dir/report/``.
+    """Writes ``out_dir/report/`` for ``module``'s latest evaluation and, with ``class_table``
+    (``report.class_table``), prints its per-class table on stdout.
 
     What ``sapd.train`` (after evaluating the best checkpoint) and ``sapd.evaluate`` call; ``module``
     is a :class:`sapd.module.SAPDLitModule` (its ``last_class_metrics``, ``class_names``,
     ``label_to_cat_id``), ``dataset`` the evaluated one (its first ``num_images`` images are drawn).
     """
     per_class = module.last_class_metrics
-    if per_class is not None:  # the command's product: on stdout
+    if per_class is not None and class_table:  # the command's product: on stdout
         rows = class_rows(per_class, module.class_names, module.label_to_cat_id)
         print("\n" + format_class_table(rows, title=f"Per-class AP (%), {title}" if title else "Per-class AP (%)"))
     return write_report(

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -23,20 +22,20 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig
 
 from sapd import run_report
-from sapd.build import build_module
-from sapd.callbacks import PhaseSwitch
-from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file
-from sapd.errors import check_run_config, refusals
+from sapd.api import SCORE_THRESH
+from sapd.app import hydra_app
+from sapd.build import build_backbone, build_module
+from sapd.callbacks import InterruptCheckpoint, LearningCheck, PhaseSwitch
+from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file, check_resume
+from sapd.errors import ConfigError, check_run_config
 from sapd.loggers import WANDB_ID_FILE, resume_wandb_config
 from sapd.logs import configure_logging
 from sapd.module import NonFiniteLossError
-from sapd.paths import CONFIG_PATH
+from sapd.run_folder import SUMMARY_FILE, claim_run_folder
 from sapd.utils import format_coco_table, instantiate_group, resolve_precision, set_threads
 
 log = logging.getLogger("sapd.train")
 
-
-SUMMARY_FILE = "summary.json"
 # Criterion keys a run summary records (flat, beside the model's ``_target_``): the switches ablations vary.
 REPORTED_CRITERION_KEYS = (
     "soft_weight",
@@ -121,27 +120,54 @@ def write_summary(summary: dict[str, Any], output_dir: Path) -> Path:
 def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     """Fits the model of ``cfg`` on its data, then evaluates the best checkpoint.
 
+    The run folder (``paths.output_dir``) is held for the run (:func:`sapd.run_folder.claim_run_folder`):
+    one in use by another training, or holding a run that ``ckpt_path`` does not resume, is refused
+    before any data is read. Ctrl-C saves ``last.ckpt`` at the end of the batch and ends the run with
+    ``SystemExit(130)`` after one line (:class:`sapd.callbacks.InterruptCheckpoint`).
+
     Returns:
         the final metrics (``val/map`` etc.) and the objects built (datamodule, module, trainer).
     """
     start = time.time()
     check_run_config(cfg)  # a wrong value costs a second, not a data-set scan
+    # always on (callbacks=none too): a run that learns nothing stops before a best checkpoint is kept
+    try:
+        learning_check = LearningCheck(**(cfg.get("learning_check") or {}))
+    except TypeError as exc:  # an unknown key (+learning_check.x=...)
+        raise ConfigError(f"learning_check: {exc}; its key is max_skipped_fraction") from None
     if cfg.get("ckpt_path") and cfg.get("train", True):
         check_checkpoint_file(cfg.ckpt_path)  # missing, 0-byte or truncated: one line, before any data
+        check_resume(cfg, cfg.ckpt_path)  # a checkpoint of another model: one line, before any data
+    # a folder in use, or holding a run this one does not resume: one line, nothing overwritten
+    with claim_run_folder(cfg.paths.output_dir, cfg.get("ckpt_path")):
+        return _fit_and_report(cfg, start, learning_check)
+
+
+def _fit_and_report(
+    cfg: DictConfig, start: float, learning_check: LearningCheck
+) -> tuple[dict[str, float], dict[str, Any]]:
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     set_threads(cfg.get("num_threads"))
+    # before the data: pretrained weights that cannot be fetched or read are refused in a second,
+    # not after a data-set scan (the backbone is the model's first part built: the same weights)
+    backbone = build_backbone(cfg)
 
     datamodule: L.LightningDataModule = instantiate(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
+    if cfg.get("ckpt_path") and cfg.get("train", True):  # of other classes: one line, before the model
+        check_resume(cfg, cfg.ckpt_path, list(datamodule.label_to_cat_id))
     module = build_module(
-        cfg, label_to_cat_id=list(datamodule.label_to_cat_id), class_names=list(datamodule.class_names)
+        cfg,
+        label_to_cat_id=list(datamodule.label_to_cat_id),
+        class_names=list(datamodule.class_names),
+        backbone=backbone,
     )
 
     output_dir = Path(cfg.paths.output_dir)
     report_cfg = cfg.get("report") or {}
-    callbacks = instantiate_group(cfg.get("callbacks"))
+    callbacks = [*instantiate_group(cfg.get("callbacks")), learning_check]
     # a run resumed from a checkpoint (ckpt_path=...) continues the wandb run that wrote it
     loggers = instantiate_group(resume_wandb_config(cfg.get("logger"), cfg.get("ckpt_path")))
     if report_cfg.get("enabled", True) and not any(isinstance(lg, CSVLogger) for lg in loggers):
@@ -149,6 +175,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         loggers.append(CSVLogger(save_dir=str(output_dir), name="csv"))
     if not loggers:  # nothing to monitor the learning rate into (logger=none)
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    # Ctrl-C saves last.ckpt at the next batch boundary and stops the run (exit status 130)
+    interrupt = InterruptCheckpoint(output_dir / "checkpoints" / "last.ckpt")
+    callbacks.append(interrupt)
     precision = resolve_precision(cfg.trainer.get("precision", "32-true"), str(cfg.trainer.get("accelerator", "auto")))
     trainer: L.Trainer = instantiate(
         cfg.trainer,
@@ -167,7 +196,16 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
     fit_start, start_step = time.time(), trainer.global_step
     if cfg.get("train", True):
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except SystemExit:  # Lightning's exit after a KeyboardInterrupt
+            if not interrupt.requested:
+                raise
+            if trainer.is_global_zero:
+                log.warning("sapd.train: %s", interrupt.message())
+            raise SystemExit(interrupt.EXIT_STATUS) from None
+        finally:
+            interrupt.restore()
     fit_seconds, fit_steps = time.time() - fit_start, trainer.global_step - start_step
     device = device_figures(trainer.strategy.root_device)  # before validation: the training peak
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -226,8 +264,9 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
                 datamodule.val_dataset,
                 size_divisor=getattr(datamodule, "size_divisor", 128),
                 metrics_files=csv_files,
-                score_thresh=float(report_cfg.get("score_thresh", 0.4)),
+                score_thresh=float(report_cfg.get("score_thresh", SCORE_THRESH)),
                 num_images=int(report_cfg.get("num_images", 8)),
+                class_table=bool(report_cfg.get("class_table", False)),
                 title=f"{cfg.get('task_name', 'train')}, {cfg.data.get('name', 'val')}",
             )
     for lg in loggers:
@@ -237,8 +276,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
     return metrics, objects
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-@refusals("sapd.train", NonFiniteLossError)
+@hydra_app("sapd.train", "train", NonFiniteLossError)
 def main(cfg: DictConfig) -> float | None:
     """Trains; a user error (config value, data, checkpoint) is one line on stderr and exit code 2."""
     configure_logging()

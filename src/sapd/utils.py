@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -48,10 +49,17 @@ def config_to_dict(cfg: DictConfig) -> dict[str, Any]:
         return OmegaConf.to_container(cfg, resolve=False)  # type: ignore[return-value]
 
 
+def format_percent(value: Any, width: int = 6) -> str:
+    """A COCO number (a fraction) in %, one decimal; ``n/a`` where it measures nothing (COCOeval's -1 for
+    no ground truth, e.g. no large objects, or NaN)."""
+    v = float(value) if value is not None else float("nan")
+    return f"{'n/a':>{width}}" if math.isnan(v) or v < 0 else f"{100 * v:{width}.1f}"
+
+
 def format_coco_table(table: Mapping[str, float], title: str = "COCO bbox") -> str:
-    """The six COCO numbers as a two-line table (values in %, as papers print them)."""
+    """The six COCO numbers as a two-line table (values in %, as papers print them; ``n/a`` without ground truth)."""
     head = " ".join(f"{name:>6}" for name, _ in TABLE_COLUMNS)
-    row = " ".join(f"{100 * float(table.get(key, float('nan'))):6.1f}" for _, key in TABLE_COLUMNS)
+    row = " ".join(format_percent(table.get(key)) for _, key in TABLE_COLUMNS)
     return f"{title}\n{head}\n{row}"
 
 

@@ -287,6 +287,7 @@ class COCODetection(Dataset):
         self.stats["images"] = len(self.ids)
         self._coco_ids = None if max_images is None else self._image_ids.tolist()
         self._coco = None
+        self._row_of: dict[int, int] | None = None  # image id -> row, for ground_truth()
 
     # -- parsing ---------------------------------------------------------------------------------
 
@@ -413,6 +414,15 @@ class COCODetection(Dataset):
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def ground_truth(self, img_id: int) -> dict[str, np.ndarray]:
+        """The evaluation ground truth of image ``img_id``, as evaluation scores it (boxes it drops are not
+        in it): ``boxes`` float32[G, 4] (x1, y1, x2, y2, original pixels), ``labels`` int64[G] (contiguous)
+        and ``iscrowd`` bool[G]; in the annotation file's frame."""
+        if self._row_of is None:  # built on first use only (not in every loader worker)
+            self._row_of = {int(i): r for r, i in enumerate(self._image_ids.tolist())}
+        ev = self._entries("eval", self._row_of[int(img_id)])
+        return {"boxes": self._eval_boxes[ev], "labels": self._eval_labels[ev], "iscrowd": self._eval_iscrowd[ev]}
 
     @property
     def aspect_ratios(self) -> list[float]:

@@ -269,8 +269,14 @@ class COCODataModule(L.LightningDataModule):
                 )
             self.train_dataset = train
         if stage in (None, "fit", "validate") and self.val_dataset is None:
-            self.val_dataset = self._dataset("val", train=False, max_images=self.limit_val_images)
-            self._log_counts("val", self.val_dataset)
+            val = self._dataset("val", train=False, max_images=self.limit_val_images)
+            self._log_counts("val", val)
+            if len(val) == 0:  # no table to print, no best checkpoint to choose: refuse rather than say nothing
+                raise DataError(
+                    f"{val.ann_file}: the validation set has no image, so nothing can be scored (training picks its "
+                    "best checkpoint by it); give a validation set with images (data.val_ann, data.val_images)"
+                )
+            self.val_dataset = val
         if stage in (None, "test", "predict") and self.test_dataset is None:
             self.test_dataset = self._dataset("test", train=False)
             self._log_counts("test", self.test_dataset)

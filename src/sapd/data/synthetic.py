@@ -38,15 +38,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw
 
+from sapd.app import hydra_app
 from sapd.data import DataError
-from sapd.errors import refusals
+from sapd.errors import check_run_config
 from sapd.logs import configure_logging
-from sapd.paths import CONFIG_PATH
 
 log = logging.getLogger(__name__)
 
@@ -475,11 +474,11 @@ def draw(cfg: DictConfig) -> Path:
     )
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="synthetic")
-@refusals("sapd.data.synthetic")
+@hydra_app("sapd.data.synthetic", "synthetic")
 def main(cfg: DictConfig) -> None:
     """``python -m sapd.data.synthetic [out=DIR] [data.synthetic.KEY=VALUE ...]``: prints the set's folder."""
     configure_logging()
+    check_run_config(cfg)
     root = draw(cfg)
     print(root)
 

@@ -143,7 +143,7 @@ def candidate_pairs(
     sizes = torch.tensor(level_sizes, device=device, dtype=torch.long).reshape(num_levels, 2)  # [L, 2]
     hs, ws = sizes[:, 0], sizes[:, 1]
     counts_per_level = hs * ws
-    num_points = int(counts_per_level.sum())
+    num_points = sum(h * w for h, w in level_sizes)  # on the host: level_sizes are Python ints
     level_start = torch.cumsum(counts_per_level, 0) - counts_per_level  # [L]
     s = torch.tensor(strides, device=device, dtype=boxes.dtype)  # [L]
     if boxes.numel() == 0:
@@ -179,7 +179,8 @@ def candidate_pairs(
         keep = _centre_points(keep, xy, m * num_levels + lvl, boxes[m], valid[m], count.numel())
     elif valid_region != "cell_overlap":
         raise ValueError(f"valid_region must be one of {VALID_REGIONS}, got {valid_region!r}")
-    m, point = m[keep], (level_start[lvl] + iy * ws[lvl] + ix)[keep]
+    kept = torch.nonzero(keep).squeeze(1)  # one read of the count, then plain indexing
+    m, point = m[kept], (level_start[lvl] + iy * ws[lvl] + ix)[kept]
     if box_images is not None:
         point = point + box_images[m] * num_points
     return m, point
@@ -191,8 +192,7 @@ def _centre_points(keep: Tensor, xy: Tensor, group: Tensor, boxes: Tensor, valid
     nearest to the box centre."""
     x, y = xy[:, 0], xy[:, 1]
     in_valid = keep & (x > valid[:, 0]) & (x < valid[:, 2]) & (y > valid[:, 1]) & (y < valid[:, 3])  # [T]
-    has_centre = torch.zeros(num_groups, dtype=torch.bool, device=keep.device)
-    has_centre.index_put_((group[in_valid],), torch.ones_like(group[in_valid], dtype=torch.bool))
+    has_centre = torch.zeros(num_groups, device=keep.device).index_add_(0, group, in_valid.float()) > 0
     cx, cy = (boxes[:, 0] + boxes[:, 2]) / 2, (boxes[:, 1] + boxes[:, 3]) / 2
     dist = torch.where(keep, (x - cx).square() + (y - cy).square(), torch.full_like(x, math.inf))  # [T]
     nearest = torch.full((num_groups,), math.inf, dtype=dist.dtype, device=keep.device)
@@ -233,8 +233,7 @@ def assign_owners(
     best = torch.full_like(owner, order.numel())
     best.scatter_reduce_(0, point_idx, rank[box_idx], reduce="amin")  # smallest-area claimant per point
     owned = best < order.numel()
-    owner[owned] = order[best[owned]]
-    return owner
+    return torch.where(owned, order[best.clamp(max=order.numel() - 1)], owner)
 
 
 def encode(points: Tensor, point_strides: Tensor, boxes: Tensor, z: float = 4.0) -> Tensor:

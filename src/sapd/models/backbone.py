@@ -8,12 +8,72 @@ True)`` and Dai et al. 2017.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import timm
 import torch
+from timm.models import load_state_dict
 from torch import Tensor, nn
 from torchvision.ops import DeformConv2d, FrozenBatchNorm2d
+
+from sapd.errors import UserError
+
+WEIGHTS_KEY = "model.backbone.checkpoint_path"
+
+
+class WeightsError(UserError):
+    """Backbone weights that cannot be had: not fetchable, not a weights file, or another model's."""
+
+
+def _first_line(exc: BaseException) -> str:
+    """``Type: first sentence`` of an exception from a library (whose messages run to many lines)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0].split('. ')[0].rstrip('.')}" if text else type(exc).__name__
+
+
+def load_backbone_weights(model: nn.Module, checkpoint_path: str | Path, name: str) -> None:
+    """Loads a local weights file (timm's own state-dict keys; ``.pth`` / ``.safetensors``, read by
+    timm's ``load_state_dict``) into the timm feature model ``model`` of ``name``.
+
+    Every tensor of the model must be in the file with its shape (the file's classifier and other
+    extra keys are left out); else :class:`WeightsError` names the file, what does not fit and the fix.
+    A partial load would train from random weights without a word.
+    """
+    path = Path(checkpoint_path).expanduser()
+    if not path.is_file():
+        raise WeightsError(
+            f"{WEIGHTS_KEY}={checkpoint_path} is not a file: give timm's weights of {name} "
+            "(.pth or .safetensors) or null"
+        )
+    try:
+        state = load_state_dict(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - torch and safetensors raise many types for a file that is not weights
+        raise WeightsError(
+            f"{WEIGHTS_KEY}={checkpoint_path} cannot be read as weights ({_first_line(exc)}): "
+            f"give a state dict of timm's {name} (.pth or .safetensors)"
+        ) from None
+    if not isinstance(state, Mapping):
+        raise WeightsError(f"{WEIGHTS_KEY}={checkpoint_path} holds a {type(state).__name__}, not a state dict")
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    missing = [k for k in own if k not in state]
+    wrong = [
+        (k, tuple(getattr(state[k], "shape", ())), tuple(v.shape))
+        for k, v in own.items()
+        if k in state and (not isinstance(state[k], Tensor) or tuple(state[k].shape) != tuple(v.shape))
+    ]
+    if missing or wrong:
+        what = []
+        if missing:
+            what.append(f"{len(missing)} of its {len(own)} tensors are missing (e.g. {missing[0]})")
+        if wrong:
+            k, theirs, ours = wrong[0]
+            what.append(f"{len(wrong)} have another shape (e.g. {k}: {list(theirs)} in the file, {list(ours)} here)")
+        raise WeightsError(
+            f"{WEIGHTS_KEY}={checkpoint_path} does not hold the weights of backbone {name}: "
+            f"{'; '.join(what)}; give timm's weights of {name}, or the model.backbone.name the file is for"
+        )
+    model.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
 
 
 def freeze_batch_norm(module: nn.Module) -> nn.Module:
@@ -101,24 +161,24 @@ class TimmBackbone(nn.Module):
         dcn: bool = False,
     ):
         super().__init__()
-        kwargs: dict = {"features_only": True}
-        if checkpoint_path is not None:
-            path = Path(checkpoint_path).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(f"backbone checkpoint_path {str(path)!r} is not a file")
-            kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
-        elif pretrained:
-            kwargs.update(pretrained=True)
+        if not timm.is_model(name):
+            raise WeightsError(
+                f"model.backbone.name={name!r} is not a timm model "
+                "(e.g. resnet50, resnet101, resnext101_64x4d, resnet10t)"
+            )
+        fetch = pretrained and checkpoint_path is None
         try:
-            model = timm.create_model(name, **kwargs)
+            model = timm.create_model(name, features_only=True, pretrained=fetch)
         except Exception as err:
-            if kwargs.get("pretrained") and checkpoint_path is None:
-                raise RuntimeError(
-                    f"cannot get pretrained weights for backbone {name!r} from timm "
-                    f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
-                    "set model.backbone.checkpoint_path=/path/to/weights or pretrained=false"
+            if fetch:
+                raise WeightsError(
+                    f"cannot get the pretrained weights of backbone {name!r} from timm's hub ({_first_line(err)}); "
+                    f"download them where there is a network and give {WEIGHTS_KEY}=/path/to/weights "
+                    "(.pth or .safetensors), or model.backbone.pretrained=false to train from scratch"
                 ) from err
             raise
+        if checkpoint_path is not None:
+            load_backbone_weights(model, checkpoint_path, name)
         reductions = model.feature_info.reduction()
         self.out_indices = [reductions.index(r) for r in (8, 16, 32)]
         self.out_channels = [model.feature_info.channels()[i] for i in self.out_indices]

@@ -136,7 +136,30 @@ class SAPDCriterion:
         *,
         z: float = 4.0,
     ) -> dict[str, Tensor]:
-        """Loss dict of docs/contracts.md.
+        """Loss dict of docs/contracts.md, computed in float32 whatever autocast is in force.
+
+        Every sum of the loss (the focal sums, whose negative part is a matrix product that autocast
+        would run in half precision, the weight sums and Eq. 6's normaliser) runs with autocast off on
+        float32 inputs; only the selection network runs under the caller's autocast, as any layer.
+        See :meth:`_compute` for the arguments.
+        """
+        device_type = outputs["cls_logits"].device.type
+        amp = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self._compute(outputs, targets, strides, selection, phase, z=z, amp=amp)
+
+    def _compute(
+        self,
+        outputs: dict,
+        targets: Sequence[dict],
+        strides: Sequence[int],
+        selection: nn.Module | None,
+        phase: int,
+        *,
+        z: float,
+        amp: tuple[bool, torch.dtype],
+    ) -> dict[str, Tensor]:
+        """The loss with autocast off.
 
         Args:
             outputs: ``SAPD.forward`` output: ``cls_logits`` [N, P, K], ``box_reg`` [N, P, 4],
@@ -146,6 +169,7 @@ class SAPDCriterion:
             selection: the feature-selection network (or None).
             phase: 1 (FSAF single level) or 2 (soft top-k).
             z: normalisation scalar of Eq. 1 (the detector's box coding).
+            amp: the caller's autocast (enabled, dtype), restored around the selection network.
         """
         cls_logits, box_reg = outputs["cls_logits"], outputs["box_reg"]
         level_sizes = [tuple(int(v) for v in hw) for hw in outputs["level_sizes"]]
@@ -159,11 +183,12 @@ class SAPDCriterion:
 
         boxes = torch.cat([t["boxes"].to(device=device, dtype=dtype).reshape(-1, 4) for t in targets])  # [M, 4]
         labels = torch.cat([t["labels"].to(device=device, dtype=torch.long).reshape(-1) for t in targets])  # [M]
+        num_inst = boxes.shape[0]
         box_images = torch.repeat_interleave(
             torch.arange(num_images, device=device),
             torch.tensor([len(t["labels"]) for t in targets], device=device),
+            output_size=num_inst,  # known on the host: no wait for the device
         )  # [M]
-        num_inst = boxes.shape[0]
         points, point_strides, point_levels = anchor_points(level_sizes, strides, device=device, dtype=dtype)
 
         with torch.no_grad():
@@ -178,7 +203,8 @@ class SAPDCriterion:
             own_d = encode(points[own_p], point_strides[own_p], boxes[own_m], z)  # [Q, 4] Eq. 1
 
             # 2. §3.3: per-point loss, unweighted, focal summed over classes + IoU.
-            own_onehot = F.one_hot(labels[own_m], num_classes).to(dtype)  # [Q, K]
+            # (F.one_hot would read the labels' range back to the host to check it)
+            own_onehot = (labels[own_m, None] == torch.arange(num_classes, device=device)).to(dtype)  # [Q, K]
             own_cls = sigmoid_focal_loss(logits[owned_idx], own_onehot, self.focal_alpha, self.focal_gamma)
             point_loss = own_cls.sum(1) + iou_loss(reg[owned_idx], own_d, self.loc_loss)  # [Q]
 
@@ -189,10 +215,15 @@ class SAPDCriterion:
         # 4. §3.3: selection net (with gradient, trained from the start) and level assignment.
         if self.soft_select and phase == 2 and selection is None:
             raise ValueError("phase 2 soft level selection needs a feature-selection network (selection=None)")
-        run_selection = selection is not None and num_inst > 0 and (self.soft_select or self.lambda_select > 0)
+        # The selection net runs whenever it exists, with no instance too (an empty RoI batch): every
+        # parameter then takes part in every step on every process, so DDP's gradient all-reduce never
+        # waits for a process whose batch holds no training box (find_unused_parameters stays off).
+        run_selection = selection is not None
         probs = sel_logits = None
         if run_selection:
-            sel_logits = selection(outputs["features"], boxes, box_images, strides)  # [M, L]
+            with torch.autocast(device_type=device.type, dtype=amp[1], enabled=amp[0]):
+                sel_logits = selection(outputs["features"], boxes, box_images, strides)  # [M, L]
+            sel_logits = sel_logits.float()
             probs = sel_logits.softmax(-1)
         soft = self.soft_select and phase == 2 and probs is not None
         level_weights, selected, argmin = select_levels(level_losses, probs, soft=soft, topk=self.topk)
@@ -204,7 +235,8 @@ class SAPDCriterion:
             if self.soft_weight and self.soft_weight_norm == "level_max":
                 f = level_max_normalised(f, own_m * num_levels + own_lvl, num_inst * num_levels)
             pos_w = level_weights[own_m, own_lvl] * f  # [Q]
-            pos_idx, pos_m, pos_d, pos_w = owned_idx[pos_mask], own_m[pos_mask], own_d[pos_mask], pos_w[pos_mask]
+            pos_q = torch.nonzero(pos_mask).squeeze(1)  # [Q+] one read of the count, then plain indexing
+            pos_idx, pos_m, pos_d, pos_w = owned_idx[pos_q], own_m[pos_q], own_d[pos_q], pos_w[pos_q]
             weights = torch.ones(num_images * num_points, device=device, dtype=dtype)  # [N*P]
             weights[pos_idx] = pos_w
             ignore = []  # flat (point, class) elements with weight 0
@@ -225,11 +257,13 @@ class SAPDCriterion:
         )
         loc_loss = (iou_loss(reg[pos_idx], pos_d, self.loc_loss) * pos_w).sum()
         cls_loss, loc_loss = cls_loss / normaliser, loc_loss / normaliser
-        valid = has_candidate & (argmin >= 0)
-        if run_selection and bool(valid.any()):
-            select_loss = F.cross_entropy(sel_logits[valid], argmin[valid])
-        elif run_selection:
-            select_loss = sel_logits.sum() * 0  # keeps the graph (DDP-safe) with no instance to train on
+        valid = has_candidate & (argmin >= 0)  # [M] instances with a target level
+        num_valid = valid.sum()
+        if run_selection:
+            # the mean cross-entropy over the valid instances, as a masked sum (no host-side branch; 0,
+            # with the graph kept, when there is none)
+            ce = F.cross_entropy(sel_logits, argmin.clamp(min=0), reduction="none")  # [M]
+            select_loss = torch.where(valid, ce, torch.zeros_like(ce)).sum() / num_valid.clamp(min=1)
         else:
             select_loss = logits.new_zeros(())
         total = cls_loss + loc_loss + self.lambda_select * select_loss
@@ -243,7 +277,7 @@ class SAPDCriterion:
             "pos_weight_sum": pos_w.sum().detach(),
             "num_unassigned": (~has_candidate).sum().to(dtype),
         }
-        mean_w = level_weights[valid].mean(0) if bool(valid.any()) else level_weights.new_zeros(num_levels)
+        mean_w = (level_weights * valid[:, None]).sum(0) / num_valid.clamp(min=1)  # [L]; 0 with no valid instance
         for lvl in range(num_levels):
             out[f"sel_w/P{lvl + 3}"] = mean_w[lvl].detach()
         out["selection_probs"] = (
@@ -251,5 +285,5 @@ class SAPDCriterion:
         )
         # Who trains where, for analysis (sapd.analysis): each positive point's instance (index into the
         # batch's concatenated boxes), level and weight w of Eq. 5. A dict, so no logger mistakes it for a metric.
-        out["assignment"] = {"instance": pos_m, "level": own_lvl[pos_mask], "weight": pos_w.detach()}
+        out["assignment"] = {"instance": pos_m, "level": own_lvl[pos_q], "weight": pos_w.detach()}
         return out

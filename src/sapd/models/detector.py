@@ -66,17 +66,35 @@ class SAPD(nn.Module):
         self.selection = _finish(selection, in_channels=channels, num_levels=self.num_levels)
         self.criterion = criterion if criterion is not None else SAPDCriterion()
         self.criterion.check_levels(self.num_levels)
+        if self.criterion.soft_select and self.selection is None:  # else it fails at the phase switch, mid-run
+            raise ValueError(
+                "model.criterion.soft_select=true needs a feature-selection network: set model.selection "
+                "(model=sapd has one) or ablation=fsaf / ablation=sw"
+            )
         self.postprocessor = postprocess if postprocess is not None else PostProcess()
         if not float(z) > 0:
             raise ValueError(f"model.z must be > 0; got {z!r}")
         self.z = float(z)
         self.register_buffer("phase", torch.tensor(1, dtype=torch.long))  # persistent: in state_dict
+        # The phase on the host as well, so that the training step reads it without waiting for the
+        # device; refreshed whenever the buffer is loaded from a checkpoint.
+        self._phase = 1
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._read_phase())
+
+    def _read_phase(self) -> None:
+        self._phase = int(self.phase)
+
+    @property
+    def current_phase(self) -> int:
+        """The training phase (1 or 2) as a Python int."""
+        return self._phase
 
     def set_phase(self, phase: int) -> None:
         """1: FSAF single-level selection; 2: soft top-k selection (§3.4: second half of training)."""
         if phase not in (1, 2):
             raise ValueError(f"phase must be 1 or 2, got {phase}")
         self.phase.fill_(phase)
+        self._phase = phase
 
     def forward(self, images: Tensor) -> dict:
         """
@@ -102,7 +120,7 @@ class SAPD(nn.Module):
             outputs: :meth:`forward` output.
             targets: per image ``boxes`` FloatTensor[M, 4] (x1, y1, x2, y2 input pixels), ``labels`` LongTensor[M].
         """
-        return self.criterion(outputs, targets, self.strides, self.selection, int(self.phase), z=self.z)
+        return self.criterion(outputs, targets, self.strides, self.selection, self._phase, z=self.z)
 
     @torch.no_grad()
     def postprocess(

@@ -21,7 +21,7 @@ from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.image_list import ImageList
 
 from sapd.models.detector import attach_pyramid
-from sapd.models.postprocess import PostProcess
+from sapd.models.postprocess import PostProcess, has_area
 
 __all__ = ["FCOSDetector"]
 
@@ -130,7 +130,8 @@ class FCOSDetector(nn.Module):
         scale_factors: Sequence[tuple[float, float]] | None = None,
     ) -> list[dict[str, Tensor]]:
         """Detections per image: ``boxes`` clipped to ``image_sizes`` (h, w) then divided by ``scale_factors``
-        (sx, sy), i.e. original pixels; ``scores`` (sqrt(cls * centre-ness)); ``labels``."""
+        (sx, sy), i.e. original pixels, boxes left without area dropped; ``scores`` (sqrt(cls * centre-ness));
+        ``labels``."""
         post = self.postprocessor
         self.fcos.score_thresh, self.fcos.nms_thresh = post.score_thresh, post.nms_thresh
         self.fcos.topk_candidates, self.fcos.detections_per_img = post.pre_nms_topk, post.max_detections
@@ -138,6 +139,7 @@ class FCOSDetector(nn.Module):
         split = {k: list(v.split(num_per_level, dim=1)) for k, v in self._head_outputs(outputs).items()}
         anchors = [list(a.split(num_per_level)) for a in self._anchors(outputs)]
         dets = self.fcos.postprocess_detections(split, anchors, [tuple(s) for s in image_sizes])
+        dets = [{k: v[has_area(det["boxes"])] for k, v in det.items()} for det in dets]  # as SAPD's
         if scale_factors is not None:
             for det, (sx, sy) in zip(dets, scale_factors):
                 det["boxes"] = det["boxes"] / det["boxes"].new_tensor([sx, sy, sx, sy])

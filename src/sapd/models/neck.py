@@ -38,9 +38,12 @@ class NonLocal2d(nn.Module):
         g = self.g(x).flatten(2).transpose(1, 2)  # [N, HW, C']
         theta = self.theta(x).flatten(2).transpose(1, 2)  # [N, HW, C']
         phi = self.phi(x).flatten(2)  # [N, C', HW]
-        attn = torch.bmm(theta, phi).softmax(-1)  # [N, HW, HW] embedded Gaussian
-        y = torch.bmm(attn, g).transpose(1, 2).reshape(n, -1, h, w)  # [N, C', H, W]
-        return x + self.out(y)
+        # The attention in float32 under any autocast: theta^T phi sums C' products unscaled (no
+        # 1/sqrt(C')), so its logits leave half precision's range (65504) on real features.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            attn = torch.bmm(theta.float(), phi.float()).softmax(-1)  # [N, HW, HW] embedded Gaussian
+            y = torch.bmm(attn, g.float()).transpose(1, 2).reshape(n, -1, h, w)  # [N, C', H, W]
+        return x + self.out(y.to(x.dtype))
 
 
 class BalancedFeaturePyramid(nn.Module):

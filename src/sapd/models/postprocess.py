@@ -1,6 +1,6 @@
 """Inference post-processing (paper §3.4), as one readable pipeline per image:
-threshold -> per-level top-k -> decode (reverse of Eq. 1) -> clip -> class-aware NMS -> keep N
--> map to the original image's pixels. Pattern of torchvision ``detection/fcos.py`` postprocess.
+threshold -> per-level top-k -> decode (reverse of Eq. 1) -> clip -> drop boxes without area -> class-aware NMS
+-> keep N -> map to the original image's pixels. Pattern of torchvision ``detection/fcos.py`` postprocess.
 """
 
 from __future__ import annotations
@@ -13,6 +13,12 @@ from torch import Tensor
 from torchvision.ops import batched_nms, clip_boxes_to_image
 
 from sapd.models.anchor_points import anchor_points, decode
+
+
+def has_area(boxes: Tensor) -> Tensor:
+    """BoolTensor[...]: which boxes ``[..., 4]`` (x1, y1, x2, y2) have a width and a height. Clipping leaves
+    a box wholly outside the image (or one decoded inside out) without them: never a detection."""
+    return (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
 
 
 @torch.no_grad()
@@ -71,6 +77,8 @@ def postprocess_detections(
         boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
         h, w = (int(v) for v in image_sizes[i])
         boxes = clip_boxes_to_image(boxes, (h, w))
+        nonempty = has_area(boxes)
+        boxes, scores, labels = boxes[nonempty], scores[nonempty], labels[nonempty]
         keep = batched_nms(boxes, scores, labels, nms_thresh)[:max_detections]  # sorted by score
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         if scale_factors is not None:

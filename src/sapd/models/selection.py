@@ -147,8 +147,7 @@ def select_levels(
         top = level_losses.topk(k, dim=1, largest=False).indices  # [M, k]
         selected = torch.zeros_like(candidate).scatter_(1, top, True) & candidate
         level_weights = probs.detach() * selected  # Eq. 5: w_l^B from the selection net
-    else:
-        selected = torch.zeros_like(candidate)
-        selected[has_candidate, argmin[has_candidate]] = True
+    else:  # one-hot of argmin where there is a candidate (a scatter: no boolean-mask index, no host wait)
+        selected = torch.zeros_like(candidate).scatter_(1, argmin.clamp(min=0)[:, None], has_candidate[:, None])
         level_weights = selected.to(level_losses.dtype)
     return level_weights, selected, argmin
