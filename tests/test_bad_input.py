@@ -1,4 +1,4 @@
-"""Bad input, end to end: every refusal explained, nothing lost silently (issue 12).
+"""Bad input, end to end: every refusal explained, nothing lost silently.
 
 Tiny hand-made COCO sets in tmp_path: degenerate boxes, unknown categories, images that cannot be
 read (skipped, counted and never replaced), decompression bombs, odd image sizes and bit depths.
