@@ -221,6 +221,7 @@ SETTINGS: dict[str, Rule] = {
     "data.aspect_ratio_groups": integer(0),
     "data.drop_empty": flag(),
     "data.skip_bad_images": flag(),
+    "data.allow_outside_root": flag(),
     "data.limit_val_images": integer(1, null="every validation image"),
     "data.seed": integer(0, SEED_MAX, null="the run's seed"),
     "data.test_split": one_of("test-dev", "val", "test"),

@@ -354,11 +354,13 @@ class SAPDLitModule(L.LightningModule):
         return dets
 
     def to_coco_results(self, dets: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Any]]) -> list[dict]:
-        """Detections as COCO results entries (xywh, original category ids)."""
+        """Detections as COCO results entries (xywh, original category ids, the annotation file's frame)."""
+        from sapd.data.coco import to_annotation_frame
+
         cat_ids = self.label_to_cat_id
         results = []
         for det, tgt in zip(dets, targets):
-            boxes = det["boxes"].detach().cpu()
+            boxes = to_annotation_frame(det["boxes"].detach().cpu(), tgt)  # unturned where annotated unturned
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
             scores = det["scores"].detach().cpu().tolist()
             labels = det["labels"].detach().cpu().tolist()
