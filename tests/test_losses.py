@@ -174,8 +174,11 @@ def test_phase1_one_level_weight_one():
     # CE of the selection net against the argmin level (P5) with lambda = 0.1 in the total.
     assert loss["select"].item() == pytest.approx(-math.log(0.4), rel=1e-5)
     assert loss["total"].item() == pytest.approx((cls + loc + 0.1 * loss["select"]).item(), rel=1e-5)
-    assert loss["selection_probs"].tolist() == [pytest.approx(PROBS.tolist())]
-    assert not loss["selection_probs"].requires_grad and loss["total"].requires_grad
+    probs = crit.last_assignment.selection_probs
+    assert probs.tolist() == [pytest.approx(PROBS.tolist())]
+    assert not probs.requires_grad and loss["total"].requires_grad
+    # the loss dict holds scalars only: the assignment is the criterion's, not the loss's
+    assert all(v.dim() == 0 for v in loss.values())
 
 
 @pytest.mark.parametrize("topk", [3, 2])
@@ -278,9 +281,10 @@ def test_empty_ground_truth():
     out["cls_logits"].requires_grad_(True)
     empty = {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long)}
     for sel, phase in ((FixedSelection(PROBS), 2), (None, 1)):
-        loss = SAPDCriterion()(out, [empty, empty], STRIDES, sel, phase=phase)
+        crit = SAPDCriterion()
+        loss = crit(out, [empty, empty], STRIDES, sel, phase=phase)
         assert torch.isfinite(loss["total"]) and loss["loc"] == 0 and loss["num_pos"] == 0
-        assert loss["selection_probs"].shape == (0, 5)
+        assert crit.last_assignment.selection_probs.shape == (0, 5)
         ref = torchvision.ops.sigmoid_focal_loss(out["cls_logits"], torch.zeros(2, 86, 2), reduction="sum")
         assert loss["cls"].item() == pytest.approx(ref.item(), rel=1e-5)  # normaliser max(0, 1) = 1
         loss["total"].backward()
