@@ -30,24 +30,16 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from sapd.app import hydra_app
 from sapd.errors import check_run_config
 from sapd.logs import configure_logging
+from sapd.models.criterion import paper_setting
 from sapd.utils import TABLE_COLUMNS
 
 log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 
-# The paper's setting of each switch (the defaults of conf/model/sapd.yaml); a row's variant
-# is the list of switches that differ from these.
-PAPER_SETTING: dict[str, Any] = {
-    "eta": 1.0,
-    "topk": 3,
-    "epsilon": 0.2,
-    "valid_region": "cell_overlap",
-    "soft_weight_norm": "none",
-    "normaliser": "weight_sum",
-    "unselected": "negative",
-    "ignore_epsilon": None,
-}
+# The paper's setting of each switch (sapd.models.SAPDCriterion's defaults); a row's variant is the
+# list of switches that differ from these.
+PAPER_SETTING: dict[str, Any] = paper_setting()
 METRICS = TABLE_COLUMNS  # (column, COCO key): AP, AP50, AP75, APs, APm, APl
 ABLATION_ORDER = {"FSAF": 0, "+SW": 1, "+SS": 2, "+SW+SS": 3}
 # Switches that do not change a row's computation: without SW, f := 1 (eta and its normalisation
