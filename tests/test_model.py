@@ -67,6 +67,20 @@ def test_backbone_frozen_defaults():
     assert [tuple(f.shape[1:]) for f in feats] == [(128, 8, 12), (256, 4, 6), (512, 2, 3)]
 
 
+def test_frozen_batch_norm_computes_what_the_batch_norm_did_in_eval_mode():
+    torch.manual_seed(0)
+    bb = TimmBackbone(name="resnet10t", frozen_stages=-1, norm_eval=False)
+    for m in bb.modules():  # statistics and affine parameters other than the initial ones
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5), nn.init.uniform_(m.bias, -0.5, 0.5)
+    frozen = TimmBackbone(name="resnet10t", frozen_stages=-1, norm_eval=True)
+    frozen.load_state_dict(bb.state_dict())
+    x = torch.randn(2, 3, 64, 96)
+    for a, b in zip(bb.eval()(x), frozen.train()(x)):  # frozen: the same in train mode
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_backbone_trainable_batchnorm_from_scratch():
     bb = TimmBackbone(name="resnet10t", frozen_stages=-1, norm_eval=False)
     assert all(p.requires_grad for p in bb.parameters())
