@@ -278,8 +278,10 @@ class SAPDLitModule(L.LightningModule):
             self._num_unassigned = unassigned if self._num_unassigned is None else self._num_unassigned + unassigned
         bs = images.shape[0]
         self._log_losses("train", losses, bs, on_step=True)
-        # the selection net's level probabilities reach callbacks (SelectionHistogram) as step outputs
-        return {"loss": losses["total"], "selection_probs": losses.get("selection_probs")}
+        # the selection net's level probabilities (the criterion's assignment of this batch) reach callbacks
+        # (SelectionHistogram) as step outputs
+        assignment = getattr(getattr(self.net, "criterion", None), "last_assignment", None)
+        return {"loss": losses["total"], "selection_probs": getattr(assignment, "selection_probs", None)}
 
     def _world_size(self) -> int:
         trainer = self._trainer
@@ -309,8 +311,6 @@ class SAPDLitModule(L.LightningModule):
 
     def _log_losses(self, stage: str, losses: dict[str, Any], batch_size: int, on_step: bool) -> None:
         for key, value in losses.items():
-            if not isinstance(value, Tensor) or value.numel() != 1:
-                continue
             self.log(
                 f"{stage}/{key}",
                 value.detach().float(),

@@ -41,6 +41,7 @@ from sapd.app import hydra_app
 from sapd.error_analysis import ERROR_TYPES, ERRORS_CSV, read_errors_csv
 from sapd.errors import check_run_config
 from sapd.logs import configure_logging
+from sapd.models.criterion import paper_setting
 from sapd.paired import EFFECT, Paired, format_signed, pair
 from sapd.utils import TABLE_COLUMNS
 
@@ -48,18 +49,9 @@ log = logging.getLogger(__name__)
 
 SUMMARY_FILE = "summary.json"
 
-# The paper's setting of each switch (the defaults of conf/model/sapd.yaml); a row's variant
-# is the list of switches that differ from these.
-PAPER_SETTING: dict[str, Any] = {
-    "eta": 1.0,
-    "topk": 3,
-    "epsilon": 0.2,
-    "valid_region": "cell_overlap",
-    "soft_weight_norm": "none",
-    "normaliser": "weight_sum",
-    "unselected": "negative",
-    "ignore_epsilon": None,
-}
+# The paper's setting of each switch (sapd.models.SAPDCriterion's defaults); a row's variant is the
+# list of switches that differ from these.
+PAPER_SETTING: dict[str, Any] = paper_setting()
 METRICS = TABLE_COLUMNS  # (column, COCO key): AP, AP50, AP75, APs, APm, APl
 # What the paired table compares: AP, AP75 and the AP50 each TIDE error type costs (report/errors.csv)
 ERROR_KEY = "dAP_"

@@ -30,6 +30,7 @@ from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file, check_res
 from sapd.errors import ConfigError, check_run_config
 from sapd.loggers import WANDB_ID_FILE, resume_wandb_config
 from sapd.logs import configure_logging
+from sapd.models.criterion import reported_keys
 from sapd.module import NonFiniteLossError
 from sapd.provenance import data_identity, source_commit
 from sapd.run_folder import SUMMARY_FILE, claim_run_folder
@@ -38,18 +39,7 @@ from sapd.utils import format_coco_table, instantiate_group, resolve_precision, 
 log = logging.getLogger("sapd.train")
 
 # Criterion keys a run summary records (flat, beside the model's ``_target_``): the switches ablations vary.
-REPORTED_CRITERION_KEYS = (
-    "soft_weight",
-    "soft_select",
-    "eta",
-    "topk",
-    "epsilon",
-    "valid_region",
-    "soft_weight_norm",
-    "normaliser",
-    "unselected",
-    "ignore_epsilon",
-)
+REPORTED_CRITERION_KEYS = reported_keys()
 
 
 def _overrides() -> list[str]:
