@@ -1,4 +1,4 @@
-"""COCO evaluation, without Lightning: what a validation or test pass collects, gathers and scores.
+"""The COCO evaluator, without Lightning: what a validation or test pass collects, gathers and scores.
 
 :class:`COCOEvaluator` owns one evaluation pass. In each process it collects the image ids, the metric's
 per-image states (torchmetrics' :class:`~torchmetrics.detection.MeanAveragePrecision`, the metric
@@ -8,7 +8,7 @@ every rank returns the same :class:`Evaluation`.
 
 The scoring engine behind the metric is ``hotcoco`` (a Rust COCOeval): its 12 stats and its
 precision/recall arrays equal pycocotools' on sapd's detections, crowd regions and empty results
-(``tests/test_evaluation.py``; figures and timings in docs/benchmarks.md), and it scores a COCO-sized
+(``tests/test_evaluation.py``; figures and timings in docs/scoring_engines.md), and it scores a COCO-sized
 set far faster. ``faster_coco_eval`` and ``pycocotools`` (torchmetrics' own backends) stay selectable.
 """
 
@@ -19,34 +19,19 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torchmetrics.detection import MeanAveragePrecision
-from torchmetrics.detection.helpers import CocoBackend
+
+from sapd.evaluation.class_metrics import ClassMetrics, class_metrics_from_coco
+from sapd.evaluation.engines import coco_metric
 
 log = logging.getLogger(__name__)
 
 # The COCO numbers logged after each evaluation (torchmetrics' names), as ``<stage>/<key>``.
 COCO_KEYS = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_100")
-
-# COCOeval's 12 summary stats, in its order, by torchmetrics' names.
-COCO_STATS = (
-    "map",
-    "map_50",
-    "map_75",
-    "map_small",
-    "map_medium",
-    "map_large",
-    "mar_1",
-    "mar_10",
-    "mar_100",
-    "mar_small",
-    "mar_medium",
-    "mar_large",
-)
 
 # The states of torchmetrics' MeanAveragePrecision (iou_type="bbox") that hold one entry per image, in update order.
 BOX_STATES = (
@@ -59,178 +44,7 @@ BOX_STATES = (
     "groundtruth_area",
 )
 
-Engine = Literal["hotcoco", "faster_coco_eval", "pycocotools"]
-ENGINES: tuple[str, ...] = ("hotcoco", "faster_coco_eval", "pycocotools")
 
-
-# ---------------------------------------------------------------------------------------- numbers
-@dataclass
-class ClassMetrics:
-    """Per-class COCO numbers of one evaluation, over all K classes of the data set.
-
-    Attributes:
-        ap, ap50, ap75 (FloatTensor[K]): AP at IoU 0.50:0.95, 0.50 and 0.75; NaN for a class
-            without ground truth (COCO leaves it out of every mean).
-        num_gt (LongTensor[K]): non-crowd ground-truth boxes of each class.
-        precision50 (FloatTensor[R, K]): COCO's interpolated precision at IoU 0.5 at each recall
-            threshold (non-increasing in recall; 0 beyond the class's largest recall; -1 for a class
-            without ground truth).
-        recall50 (FloatTensor[K]): the largest recall reached at IoU 0.5 (-1 without ground truth).
-        rec_thresholds (FloatTensor[R]): the recall thresholds (COCO: 0, 0.01, ..., 1).
-    """
-
-    ap: Tensor
-    ap50: Tensor
-    ap75: Tensor
-    num_gt: Tensor
-    precision50: Tensor
-    recall50: Tensor
-    rec_thresholds: Tensor
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.ap.numel())
-
-    @property
-    def has_gt(self) -> Tensor:
-        """BoolTensor[K]: the classes COCO averages over."""
-        return ~torch.isnan(self.ap)
-
-    def mean_ap(self) -> float:
-        """Mean of the per-class APs over the classes with ground truth: COCO's ``map``."""
-        return float(self.ap[self.has_gt].double().mean()) if bool(self.has_gt.any()) else float("nan")
-
-
-def _threshold_index(thresholds: Sequence[float] | Tensor, value: float) -> int | None:
-    t = torch.as_tensor(thresholds, dtype=torch.float64)
-    hit = torch.nonzero((t - value).abs() < 1e-6)
-    return int(hit[0]) if len(hit) else None
-
-
-def class_metrics_from_coco(
-    precision: Tensor,
-    recall: Tensor,
-    classes: Tensor,
-    *,
-    iou_thresholds: Sequence[float],
-    rec_thresholds: Sequence[float],
-    num_gt: Tensor,
-    num_classes: int | None = None,
-) -> ClassMetrics:
-    """Per-class AP and PR curves from COCOeval's accumulated arrays (no second evaluation).
-
-    Args:
-        precision (Tensor[T, R, C, A, M]): COCOeval ``eval['precision']`` (torchmetrics'
-            ``extended_summary``): interpolated precision per IoU threshold, recall threshold, class,
-            area range and max-detections setting; -1 where a class has no ground truth.
-        recall (Tensor[T, C, A, M]): COCOeval ``eval['recall']``, the largest recall reached.
-        classes (IntTensor[C]): the contiguous label of each of the C evaluated classes (those with
-            detections or ground truth), in COCOeval's order.
-        iou_thresholds, rec_thresholds: COCOeval's ``params.iouThrs`` and ``params.recThrs``.
-        num_gt (LongTensor[K]): non-crowd ground-truth boxes per label.
-        num_classes: K (default: ``len(num_gt)``).
-
-    Area range "all" (index 0) and the largest max-detections setting (the last index) are used,
-    as for COCO's headline AP.
-    """
-    idx = torch.as_tensor(classes).long().reshape(-1).cpu()  # torchmetrics gives a 0-d tensor for one class
-    k = int(num_classes if num_classes is not None else num_gt.numel())
-    k = max(k, int(idx.max()) + 1 if idx.numel() else 0)  # a label seen in detections only counts too
-    prec = precision[:, :, :, 0, -1].double()  # [T, R, C]
-    rec = recall[:, :, 0, -1].double()  # [T, C]
-    valid = (prec > -1).all(dim=1).all(dim=0)  # [C]: a class with ground truth has every entry >= 0
-    nan = torch.tensor(float("nan"), dtype=torch.float64)
-
-    def per_class(values: Tensor) -> Tensor:  # [C] -> [K], NaN for no ground truth
-        full = torch.full((k,), float("nan"), dtype=torch.float64)
-        full[idx] = torch.where(valid, values, nan)
-        return full.float()
-
-    ap = per_class(prec.clamp(min=0).mean(dim=(0, 1)))
-    t50, t75 = _threshold_index(iou_thresholds, 0.5), _threshold_index(iou_thresholds, 0.75)
-    ap50 = per_class(prec[t50].clamp(min=0).mean(dim=0)) if t50 is not None else torch.full((k,), float("nan"))
-    ap75 = per_class(prec[t75].clamp(min=0).mean(dim=0)) if t75 is not None else torch.full((k,), float("nan"))
-    r = len(rec_thresholds)
-    precision50 = torch.full((r, k), -1.0, dtype=torch.float64)
-    recall50 = torch.full((k,), -1.0, dtype=torch.float64)
-    if t50 is not None:
-        precision50[:, idx] = torch.where(valid, prec[t50], -1.0)
-        recall50[idx] = torch.where(valid, rec[t50], -1.0)
-    counts = torch.zeros(k, dtype=torch.long)
-    counts[: min(k, num_gt.numel())] = num_gt[:k].long().cpu()
-    return ClassMetrics(
-        ap=ap,
-        ap50=ap50,
-        ap75=ap75,
-        num_gt=counts,
-        precision50=precision50.float(),
-        recall50=recall50.float(),
-        rec_thresholds=torch.as_tensor(rec_thresholds, dtype=torch.float32),
-    )
-
-
-# ---------------------------------------------------------------------------------------- engines
-class _HotcocoEval:
-    """hotcoco's COCOeval as torchmetrics calls it: hotcoco keeps no ``ious`` (torchmetrics reads them for
-    ``extended_summary``; nothing in sapd uses them), so they are an empty dict; the rest is hotcoco's."""
-
-    ious: dict = {}
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        import hotcoco
-
-        object.__setattr__(self, "_eval", hotcoco.COCOeval(*args, **kwargs))
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._eval, name)
-
-
-class _HotcocoBackend(CocoBackend):
-    """torchmetrics' COCO backend with hotcoco's pycocotools-compatible ``COCO`` and ``COCOeval``."""
-
-    def __init__(self) -> None:  # CocoBackend's own __init__ accepts its two backends only
-        self.backend = "hotcoco"
-
-    @property
-    def coco(self) -> object:
-        import hotcoco
-
-        return hotcoco.COCO
-
-    @property
-    def cocoeval(self) -> object:
-        return _HotcocoEval
-
-    @property
-    def mask_utils(self) -> object:
-        import hotcoco
-
-        return hotcoco.mask
-
-
-def coco_metric(engine: str = "hotcoco") -> MeanAveragePrecision:
-    """torchmetrics' COCO metric (boxes xyxy, COCOeval's precision array kept) scored by ``engine``.
-
-    ``extended_summary``: COCOeval's precision array, from which the per-class APs and PR curves come
-    (:func:`class_metrics_from_coco`) without evaluating each class again. ``sync_on_compute=False``: under
-    DDP the processes' images are gathered and scored once on rank 0 (:meth:`COCOEvaluator.finish`);
-    torchmetrics' own sync needs equally many images per process.
-    """
-    if engine not in ENGINES:
-        raise ValueError(f"unknown COCO engine {engine!r}: use one of {', '.join(ENGINES)}")
-    metric = MeanAveragePrecision(
-        box_format="xyxy",
-        iou_type="bbox",
-        backend="faster_coco_eval" if engine == "hotcoco" else engine,
-        extended_summary=True,
-        sync_on_compute=False,
-    )
-    if engine == "hotcoco":
-        metric._coco_backend = _HotcocoBackend()
-    return metric
-
-
-# ---------------------------------------------------------------------------------------- collection
 def eval_targets(targets: Sequence[dict[str, Any]]) -> list[dict[str, Tensor]]:
     """Ground truth as COCOeval sees it (original pixels, crowd flags, annotation areas)."""
     return [
