@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
 from sapd.evaluation import COCOEvaluator, Evaluation
-from sapd.optim import lr_schedule, optimizer_defaults
+from sapd.optim import lr_schedule, optimizer_defaults, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -245,35 +245,19 @@ class SAPDLitModule(L.LightningModule):
         self._finish_evaluation("test")
 
     # ------------------------------------------------------------------ optimisation
-    def scaled_lr(self, base_lr: float) -> float:
-        """Linear scaling rule: lr grows with the total batch (devices x batch x accumulation)."""
-        trainer = self._trainer
-        world = trainer.world_size if trainer is not None else 1
-        accum = trainer.accumulate_grad_batches if trainer is not None else 1
-        total_batch = self.hparams.batch_size * world * accum
-        return base_lr * total_batch / self.hparams.base_batch_size
-
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        if not self.hparams.no_decay_norm_bias:
-            return [{"params": params}]
-        decay, no_decay = [], []
-        for module in self.net.modules():
-            is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
-            for name, p in module.named_parameters(recurse=False):
-                if not p.requires_grad:
-                    continue
-                (no_decay if is_norm or name.endswith("bias") else decay).append(p)
-        return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
     def configure_optimizers(self):
         """Finishes the partial optimiser and schedule: the optimiser's ``lr`` and ``weight_decay`` are its
-        keywords (or its defaults), the ``lr`` scaled to the total batch (:meth:`scaled_lr`)."""
+        keywords (or its defaults), the ``lr`` scaled linearly to the total batch (devices x batch x
+        accumulation) from ``base_batch_size``."""
         if self.optimizer_factory is None:
             raise ValueError("this module was built without an optimiser (optim.optimizer): it can evaluate, not train")
         defaults = optimizer_defaults(self.optimizer_factory)
-        lr = self.scaled_lr(float(defaults["lr"]))
-        optimizer = self.optimizer_factory(params=self.param_groups(float(defaults.get("weight_decay", 0.0))), lr=lr)
+        trainer = self.trainer
+        total_batch = self.hparams.batch_size * trainer.world_size * trainer.accumulate_grad_batches
+        lr = float(defaults["lr"]) * total_batch / self.hparams.base_batch_size
+        weight_decay = float(defaults.get("weight_decay", 0.0))
+        groups = param_groups(self.net, weight_decay, no_decay_norm_bias=self.hparams.no_decay_norm_bias)
+        optimizer = self.optimizer_factory(params=groups, lr=lr)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         scheduler = self.scheduler_factory(optimizer, steps_per_epoch=max(total // epochs, 1), total_steps=total)

@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
 
 def optimizer_defaults(factory: Callable[..., torch.optim.Optimizer]) -> dict[str, Any]:
@@ -25,6 +26,22 @@ def optimizer_defaults(factory: Callable[..., torch.optim.Optimizer]) -> dict[st
     if not isinstance(found.get("lr"), (int, float)) or isinstance(found.get("lr"), bool):
         raise ValueError("the optimiser (optim.optimizer) needs a number as its lr")
     return found
+
+
+def param_groups(net: nn.Module, weight_decay: float, *, no_decay_norm_bias: bool) -> list[dict[str, Any]]:
+    """The trainable parameters of ``net`` as optimiser groups: one group, or with ``no_decay_norm_bias`` the
+    norm layers' parameters and every bias in a group without weight decay."""
+    params = [p for p in net.parameters() if p.requires_grad]
+    if not no_decay_norm_bias:
+        return [{"params": params}]
+    decay, no_decay = [], []
+    for module in net.modules():
+        is_norm = isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm))
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            (no_decay if is_norm or name.endswith("bias") else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_factor(
