@@ -32,6 +32,7 @@ from sapd.evaluation import Evaluation
 from sapd.loggers import WANDB_ID_FILE, resume_wandb_config
 from sapd.logs import configure_logging
 from sapd.module import NonFiniteLossError
+from sapd.provenance import data_identity, source_commit
 from sapd.run_folder import SUMMARY_FILE, claim_run_folder
 from sapd.utils import format_coco_table, instantiate_group, resolve_precision, set_threads
 
@@ -76,9 +77,10 @@ def run_summary(
     ``data_counts`` (``COCODataModule.data_counts()``: per split, the images, boxes and annotations
     read, dropped or skipped; {} when the data module has none), the ``phase_switch_epoch`` used and
     ``instance_counts`` (training instances seen, and those that owned no anchor point) and ``device``
-    (:func:`device_figures`)."""
+    (:func:`device_figures`), the ``commit`` it ran from and its ``data`` (:mod:`sapd.provenance`)."""
     model = cfg.get("model", {})
     criterion = model.get("criterion") or {}
+    # commit and data: sapd.report pairs seeds, and pools runs into a row, only at one commit and data set
     switches = {"_target_": model.get("_target_")} if "_target_" in model else {}
     switches.update({k: criterion.get(k) for k in REPORTED_CRITERION_KEYS if k in criterion})
     return {
@@ -87,6 +89,8 @@ def run_summary(
         "group": cfg.get("group"),
         "seed": cfg.get("seed"),
         "model": switches,
+        "commit": source_commit(),
+        "data": data_identity(cfg),
         "max_epochs": cfg.trainer.get("max_epochs"),
         "limit_train_batches": cfg.trainer.get("limit_train_batches"),
         "global_step": int(global_step),

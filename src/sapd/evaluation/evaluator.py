@@ -8,7 +8,7 @@ every rank returns the same :class:`Evaluation`.
 
 The scoring engine behind the metric is ``hotcoco`` (a Rust COCOeval): its 12 stats and its
 precision/recall arrays equal pycocotools' on sapd's detections, crowd regions and empty results
-(``tests/test_evaluation.py``; figures and timings in docs/scoring_engines.md), and it scores a COCO-sized
+(``tests/test_evaluation.py``; figures and timings in docs/benchmarks.md, "COCO scoring engines"), and it scores a COCO-sized
 set far faster. ``faster_coco_eval`` and ``pycocotools`` (torchmetrics' own backends) stay selectable.
 """
 
@@ -59,12 +59,16 @@ def eval_targets(targets: Sequence[dict[str, Any]]) -> list[dict[str, Tensor]]:
 
 
 def coco_results(
-    dets: Sequence[dict[str, Tensor]], image_ids: Sequence[int], label_to_cat_id: Sequence[int] | None = None
+    dets: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Any]], label_to_cat_id: Sequence[int] | None = None
 ) -> list[dict[str, Any]]:
-    """Detections as COCO results entries (xywh, original category ids, 2 decimals, 5 for scores)."""
+    """Detections as COCO results entries (xywh in the annotation file's frame, original category ids, 2
+    decimals, 5 for scores)."""
+    from sapd.data.coco import to_annotation_frame
+
     results = []
-    for det, image_id in zip(dets, image_ids):
-        boxes = det["boxes"].detach().cpu()
+    for det, target in zip(dets, targets):
+        image_id = int(target["image_id"])
+        boxes = to_annotation_frame(det["boxes"].detach().cpu(), target)  # unturned where annotated unturned
         xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
         scores = det["scores"].detach().cpu().tolist()
         labels = det["labels"].detach().cpu().tolist()
@@ -166,6 +170,8 @@ class Evaluation:
             truth or detections).
         class_metrics: per-class AP and PR curves (None when nothing was scored).
         num_results: COCO results entries collected (written to the results file on rank 0).
+        states: the scored ground truth and detections, torchmetrics' per-image lists (:data:`BOX_STATES`),
+            for the report's error analysis; on rank 0 only (None elsewhere, and when nothing was scored).
     """
 
     stage: str
@@ -173,6 +179,7 @@ class Evaluation:
     table: dict[str, float] = field(default_factory=dict)
     class_metrics: ClassMetrics | None = None
     num_results: int = 0
+    states: dict[str, list[Tensor]] | None = field(default=None, repr=False)
 
 
 class COCOEvaluator:
@@ -213,7 +220,7 @@ class COCOEvaluator:
                 [{k: d[k].detach() for k in ("boxes", "scores", "labels")} for d in dets], eval_targets(targets)
             )
         if collect_results:
-            self.results.extend(coco_results(dets, image_ids, self.label_to_cat_id))
+            self.results.extend(coco_results(dets, targets, self.label_to_cat_id))
 
     def share(self) -> dict[str, Any]:
         """This process's evaluation: image ids, the metric's per-image states (on the CPU) and results entries."""
@@ -238,12 +245,15 @@ class COCOEvaluator:
         self.image_ids, self.results = [], []
         outcome: tuple[dict[str, float], ClassMetrics | None, int] = ({}, None, 0)
         results: list[dict[str, Any]] = []
+        scored: dict[str, list[Tensor]] | None = None
         if shares is not None:  # rank 0, or the only process
             states, results, repeated = merge_evaluations(shares)
             if repeated:
                 log.warning("%d repeated evaluations of an image were dropped: each image is scored once", repeated)
             for name, values in states.items():
                 setattr(self.metric, name, values)
+            if self.metric.groundtruth_labels or self.metric.detection_labels:
+                scored = {name: list(getattr(self.metric, name)) for name in BOX_STATES}
             table, per_class = self.score()  # resets the metric
             outcome = (table, per_class, len(results))
             if results_file:
@@ -255,7 +265,7 @@ class COCOEvaluator:
             dist.broadcast_object_list(box, src=0)
             outcome = box[0]
         table, per_class, num_results = outcome
-        self.result = Evaluation(stage, int(step), table, per_class, num_results)
+        self.result = Evaluation(stage, int(step), table, per_class, num_results, scored)
         return self.result, results
 
     def score(self) -> tuple[dict[str, float], ClassMetrics | None]:
