@@ -420,7 +420,7 @@ def test_impossible_boxes_leave_training_and_evaluation_and_are_counted(quirky):
 def test_perfect_predictions_score_ap_1_despite_impossible_boxes(quirky):
     """Impossible boxes are not ground truth: with perfect detections AP is 1.0 (0.833 when NaN, infinite
     and outside boxes stayed in the evaluation ground truth)."""
-    from sapd.evaluation import eval_targets
+    from sapd.evaluation import coco_metric, eval_targets
 
     ann_file, img_dir = quirky
     _edit(ann_file, _impossible_boxes)
@@ -431,7 +431,7 @@ def test_perfect_predictions_score_ap_1_despite_impossible_boxes(quirky):
     for g in gt:
         real = g["iscrowd"] == 0
         preds.append({"boxes": g["boxes"][real], "labels": g["labels"][real], "scores": torch.ones(int(real.sum()))})
-    metric = SAPDLitModule._new_metric()
+    metric = coco_metric()
     metric.update(preds, gt)
     assert metric.compute()["map"].item() == pytest.approx(1.0)
 

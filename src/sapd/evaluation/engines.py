@@ -1,5 +1,6 @@
-"""The COCOeval implementations behind torchmetrics' :class:`~torchmetrics.detection.MeanAveragePrecision`: hotcoco
-(sapd's default, docs/benchmarks.md, "COCO scoring engines"), and torchmetrics' own faster-coco-eval and pycocotools backends."""
+"""The COCOeval implementations behind torchmetrics' :class:`~torchmetrics.detection.MeanAveragePrecision`:
+hotcoco (sapd's default; docs/benchmarks.md, "COCO scoring engines"), and torchmetrics' own faster-coco-eval
+and pycocotools backends."""
 
 from __future__ import annotations
 
