@@ -9,7 +9,8 @@ every rank returns the same :class:`Evaluation`.
 The scoring engine behind the metric is ``hotcoco`` (a Rust COCOeval): its 12 stats and its
 precision/recall arrays equal pycocotools' on sapd's detections, crowd regions and empty results
 (``tests/test_evaluation.py``; figures and timings in docs/benchmarks.md, "COCO scoring engines"), and it
-scores a COCO-sized set far faster. ``faster_coco_eval`` and ``pycocotools`` (torchmetrics' own backends) stay selectable.
+scores a COCO-sized set far faster. ``faster_coco_eval`` and ``pycocotools`` (torchmetrics' own backends) stay
+selectable.
 """
 
 from __future__ import annotations
