@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -153,3 +155,24 @@ def test_the_best_checkpoint_is_validated_again_unless_the_latest_validation_mad
     assert not best_is_current(best, Evaluation("test", 40, {"map": 0.25}), trainer)
     assert not best_is_current(None, latest, trainer) and not best_is_current(best, None, trainer)
     assert not best_is_current(SimpleNamespace(monitor="val/map", best_model_score=None), latest, trainer)
+
+
+def test_the_coco_eval_suite_times_each_engine_and_finds_them_agreeing(tmp_path):
+    """``python -m benchmarks suite=coco_eval`` on a small drawn case: a time per engine, the same 12 stats
+    from each on the drawn case, the folder with crowd regions and the empty results list."""
+    root = Path(__file__).resolve().parents[1]
+    if str(root) not in sys.path:  # benchmarks/ sits beside src/
+        sys.path.insert(0, str(root))
+    from benchmarks import coco_eval
+
+    out = tmp_path / "coco_eval.json"
+    report = coco_eval.main(["images=30", "detections=20", f"out={out}"])
+    assert set(report["seconds"]) == set(coco_eval.ENGINES) and all(s > 0 for s in report["seconds"].values())
+    assert report["drawn_max_diff"]["hotcoco"] == 0.0  # exactly; faster-coco-eval rounds differently
+    assert report["drawn_max_diff"]["faster_coco_eval"] < 1e-12
+    crowd = report["agreement"]["crowd_folder"]
+    assert crowd["quirks"]["crowd_rle"] > 0 and crowd["quirks"]["all_crowd"] == 1
+    assert 0 < crowd["pycocotools"][0] < 1
+    for case in ("crowd_folder", "empty_results"):
+        assert report["agreement"][case]["hotcoco_max_diff"] == 0.0
+    assert json.loads(out.read_text())["config"]["images"] == 30
