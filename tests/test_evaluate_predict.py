@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from conftest import compose_config, train_tiny_checkpoint
+from conftest import compose_config
 from sapd import run_report
 from sapd.api import Detector
 from sapd.checkpoint import CheckpointError, load_module
@@ -31,10 +31,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A checkpoint trained a few steps (tiny model, synthetic data) and its run config."""
-    ckpt, datamodule = train_tiny_checkpoint(tmp_path_factory.mktemp("run"))
-    return ckpt, datamodule
+def trained(tiny_checkpoint):
+    """The shared checkpoint trained a few steps (tiny model, synthetic data) and its data module."""
+    return tiny_checkpoint
 
 
 @pytest.mark.slow
