@@ -88,17 +88,27 @@ def train_cfg(tmp_path):
     return make
 
 
-def train_tiny_checkpoint(output_dir: Path) -> tuple[Path, object]:
+def train_tiny_checkpoint(output_dir: Path, *overrides: str) -> tuple[Path, object]:
     """Trains the tiny model 3 steps on the synthetic set into ``output_dir``: (last.ckpt, datamodule)."""
     from sapd.train import train
 
     cfg = compose_config(
-        "train", [*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=3", "validate_best=false"], output_dir
+        "train",
+        [*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=3", "validate_best=false", *overrides],
+        output_dir,
     )
     _, objects = train(cfg)
     ckpt = Path(output_dir) / "checkpoints" / "last.ckpt"
     assert ckpt.is_file()
     return ckpt, objects["datamodule"]
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> tuple[Path, object]:
+    """The one checkpoint of ``train_tiny_checkpoint`` that every test needing a trained model shares:
+    (last.ckpt, its data module). Its scores sit near the 0.01 prior. Read-only: a test that writes next
+    to it or changes it works on a copy."""
+    return train_tiny_checkpoint(tmp_path_factory.mktemp("tiny-run"))
 
 
 def train_with(cfg, *extra_callbacks):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import shutil
 
 import pytest
 import torch
@@ -11,11 +11,9 @@ from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from conftest import TINY, compose_config
 from sapd.analysis import SIZE_NAMES, default_out, main, size_bin, weight_statistics
 from sapd.checkpoint import load_module
 from sapd.paths import initialize_configs
-from sapd.train import train
 
 
 def analysis_config(*overrides: str):
@@ -32,13 +30,12 @@ def test_size_bins_by_sqrt_area():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    cfg = compose_config(
-        "train", [*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=2", "validate_best=false"], out
-    )
-    train(cfg)
-    return Path(out) / "checkpoints" / "last.ckpt"
+def checkpoint(tiny_checkpoint, tmp_path_factory):
+    """A copy of the shared checkpoint in a run folder of its own (the pictures go next to it by default)."""
+    ckpt = tmp_path_factory.mktemp("run") / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir()
+    shutil.copy(tiny_checkpoint[0], ckpt)
+    return ckpt
 
 
 @pytest.mark.slow

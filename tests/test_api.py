@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import compose_config, train_tiny_checkpoint
+from conftest import compose_config
 from sapd import Detections, Detector
 from sapd.api import SCORE_THRESH
 from sapd.data import DataError
@@ -21,9 +21,9 @@ from sapd.data.transforms import collate, preprocess_image
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A checkpoint trained a few steps (tiny model, synthetic data) and its validation images."""
-    ckpt, datamodule = train_tiny_checkpoint(tmp_path_factory.mktemp("run"))
+def trained(tiny_checkpoint):
+    """The shared checkpoint trained a few steps (tiny model, synthetic data) and its validation images."""
+    ckpt, datamodule = tiny_checkpoint
     images = sorted(Path(datamodule.val_dataset.img_dir).glob("*.jpg"))
     assert len(images) >= 6
     return ckpt, images, datamodule

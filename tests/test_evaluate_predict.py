@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from conftest import compose_config, train_tiny_checkpoint
+from conftest import TINY, compose_config
 from sapd import error_analysis as ea
 from sapd import run_report
 from sapd.api import Detector
@@ -33,10 +33,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A checkpoint trained a few steps (tiny model, synthetic data) and its run config."""
-    ckpt, datamodule = train_tiny_checkpoint(tmp_path_factory.mktemp("run"))
-    return ckpt, datamodule
+def trained(tiny_checkpoint):
+    """The shared checkpoint trained a few steps (tiny model, synthetic data) and its data module."""
+    return tiny_checkpoint
 
 
 @pytest.mark.slow
@@ -342,7 +341,8 @@ def test_evaluate_takes_the_checkpoints_data_unless_a_data_config_is_chosen(trai
     # the README's test-dev command builds the COCO data module at the given root
     cfg = compose_config("eval", [f"ckpt_path={ckpt}", "split=test", "data=coco", "data.root=/nowhere/coco"], tmp_path)
     assert cfg.data._target_.endswith("COCODataModule") and cfg.data.root == "/nowhere/coco"
-    # a chosen data config is the one evaluated: a smaller synthetic validation set scores fewer images
+    # a chosen data config is the one evaluated: 3 of the checkpoint's 8 val images (the tiny synthetic
+    # set, already drawn: the default one would draw 2250 images first)
     results = tmp_path / "chosen.json"
     cfg = compose_config(
         "eval",
@@ -352,8 +352,8 @@ def test_evaluate_takes_the_checkpoints_data_unless_a_data_config_is_chosen(trai
             "trainer=cpu",
             "score_thresh=0.0",
             "data=synthetic",
+            *[o for o in TINY if o.startswith("data.")],
             "data.limit_val_images=3",
-            "data.num_workers=0",
         ],
         tmp_path,
     )

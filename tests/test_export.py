@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,6 @@ from sapd.data.io import read_image
 from sapd.data.transforms import collate, preprocess_image
 from sapd.export import ExportedModel, ExportError, match_detections, parity_ok, to_original_pixels
 from sapd.paths import initialize_configs
-from sapd.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # Photographs that ship inside scikit-image (no download): colour, grey, large and small.
@@ -46,15 +44,12 @@ def photographs() -> list[Image.Image]:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A tiny SAPD trained a few steps, its score threshold lowered so that it detects, exported by the
-    command's own function in both formats; the module, the run config and the two files."""
-    out = tmp_path_factory.mktemp("run")
-    cfg = compose_config(
-        "train", [*TINY, "trainer.max_epochs=1", "trainer.limit_train_batches=3", "validate_best=false"], out
-    )
-    train(cfg)
-    ckpt = out / "checkpoints" / "last.ckpt"
+def exported(tiny_checkpoint, tmp_path_factory):
+    """The shared tiny SAPD trained a few steps, its score threshold lowered so that it detects, exported by
+    the command's own function in both formats; the module, the run config, the two files and the folder of
+    its validation images."""
+    ckpt, datamodule = tiny_checkpoint
+    out = tmp_path_factory.mktemp("export")
     module, run_cfg = load_module(ckpt)
     # A few steps leave every score near the 0.01 prior: keep the top 3 % of a photograph's (point, class)
     # pairs, so that images keep tens of detections and some fewer than max_detections.
@@ -71,13 +66,14 @@ def exported(tmp_path_factory):
         files[fmt] = Path(result["output"])
         assert parity_ok(result["parity"]), result["parity"]  # the command's own check on random batches
     module, run_cfg = load_module(lowered)
-    return module, run_cfg, files, out
+    return module, run_cfg, files, Path(datamodule.val_dataset.img_dir)
 
 
-def _batches():
-    """(PIL images, min_size, max_size): several batch sizes and padded sizes, photographs and synthetic."""
+def _batches(val_dir: Path):
+    """(PIL images, min_size, max_size): several batch sizes and padded sizes, photographs and synthetic
+    (the validation images of the checkpoint's set in ``val_dir``)."""
     photos = photographs()
-    drawn = sorted(Path(os.environ["SAPD_DATA_DIR"]).rglob("val/*.jpg"))  # the set the fixture trained on
+    drawn = sorted(val_dir.glob("*.jpg"))
     synthetic = [read_image(p) for p in drawn[:4]]
     assert len(synthetic) == 4
     return [
@@ -91,13 +87,13 @@ def _batches():
 
 @pytest.mark.slow
 def test_onnx_runtime_and_torchscript_give_pytorchs_detections(exported):
-    module, run_cfg, files, _ = exported
+    module, run_cfg, files, val_dir = exported
     net = module.net.float().eval()
     divisor = int(run_cfg.data.size_divisor)
     runners = {fmt: ExportedModel(path) for fmt, path in files.items()}
     totals = {fmt: {"detections": 0, "max_abs_box": 0.0, "max_rel_box": 0.0, "max_abs_score": 0.0} for fmt in files}
     shapes = set()
-    for pils, min_size, max_size in _batches():
+    for pils, min_size, max_size in _batches(val_dir):
         items = [preprocess_image(p, min_size=min_size, max_size=max_size) for p in pils]
         images, targets = collate(items, size_divisor=divisor)
         shapes.add(tuple(images.shape))

@@ -35,24 +35,20 @@ def test_wandb_mode_auto(monkeypatch, tmp_path):
 
 
 @pytest.mark.slow
-def test_offline_wandb_run_logs_config_losses_histograms_and_images(tmp_path, monkeypatch):
+def test_offline_wandb_run_logs_everything_and_a_resumed_training_continues_it(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     tiny = [o for o in TINY if not o.startswith("callbacks.detection_images")]
-    cfg = compose_config(
-        "train",
-        [
-            *tiny,
-            "logger=wandb",
-            "callbacks.detection_images.num_images=2",
-            "trainer.max_epochs=1",
-            "trainer.limit_train_batches=2",
-            "trainer.limit_val_batches=1",
-            "validate_best=false",
-            "group=pytest",
-        ],
-        tmp_path,
-    )
+    common = [
+        *tiny,
+        "logger=wandb",
+        "callbacks.detection_images.num_images=2",
+        "trainer.limit_train_batches=2",
+        "trainer.limit_val_batches=1",
+        "validate_best=false",
+        "group=pytest",
+    ]
+    cfg = compose_config("train", [*common, "trainer.max_epochs=1"], tmp_path / "first")
     metrics, objects = train(cfg)
     # the selection net's probabilities reach the histogram callback through training_step's outputs
     hist = next(c for c in objects["trainer"].callbacks if isinstance(c, SelectionHistogram))
@@ -65,6 +61,22 @@ def test_offline_wandb_run_logs_config_losses_histograms_and_images(tmp_path, mo
     assert {"val/map", "val/map_best", "train/cls", "train/loc", "train/select", "train/phase"} <= set(metrics), sorted(
         metrics
     )
+
+    # a resumed training continues the same offline wandb run
+    run_id = (tmp_path / "first" / WANDB_ID_FILE).read_text().strip()
+    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, map_location="cpu", weights_only=False)["sapd_wandb_id"] == run_id
+    resumed = compose_config("train", [*common, "trainer.max_epochs=2", f"ckpt_path={last}"], tmp_path / "resumed")
+    train(resumed)
+    # offline run folders are named offline-run-<time>-<id>: both runs are the one wandb run
+    ids = {
+        name: [p.name.rsplit("-", 1)[-1] for p in (tmp_path / name / "wandb").glob("offline-run-*")]
+        for name in ("first", "resumed")
+    }
+    assert ids == {"first": [run_id], "resumed": [run_id]}
+    assert (tmp_path / "resumed" / WANDB_ID_FILE).read_text().strip() == run_id
+    resumed_last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed_last, map_location="cpu", weights_only=False)["sapd_wandb_id"] == run_id
 
 
 def test_resume_takes_the_wandb_run_id_of_the_checkpoint(tmp_path):
@@ -98,36 +110,6 @@ def test_wandb_logger_knows_its_run_id_before_the_run_starts(tmp_path):
     assert given.version == "abc123" and given._experiment is None
     drawn = make_wandb_logger(save_dir=str(tmp_path), mode="disabled")
     assert drawn.version and drawn.version != "abc123"
-
-
-@pytest.mark.slow
-def test_resumed_training_continues_the_same_offline_wandb_run(tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    common = [
-        *TINY,
-        "logger=wandb",
-        "trainer.limit_train_batches=2",
-        "trainer.limit_val_batches=1",
-        "validate_best=false",
-    ]
-    first = compose_config("train", [*common, "trainer.max_epochs=1"], tmp_path / "first")
-    train(first)
-    run_id = (tmp_path / "first" / WANDB_ID_FILE).read_text().strip()
-    last = tmp_path / "first" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, map_location="cpu", weights_only=False)["sapd_wandb_id"] == run_id
-
-    resumed = compose_config("train", [*common, "trainer.max_epochs=2", f"ckpt_path={last}"], tmp_path / "resumed")
-    train(resumed)
-    # offline run folders are named offline-run-<time>-<id>: both runs are the one wandb run
-    ids = {
-        name: [p.name.rsplit("-", 1)[-1] for p in (tmp_path / name / "wandb").glob("offline-run-*")]
-        for name in ("first", "resumed")
-    }
-    assert ids == {"first": [run_id], "resumed": [run_id]}
-    assert (tmp_path / "resumed" / WANDB_ID_FILE).read_text().strip() == run_id
-    resumed_last = tmp_path / "resumed" / "checkpoints" / "last.ckpt"
-    assert torch.load(resumed_last, map_location="cpu", weights_only=False)["sapd_wandb_id"] == run_id
 
 
 def test_logged_detection_images_share_one_size():

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, compose_config, train_tiny_checkpoint
+from conftest import TINY, compose_config
 from sapd import export as sapd_export
 from sapd.atomic import WriteError, remove_stale_temporaries, temporary_path, write_text
 from sapd.checkpoint import AtomicCheckpointIO
@@ -57,9 +57,8 @@ def _export_config(*overrides: str):
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    return train_tiny_checkpoint(out)
+def trained(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 # ----------------------------------------------------------------------------- export

@@ -5,25 +5,24 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
-import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import compose_config, train_with
+from conftest import compose_config
+from sapd.callbacks import PhaseSwitch
 from sapd.checkpoint import AtomicCheckpointIO, CheckpointError, check_checkpoint_file, read_checkpoint
 from sapd.errors import ConfigError, UserError, check_run_config, one_line, refusals
 from sapd.paths import writable_dir
 from sapd.train import main as train_main
-from sapd.train import train
 
 ROOT = Path(__file__).parents[1]
 
@@ -263,39 +262,36 @@ def test_an_unwritable_log_folder_is_one_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------- phase switch on resume
 
 
-class _Phases(L.Callback):
-    def __init__(self) -> None:
-        self.phases: dict[int, int] = {}
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.phases[trainer.current_epoch] = int(pl_module.net.phase)
-
-
-@pytest.mark.slow
-def test_a_longer_resumed_run_keeps_the_stored_switch_epoch(train_cfg, tmp_path, caplog):
-    short = ["trainer.limit_train_batches=1", "trainer.check_val_every_n_epoch=100", "validate_best=false"]
-    first = train_cfg("trainer.max_epochs=2", *short)  # switch at 1 (half of 2)
-    train(first)
-    last = tmp_path / "first.ckpt"  # the resumed runs write into the same folder
-    shutil.copy(Path(first.paths.output_dir) / "checkpoints" / "last.ckpt", last)
-    stored = torch.load(last, map_location="cpu", weights_only=False)["callbacks"]
-    assert any(v == {"switch_epoch": 1} for v in stored.values())
-    # 6 epochs would put the switch at 3 and send epoch 2 back to phase 1; the run keeps 1
-    recorder = _Phases()
-    with caplog.at_level(logging.INFO):
-        train_with(train_cfg("trainer.max_epochs=5", *short, f"ckpt_path={last}"), recorder)
-    assert recorder.phases == {2: 2, 3: 2, 4: 2}
-    assert "phase 2 still starts at epoch 1 as stored with the run" in caplog.text
-    # an explicit value wins, with a warning
+def test_a_longer_resumed_run_keeps_the_stored_switch_epoch(caplog):
+    """The callback's state travels in the checkpoint (test_resume checks Lightning saves and restores it)."""
+    first = PhaseSwitch()
+    first.resolved_switch_epoch(SimpleNamespace(max_epochs=2))  # switch at 1 (half of 2)
+    stored = first.state_dict()
+    assert stored == {"switch_epoch": 1}
+    # 6 epochs would put the switch at 3 and send epoch 2 back to phase 1; the run keeps 1, and says so once
+    resumed = PhaseSwitch()
+    resumed.load_state_dict(stored)
+    longer = SimpleNamespace(max_epochs=6)
+    with caplog.at_level(logging.INFO, logger="sapd.callbacks"):
+        assert [resumed.phase_for_epoch(longer, epoch) for epoch in range(2, 6)] == [2, 2, 2, 2]
+    assert caplog.text.count("phase 2 still starts at epoch 1 as stored with the run") == 1
+    assert resumed.state_dict() == stored  # and stored again with the resumed run's checkpoints
+    # an explicit value wins, with one warning
     caplog.clear()
-    recorder = _Phases()
-    train_with(
-        train_cfg("trainer.max_epochs=4", *short, "callbacks.phase_switch.switch_epoch=3", f"ckpt_path={last}"),
-        recorder,
-    )
-    assert recorder.phases == {2: 1, 3: 2}
+    explicit = PhaseSwitch(switch_epoch=3)
+    explicit.load_state_dict(stored)
+    with caplog.at_level(logging.INFO, logger="sapd.callbacks"):
+        assert [explicit.phase_for_epoch(SimpleNamespace(max_epochs=4), epoch) for epoch in (2, 3)] == [1, 2]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("phase switch epoch changed on resume: 3" in w and "the 1 stored" in w for w in warnings)
+    assert len(warnings) == 1 and "phase switch epoch changed on resume: 3" in warnings[0]
+    assert "the 1 stored" in warnings[0] and explicit.state_dict() == {"switch_epoch": 3}
+    # a resumed run whose half is the stored epoch says nothing
+    caplog.clear()
+    same = PhaseSwitch()
+    same.load_state_dict(stored)
+    with caplog.at_level(logging.INFO, logger="sapd.callbacks"):
+        assert same.phase_for_epoch(SimpleNamespace(max_epochs=2), 1) == 2
+    assert caplog.records == []
 
 
 def test_every_row_of_the_bad_input_table_names_existing_tests():

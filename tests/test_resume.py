@@ -24,10 +24,15 @@ from pathlib import Path
 import lightning as L
 sys.path.insert(0, {tests!r})
 from conftest import TINY, compose_config, train_with
+from sapd.callbacks import PhaseSwitch
 
 out, kill_at, ckpt, workers = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] or None, int(sys.argv[4])
 
 class Record(L.Callback):
+    def on_train_start(self, trainer, module):  # the switch epoch the run read from its checkpoint, if any
+        (switch,) = [c for c in trainer.callbacks if isinstance(c, PhaseSwitch)]
+        (out / "stored_switch.json").write_text(json.dumps(switch.stored_switch_epoch))
+
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == kill_at:  # last.ckpt of the step before is whole: killed mid-epoch
             os.kill(os.getpid(), signal.SIGKILL)
@@ -70,11 +75,17 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, workers):  # s
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     state = torch.load(last, map_location="cpu", weights_only=False)
     assert state["global_step"] == 6 and state["epoch"] == 1
+    assert [int(v) for k, v in state["state_dict"].items() if k.endswith("phase")] == [2]
+    assert {"switch_epoch": 1} in state["callbacks"].values()  # half of 3, stored with the run
     resumed = run(tmp_path / "resumed", workers, ckpt=str(last))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     reference = batches(tmp_path / "full" / "batches.jsonl")
     assert len(reference) == 12
+    assert [row["phase"] for row in reference] == [1] * 4 + [2] * 8  # phase 2 from epoch 1, half of 3
+    # the resumed run took the switch epoch from the checkpoint (test_refusals: a longer run keeps it)
+    assert json.loads((tmp_path / "resumed" / "stored_switch.json").read_text()) == 1
+    assert json.loads((tmp_path / "full" / "stored_switch.json").read_text()) is None
     # the same images, at the same sizes, lr and phase, at every step: 0-5 before the kill, 6-11 after
     assert batches(tmp_path / "killed" / "batches.jsonl") + batches(tmp_path / "resumed" / "batches.jsonl") == reference
     a = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)

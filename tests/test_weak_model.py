@@ -15,7 +15,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 from PIL import Image
 
-from conftest import TINY, compose_config, train_tiny_checkpoint
+from conftest import TINY, compose_config
 from sapd import export as sapd_export
 from sapd.data import DataError
 from sapd.data.datamodule import COCODataModule
@@ -27,9 +27,9 @@ from sapd.utils import format_coco_table
 
 
 @pytest.fixture(scope="module")
-def weak(tmp_path_factory):
-    """A tiny SAPD trained 3 steps: (last.ckpt, its data module)."""
-    return train_tiny_checkpoint(tmp_path_factory.mktemp("weak"))
+def weak(tiny_checkpoint):
+    """A tiny SAPD trained 3 steps (the shared checkpoint): (last.ckpt, its data module)."""
+    return tiny_checkpoint
 
 
 def export_config(*overrides: str):
