@@ -29,7 +29,6 @@ given (of the upright image for a file or a PIL image with an EXIF orientation),
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -427,14 +426,10 @@ class Detector:
 
     def _postprocess(self, outputs: dict, image_sizes: list, scale_factors: list, thresh: float) -> list[dict]:
         post = getattr(self.net, "postprocessor", None)
-        if post is None or not dataclasses.is_dataclass(post) or thresh >= float(post.score_thresh):
+        if post is None or thresh >= float(post.score_thresh):
             return self.net.postprocess(outputs, image_sizes, scale_factors)
-        # below the network's own threshold: post-process with a copy of its settings at ``thresh``
-        self.net.postprocessor = dataclasses.replace(post, score_thresh=thresh)
-        try:
-            return self.net.postprocess(outputs, image_sizes, scale_factors)
-        finally:
-            self.net.postprocessor = post
+        # below the network's own threshold: this call's threshold, the shared network left as it is
+        return self.net.postprocess(outputs, image_sizes, scale_factors, score_thresh=thresh)
 
     def _detections(self, det: dict[str, Tensor], meta: dict, thresh: float) -> Detections:
         keep = det["scores"] >= thresh
