@@ -125,12 +125,7 @@ class FCOSDetector(nn.Module):
 
     @torch.no_grad()
     def postprocess(
-        self,
-        outputs: dict,
-        image_sizes: Sequence[tuple[int, int]],
-        scale_factors: Sequence[tuple[float, float]] | None = None,
-        *,
-        score_thresh: float | None = None,
+        self, outputs: dict, image_sizes: Sequence, scale_factors: Sequence | None = None, *, score_thresh=None
     ) -> list[dict[str, Tensor]]:
         """Detections per image: ``boxes`` clipped to ``image_sizes`` (h, w) then divided by ``scale_factors``
         (sx, sy), i.e. original pixels, boxes left without area dropped; ``scores`` (sqrt(cls * centre-ness));

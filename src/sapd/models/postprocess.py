@@ -149,52 +149,6 @@ def unpad(
     return results
 
 
-@torch.no_grad()
-def postprocess_detections(
-    cls_logits: Tensor,
-    box_reg: Tensor,
-    level_sizes: Sequence[tuple[int, int]],
-    strides: Sequence[int],
-    image_sizes: Sequence[tuple[int, int]],
-    scale_factors: Sequence[tuple[float, float]] | None = None,
-    *,
-    z: float = 4.0,
-    score_thresh: float = 0.05,
-    pre_nms_topk: int = 1000,
-    nms_thresh: float = 0.5,
-    max_detections: int = 100,
-) -> list[dict[str, Tensor]]:
-    """:func:`detect` in eager use: per-image lists in the original image's pixels.
-
-    Args:
-        cls_logits (FloatTensor[N, P, K]), box_reg (FloatTensor[N, P, 4]): head outputs (P3 first).
-        level_sizes: ``(H_l, W_l)`` per level; strides: ``s_l`` per level.
-        image_sizes: ``(h, w)`` of each image before padding, in input pixels (boxes are clipped to it).
-        scale_factors: ``(sx, sy)`` = input / original per image; boxes are divided by them. None: 1.
-        score_thresh (0.05), pre_nms_topk (1000), nms_thresh (0.5), max_detections (100): as :func:`detect`.
-
-    Returns:
-        list of N dicts: ``boxes`` FloatTensor[D, 4] (original pixels), ``scores`` FloatTensor[D],
-        ``labels`` LongTensor[D], sorted by decreasing score.
-    """
-    grid = cls_logits.new_zeros(())
-    levels = [grid.expand(int(h), int(w)) for h, w in level_sizes]  # sizes only, no memory
-    sizes = torch.tensor([[int(v) for v in hw] for hw in image_sizes], device=cls_logits.device).reshape(-1, 2)
-    out = detect(
-        cls_logits,
-        box_reg,
-        levels,
-        sizes,
-        [int(s) for s in strides],
-        float(z),
-        float(score_thresh),
-        int(pre_nms_topk),
-        float(nms_thresh),
-        int(max_detections),
-    )
-    return unpad(*out, scale_factors)
-
-
 @dataclasses.dataclass(frozen=True)
 class PostProcess:
     """The settings of post-processing (config node ``model.postprocess``) and the SAPD decoding with them.
@@ -240,20 +194,43 @@ class PostProcess:
         z: float = 4.0,
         score_thresh: float | None = None,
     ) -> list[dict[str, Tensor]]:
-        """:func:`postprocess_detections` with these settings; ``score_thresh`` for this call only (None: ours)."""
-        return postprocess_detections(
-            cls_logits,
-            box_reg,
-            level_sizes,
-            strides,
-            image_sizes,
-            scale_factors,
-            z=z,
-            score_thresh=self.thresh(score_thresh),
-            pre_nms_topk=self.pre_nms_topk,
-            nms_thresh=self.nms_thresh,
-            max_detections=self.max_detections,
-        )
+        """Detections of every image with these settings, per image in the original image's pixels.
+
+        Args:
+            cls_logits (FloatTensor[N, P, K]), box_reg (FloatTensor[N, P, 4]): head outputs (P3 first).
+            level_sizes: ``(H_l, W_l)`` per level; strides: ``s_l`` per level; z: Eq. 1's normaliser.
+            image_sizes: ``(h, w)`` of each image before padding, in input pixels (boxes are clipped to it).
+            scale_factors: ``(sx, sy)`` = input / original per image; boxes are divided by them. None: 1.
+            score_thresh: this call's threshold (None: ``self.score_thresh``).
+
+        Returns:
+            list of N dicts: ``boxes`` FloatTensor[D, 4] (original pixels), ``scores`` FloatTensor[D],
+            ``labels`` LongTensor[D], sorted by decreasing score (:func:`detect`, then :func:`unpad`).
+        """
+        grid = cls_logits.new_zeros(())
+        levels = [grid.expand(int(h), int(w)) for h, w in level_sizes]  # sizes only, no memory
+        sizes = torch.tensor([[int(v) for v in hw] for hw in image_sizes], device=cls_logits.device).reshape(-1, 2)
+        with torch.no_grad():
+            out = detect(
+                cls_logits,
+                box_reg,
+                levels,
+                sizes,
+                [int(s) for s in strides],
+                float(z),
+                self.thresh(score_thresh),
+                int(self.pre_nms_topk),
+                float(self.nms_thresh),
+                int(self.max_detections),
+            )
+        return unpad(*out, scale_factors)
+
+
+def postprocess_detections(*args: Any, z: float = 4.0, **settings: Any) -> list[dict[str, Tensor]]:
+    """:class:`PostProcess` as a function: the arguments of its call (``cls_logits, box_reg, level_sizes,
+    strides, image_sizes[, scale_factors]``, ``z``) and its settings as keywords (``score_thresh``,
+    ``pre_nms_topk``, ``nms_thresh``, ``max_detections``; their defaults: 0.05, 1000, 0.5, 100)."""
+    return PostProcess(**settings)(*args, z=z)
 
 
 def check_score_thresh(value: float) -> float:
