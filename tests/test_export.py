@@ -166,7 +166,7 @@ def test_to_original_pixels_clips_divides_and_drops_empty_slots():
 
 def test_detect_matches_the_eager_post_processing_on_hand_made_head_outputs():
     """Ties, a level smaller than top-k, boxes into the padding and two images: the tensor-only
-    post-processing keeps PyTorch's detections (eager, without export)."""
+    post-processing in its graph form (scripted, as exported) keeps PyTorch's eager detections."""
     gen = torch.Generator().manual_seed(0)
     strides = [8, 16, 32, 64, 128]
     level_sizes = [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
@@ -189,7 +189,7 @@ def test_detect_matches_the_eager_post_processing_on_hand_made_head_outputs():
             pre_nms_topk=topk,
             max_detections=max_det,
         )
-        out = sapd_export.detect(cls, reg, features, sizes, strides, 4.0, thresh, topk, 0.5, max_det)
+        out = sapd_export.scripted_detect()(cls, reg, features, sizes, strides, 4.0, thresh, topk, 0.5, max_det)
         assert out[0].shape == (2, max_det, 4)
         stats = match_detections(
             [{k: v.numpy() for k, v in r.items()} for r in ref], to_original_pixels(*out, sizes.tolist())

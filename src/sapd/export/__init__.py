@@ -53,6 +53,7 @@ from sapd.export.graph import (
     has_bfp,
     inference_copy,
     onnx_ready,
+    scripted_detect,
 )
 from sapd.export.runtime import INPUT_NAMES, METADATA_KEY, OUTPUT_NAMES, ExportedModel, ExportError, to_original_pixels
 from sapd.models.postprocess import detect
@@ -86,6 +87,7 @@ __all__ = [
     "onnx_ready",
     "parity_ok",
     "reference_detections",
+    "scripted_detect",
     "to_original_pixels",
     "verify",
 ]

@@ -60,7 +60,7 @@ class ExportableSAPD(nn.Module):
         self.pre_nms_topk = int(post.pre_nms_topk)
         self.nms_thresh = float(post.nms_thresh)
         self.max_detections = int(post.max_detections)
-        self._detect = _scripted_detect() if script else detect
+        self._detect = scripted_detect() if script else detect
 
     def forward(self, images: Tensor, image_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """``images`` FloatTensor[N, 3, H, W], ``image_sizes`` LongTensor[N, 2] -> the outputs (package doc)."""
@@ -81,7 +81,8 @@ class ExportableSAPD(nn.Module):
 
 
 @functools.cache
-def _scripted_detect():
+def scripted_detect():
+    """:func:`detect` compiled by ``torch.jit.script``: its graph form (NMS of a batch in one call), as exported."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still the TorchScript path
         return torch.jit.script(detect)
