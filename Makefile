@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
 .DEFAULT_GOAL := help
-.PHONY: help install train test test-fast lint format bench bench-data bench-assign bench-export bench-train rehearse gpu-check clean
+.PHONY: help install train test test-fast lint format bench bench-data bench-assign bench-export bench-train bench-memory rehearse gpu-check clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -53,6 +53,9 @@ bench-assign: $(STAMP) ## Targets + losses + selection net alone, by instances p
 
 bench-train: $(STAMP) ## s/step of the CPU training recipe: SAPD phase 1 / phase 2 vs FCOS (writes benchmarks/results_train.*)
 	$(PY) -m benchmarks suite=train $(ARGS)
+
+bench-memory: $(STAMP) ## Host memory of the COCO loader on a drawn COCO-sized file in /tmp: parsing, and with 4 + 4 workers (writes benchmarks/results_memory.*)
+	$(PY) -m benchmarks suite=memory $(ARGS)
 
 bench-export: $(STAMP) ## Latency of the exported model: PyTorch vs TorchScript vs ONNX Runtime (writes benchmarks/results_export.*)
 	$(PY) -m benchmarks suite=export $(ARGS)

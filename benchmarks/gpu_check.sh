@@ -45,7 +45,7 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
 fi
 if ! gpus=$("$PY" -c "import torch, sys; n = torch.cuda.device_count() if torch.cuda.is_available() else 0; print(n); sys.exit(n == 0)" 2>/dev/null); then
     echo "gpu-check: torch sees no CUDA GPU here (torch.cuda.is_available() is False): run it on a CUDA machine" \
-        "(README, GPU check: a torch build for the machine's CUDA driver)" >&2
+        "(docs/gpu_check.md: a torch build for the machine's CUDA driver)" >&2
     exit 2
 fi
 

@@ -1,4 +1,4 @@
-"""Bad input, end to end: every refusal explained, nothing lost silently (issue 12).
+"""Bad input, end to end: every refusal explained, nothing lost silently.
 
 Tiny hand-made COCO sets in tmp_path: degenerate boxes, unknown categories, images that cannot be
 read (skipped, counted and never replaced), decompression bombs, odd image sizes and bit depths.
@@ -82,16 +82,10 @@ def test_degenerate_boxes_unknown_categories_and_empty_images_are_counted(tmp_pa
     assert s["no_annotations"] == 1 and s["empty_images"] == 2  # image 3; images 2 and 3
     _, t = ds[0]
     assert torch.equal(t["boxes"], torch.tensor([[2.0, 2, 12, 12], [28, 28, 32, 32]]))
-    # the evaluation ground truth: w <= 0 or h <= 0 (non-crowd) dropped; outside / tiny / crowd kept
-    assert t["eval_boxes"].tolist() == [
-        [2, 2, 12, 12],
-        [40, 5, 46, 11],
-        [28, 28, 38, 38],
-        [31.5, 3, 35.5, 7],
-        [3, 3, 3, 3],
-    ]
-    assert t["eval_iscrowd"].tolist() == [False, False, False, False, True]
-    assert t["eval_area"].tolist() == [100, 36, 100, 16, 0]  # w * h where the json has no area
+    # the evaluation ground truth: w <= 0 or h <= 0 and wholly outside (non-crowd) dropped; tiny / crowd kept
+    assert t["eval_boxes"].tolist() == [[2, 2, 12, 12], [28, 28, 38, 38], [31.5, 3, 35.5, 7], [3, 3, 3, 3]]
+    assert t["eval_iscrowd"].tolist() == [False, False, False, True]
+    assert t["eval_area"].tolist() == [100, 100, 16, 0]  # w * h where the json has no area
     assert ds[1][1]["eval_boxes"].shape == (0, 4)  # the unknown category is not ground truth either
 
 
@@ -291,3 +285,6 @@ def test_training_run_summary_holds_the_data_counts(tmp_path):
     assert 0 <= instances["without_anchor_point"] <= instances["instances"]
     assert summary["phase_switch_epoch"] == 0  # half of 1 epoch
     assert summary["device"] == {"type": "cpu"}  # trainer=cpu; on CUDA also the GPU's name and peak memory
+    # what sapd.report pairs and pools runs by: the data (its root and generator) and the commit
+    assert summary["data"]["root"] == str(root) and summary["data"]["synthetic"] == synthetic
+    assert summary["commit"] is None or set(summary["commit"]) == {"sha", "dirty"}

@@ -23,7 +23,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ sits beside src/, outside the insta
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import __main__ as entry  # noqa: E402
-from benchmarks import assign, data, speed, train, workloads  # noqa: E402
+from benchmarks import assign, data, memory, speed, train, workloads  # noqa: E402
 from benchmarks.measure import measure_extra_memory, run_interleaved  # noqa: E402
 from benchmarks.report import evaluate_goals, to_markdown  # noqa: E402
 from benchmarks.workloads import (  # noqa: E402
@@ -284,6 +284,37 @@ def test_train_suite_refuses_unknown_cases(capsys):
     assert exc.value.code == 2 and "retinanet" in capsys.readouterr().err
 
 
+def test_memory_suite_draws_a_coco_file_and_measures_parsing_and_workers(tmp_path, capsys):
+    """A tiny drawn file: valid COCO (segmentations, crowd RLE, images without annotations) that the loader
+    reads; each case measured in its own process, the workers seen and counted."""
+    from sapd.data.coco import COCODetection
+
+    argv = [f"folder={tmp_path / 'drawn'}", "images=60", "boxes=400", "val_images=8", "num_workers=1"]
+    results = memory.main([*argv, "cases=[parse,workers]", f"out={tmp_path / 'mem.json'}"])
+    ann = tmp_path / "drawn" / memory.TRAIN
+    drawn = json.loads(ann.read_text())
+    assert len(drawn["images"]) == 60 and len(drawn["annotations"]) == 400 and len(drawn["categories"]) == 80
+    assert any(a["iscrowd"] and isinstance(a["segmentation"], dict) for a in drawn["annotations"])
+    assert all(len(a["segmentation"][0]) >= 6 for a in drawn["annotations"] if not a["iscrowd"])
+    ds = COCODetection(ann, tmp_path / "drawn" / "train")
+    assert ds.stats["annotations"] == 400 and ds.stats["unknown_image"] == 0 and ds.stats["non_finite_boxes"] == 0
+    parse = results["parse"]
+    assert parse["images"] == 60 and parse["stats"] == ds.stats
+    assert parse["peak_rss"] >= parse["rss"] > parse["start_rss"] > 0 and _positive_finite(parse["parse_s"])
+    work = results["workers"]
+    assert work["items"] == {"train": 60, "val": 8} and len(work["workers"]) == 2  # one train, one val worker
+    assert all(_positive_finite(w["uss"]) and w["pss"] <= w["rss"] for w in work["workers"])
+    assert work["total"]["rss"] == pytest.approx(work["main"]["rss"] + sum(w["rss"] for w in work["workers"]))
+    table = (tmp_path / "mem.md").read_text()
+    assert "| parse |" in table and "| workers (2 workers) |" in table and "| parse |" in capsys.readouterr().out
+
+
+def test_memory_suite_never_draws_into_the_repository(capsys):
+    with pytest.raises(SystemExit) as exc:
+        memory.main([f"folder={ROOT / 'data'}"])
+    assert exc.value.code == 2 and "inside the repository" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -315,7 +346,7 @@ def test_command_line_rejects_what_it_cannot_use(argv, capsys):
 def test_one_entry_dispatches_suites_and_prints_their_keys(capsys):
     assert entry.main(["help"]) is None
     listing = capsys.readouterr().out
-    assert all(f"suite={name}" in listing for name in ("speed", "data", "assign", "train"))
+    assert all(f"suite={name}" in listing for name in ("speed", "data", "assign", "train", "memory"))
     with pytest.raises(SystemExit) as exc:
         entry.main(["suite=assign", "help"])
     assert exc.value.code == 0
@@ -394,17 +425,3 @@ def test_memory_worker_subprocess_measures_one_task():
     cfg = speed.parse_args([*TINY, "memory=subprocess"])
     mem = speed._memory_subprocess(cfg, "assign/1")
     assert _positive_finite(mem["extra_bytes"]) and mem["peak_bytes"] > mem["extra_bytes"]
-
-
-def test_gpu_check_refuses_a_machine_without_cuda(tmp_path):
-    """``make gpu-check`` names what is missing and stops, without writing results, where torch sees no GPU."""
-    import os
-    import subprocess
-
-    env = {**os.environ, "PY": sys.executable, "OUT_DIR": str(tmp_path / "gpu"), "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run(
-        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "tests"], env=env, capture_output=True, text=True
-    )
-    assert done.returncode == 2
-    assert "torch sees no CUDA GPU here" in done.stderr and "run it on a GPU machine" in done.stderr
-    assert not (tmp_path / "gpu" / "tests.log").exists()

@@ -1,6 +1,6 @@
 """SAPD on a CUDA GPU: the same numbers as on the CPU, mixed precision that stays finite, a whole
 Lightning run, and a 2-GPU NCCL step where one process's batch holds no box. Skipped where torch sees no
-GPU (the 2-GPU step where it sees one); ``make gpu-check`` runs them (README, "GPU check"). Nothing here
+GPU (the 2-GPU step where it sees one); ``make gpu-check`` runs them (docs/gpu_check.md). Nothing here
 asks an untrained network to score above a threshold.
 """
 

@@ -237,16 +237,61 @@ def test_skip_bad_images_skips_and_never_replaces(quirky):
     assert ds[0][1]["image_id"] == 11  # good images are untouched
 
 
-def test_annotations_made_in_the_unrotated_frame_are_read_unrotated(quirky):
+def test_annotations_made_in_the_unrotated_frame_are_turned_with_the_image(quirky):
+    """One image, one orientation: exif.jpg (stored 50 x 30, EXIF tag 6) is read upright by training and
+    evaluation, as predict and the API read it, also where the annotation file gives the stored size;
+    its boxes turn with it and results turn back into the file's frame."""
+    from sapd.data.coco import to_annotation_frame
+    from sapd.data.io import read_image
+    from sapd.data.transforms import preprocess_image
+
     ann_file, img_dir = quirky
     ds = json.loads(ann_file.read_text())
     ds["images"][4].update(width=50, height=30)  # exif.jpg as stored, ignoring its EXIF rotation
+    ds["annotations"][7]["bbox"] = [0, 0, 8, 8]  # the red corner, in the stored pixels
     ann_file.write_text(json.dumps(ds))
     data = COCODetection(ann_file, img_dir)
     with pytest.warns(UserWarning, match="EXIF"):
         img, t = _by_id(data, 15)
-    assert img.shape == (3, 30, 50) and t["orig_size"] == (30, 50)
-    assert (denormalize(img)[:, 2, 2] * 255)[1] < 60  # the red corner stays at the top left
+    assert img.shape == (3, 50, 30) and t["orig_size"] == (50, 30) and t["exif_turn"] == 6
+    api, meta = preprocess_image(Image.open(img_dir / "exif.jpg"), min_size=50, max_size=50)
+    assert meta["orig_size"] == (50, 30) and torch.equal(api, img)  # the API reads the same pixels
+    upright = torch.from_numpy(np.array(read_image(img_dir / "exif.jpg"))).permute(2, 0, 1).float()
+    assert torch.allclose(denormalize(img) * 255, upright, atol=1e-3)  # and so does predict
+    assert t["boxes"].tolist() == [[22, 0, 30, 8]] and t["eval_boxes"].tolist() == [[22, 0, 30, 8]]
+    rgb = denormalize(img) * 255
+    assert rgb[0, 2, 27] > 200 and rgb[1, 2, 27] < 60  # the box holds the red corner, now at the top right
+    assert to_annotation_frame(t["eval_boxes"], t).tolist() == [[0, 0, 8, 8]]  # results in the file's frame
+    from types import SimpleNamespace
+
+    from sapd.module import SAPDLitModule
+
+    det = {"boxes": t["eval_boxes"], "scores": torch.ones(1), "labels": t["eval_labels"]}
+    (entry,) = SAPDLitModule.to_coco_results(SimpleNamespace(label_to_cat_id=data.label_to_cat_id), [det], [t])
+    assert entry["bbox"] == [0, 0, 8, 8] and entry["image_id"] == 15 and entry["category_id"] == 9
+    _, upright_t = _by_id(COCODetection(*_write_quirky_set(ann_file.parent / "again")), 15)
+    assert "exif_turn" not in upright_t and to_annotation_frame(upright_t["boxes"], upright_t) is upright_t["boxes"]
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_boxes_turn_with_every_exif_orientation(tmp_path, orientation):
+    """A block drawn in the stored pixels lies inside its turned box after PIL's exif_transpose."""
+    from sapd.data.transforms import EXIF_INVERSE, orient_boxes
+
+    raw = np.zeros((30, 50, 3), np.uint8)
+    raw[4:10, 12:20] = 255  # the box [12, 4, 20, 10]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(raw).save(tmp_path / "o.png", exif=exif)
+    from sapd.data.io import read_image
+
+    up = np.asarray(read_image(tmp_path / "o.png"))[..., 0] > 127  # [h, w]
+    ys, xs = np.nonzero(up)
+    box = orient_boxes(torch.tensor([[12.0, 4, 20, 10]]), orientation, 50, 30)
+    assert box.tolist() == [[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]]
+    h, w = up.shape
+    back = orient_boxes(box, EXIF_INVERSE.get(orientation, orientation), w, h)
+    assert back.tolist() == [[12.0, 4, 20, 10]]
 
 
 def test_non_numeric_bbox(quirky):
@@ -254,5 +299,280 @@ def test_non_numeric_bbox(quirky):
     ds = json.loads(ann_file.read_text())
     ds["annotations"][0]["bbox"] = ["a", 1, 2, 3]
     ann_file.write_text(json.dumps(ds))
-    with pytest.raises(DataError, match="non-numeric bbox .* image id 11"):
+    with pytest.raises(DataError, match=r"annotation id 1 \(image id 11\) has a non-numeric bbox"):
         COCODetection(ann_file, img_dir)
+
+
+# -- a data set that lies: refused in one line, or dropped and counted (issue 21) ---------------------
+
+
+def _edit(ann_file: Path, change) -> Path:
+    """The annotation file after ``change(dataset)``, written back as json (NaN / Infinity as Python writes them)."""
+    ds = json.loads(ann_file.read_text())
+    change(ds)
+    ann_file.write_text(json.dumps(ds))
+    return ann_file
+
+
+def _one_line(e: pytest.ExceptionInfo, *parts: str) -> None:
+    msg = str(e.value)
+    assert "\n" not in msg and all(p in msg for p in parts), msg
+
+
+def test_repeated_image_id_is_refused(quirky):
+    ann_file, img_dir = quirky
+    _edit(ann_file, lambda ds: ds["images"][2].update(id=11))  # rgba.png takes rgb.jpg's id
+    with pytest.raises(DataError) as e:
+        COCODetection(ann_file, img_dir)
+    _one_line(e, str(ann_file), "image id 11 is given to more than one image", "'rgba.png'", "fix the annotation file")
+
+
+def test_repeated_category_id_is_refused(quirky):
+    ann_file, img_dir = quirky
+    _edit(ann_file, lambda ds: ds["categories"][1].update(id=9))  # "two" takes "nine"'s id
+    with pytest.raises(DataError) as e:
+        COCODetection(ann_file, img_dir)
+    _one_line(e, str(ann_file), "category id 9 is given to 2 categories (nine, two)", "fix the annotation file")
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda ds: ds.update(annotations={"1": ds["annotations"][0]}), "'annotations' is a dict, not a list"),
+        (lambda ds: ds["images"][1].pop("id"), "images[1] ('gray.png') has no 'id'"),
+        (lambda ds: ds["images"][1].update(id="12"), "images[1] ('gray.png') has id '12', a str"),
+        (lambda ds: ds["images"][1].update(id=True), "has id True, a bool"),
+        (lambda ds: ds["images"][1].update(width=0), "image id 12 (gray.png) has width 0"),
+        (lambda ds: ds["images"][1].update(height=-30), "has height -30"),
+        (lambda ds: ds["images"][1].update(height="30"), "has height '30'"),
+        (lambda ds: ds["images"][1].pop("file_name"), "image id 12 has no 'file_name'"),
+        (lambda ds: ds["annotations"].append([1, 2]), "annotations[8] is a list, not an object"),
+        (lambda ds: ds["categories"].append({"name": "no id"}), "'categories' must be a list of objects"),
+    ],
+    ids=["annotations-dict", "no-id", "str-id", "bool-id", "width-0", "height-neg", "height-str", "no-file",
+         "ann-list", "cat-no-id"],
+)  # fmt: skip
+def test_malformed_annotation_files_are_one_line(quirky, change, expected):
+    ann_file, img_dir = quirky
+    _edit(ann_file, change)
+    with pytest.raises(DataError) as e:
+        COCODetection(ann_file, img_dir)
+    _one_line(e, str(ann_file), expected)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("bbox", [True, 1, 2, 3], "has a non-numeric bbox [True, 1, 2, 3]"),
+        ("bbox", ["12", 1, 2, 3], "has a non-numeric bbox ['12', 1, 2, 3]"),
+        ("bbox", [None, 1, 2, 3], "has a non-numeric bbox [None, 1, 2, 3]"),
+        ("bbox", [1, 2, 3], "has no valid bbox: [1, 2, 3]"),
+        ("bbox", {"x": 1}, "has no valid bbox"),
+        ("iscrowd", "0", "has iscrowd '0' (0, 1, true or false only)"),
+        ("iscrowd", 2, "has iscrowd 2"),
+        ("iscrowd", 0.5, "has iscrowd 0.5"),
+        ("iscrowd", None, "has iscrowd None"),
+    ],
+)
+def test_boolean_string_and_malformed_values_are_refused(quirky, field, value, expected):
+    ann_file, img_dir = quirky
+    _edit(ann_file, lambda ds: ds["annotations"][4].update({field: value}))
+    with pytest.raises(DataError) as e:
+        COCODetection(ann_file, img_dir)
+    _one_line(e, str(ann_file), "annotation id 5 (image id 12)", expected, "fix the annotation file")
+
+
+@pytest.mark.parametrize("crowd", [0, 1, True, False])
+def test_iscrowd_takes_0_1_true_false(quirky, crowd):
+    ann_file, img_dir = quirky
+    _edit(ann_file, lambda ds: ds["annotations"][4].update(iscrowd=crowd))  # image 12's only box
+    _, t = _by_id(COCODetection(ann_file, img_dir), 12)
+    assert len(t["boxes"]) == (0 if crowd else 1) and len(t["crowd_boxes"]) == (1 if crowd else 0)
+    assert t["eval_iscrowd"].tolist() == [bool(crowd)]
+
+
+def _impossible_boxes(ds: dict) -> None:
+    """Image 12 (40 x 30) gets boxes no detector can find, after its one true box [1, 2, 10, 12]."""
+    extra = [
+        [float("nan"), 2, 5, 5],
+        [1, 2, float("inf"), 5],  # an infinite width: not a box to the image's edge
+        [float("-inf"), 2, 5, 5],
+        [1, 2, 5, float("nan")],
+        [50, 2, 5, 5],  # wholly right of the image
+        [1, -20, 5, 5],  # wholly above it
+    ]
+    base = ds["annotations"][4]
+    ds["annotations"] += [{**base, "id": 100 + k, "bbox": b, "area": 25} for k, b in enumerate(extra)]
+    ds["annotations"].append({**base, "id": 200, "bbox": [1, 2, float("nan"), 5], "iscrowd": 1})
+
+
+def test_impossible_boxes_leave_training_and_evaluation_and_are_counted(quirky):
+    ann_file, img_dir = quirky
+    _edit(ann_file, _impossible_boxes)
+    ds = COCODetection(ann_file, img_dir)
+    s = ds.stats
+    assert s["non_finite_boxes"] == 5 and s["outside_boxes"] == 2 and s["crowd"] == 1  # the NaN crowd box too
+    assert s["boxes"] == 6 and s["annotations"] == 15
+    _, t = _by_id(ds, 12)
+    assert t["boxes"].tolist() == [[1, 2, 11, 14]] and t["crowd_boxes"].shape == (0, 4)
+    assert t["eval_boxes"].tolist() == [[1, 2, 11, 14]] and t["eval_area"].tolist() == [120]
+    assert all(torch.isfinite(_by_id(ds, i)[1]["eval_boxes"]).all() for i in ds.ids)
+
+
+def test_perfect_predictions_score_ap_1_despite_impossible_boxes(quirky):
+    """Impossible boxes are not ground truth: with perfect detections AP is 1.0 (0.833 when NaN, infinite
+    and outside boxes stayed in the evaluation ground truth)."""
+    from sapd.module import SAPDLitModule
+
+    ann_file, img_dir = quirky
+    _edit(ann_file, _impossible_boxes)
+    ds = COCODetection(ann_file, img_dir)
+    targets = [ds[i][1] for i in range(len(ds))]
+    gt = SAPDLitModule.eval_targets(targets)
+    preds = []
+    for g in gt:
+        real = g["iscrowd"] == 0
+        preds.append({"boxes": g["boxes"][real], "labels": g["labels"][real], "scores": torch.ones(int(real.sum()))})
+    metric = SAPDLitModule._new_metric()
+    metric.update(preds, gt)
+    assert metric.compute()["map"].item() == pytest.approx(1.0)
+
+
+def test_annotations_of_unknown_images_are_counted(quirky):
+    from sapd.data.datamodule import format_counts
+
+    ann_file, img_dir = quirky
+
+    def orphans(ds):
+        base = ds["annotations"][0]
+        ds["annotations"] += [{**base, "id": 300, "image_id": 999}, {**base, "id": 301, "image_id": "11"}]
+        ds["annotations"].append({k: v for k, v in base.items() if k != "image_id"} | {"id": 302})
+
+    _edit(ann_file, orphans)
+    ds = COCODetection(ann_file, img_dir)
+    assert ds.stats["unknown_image"] == 3 and ds.stats["annotations"] == 8 and ds.stats["boxes"] == 6
+    assert "3 of an unknown image id skipped" in format_counts("train", ann_file, ds.stats)
+    limited = COCODetection(ann_file, img_dir, max_images=2)  # images past max_images are not unknown
+    assert limited.stats["unknown_image"] == 3 and limited.stats["annotations"] == 5
+
+
+@pytest.mark.parametrize("name", ["../outside.jpg", "sub/../../outside.jpg", "ABS"])
+def test_file_name_outside_the_data_root_is_refused_unless_allowed(quirky, name):
+    ann_file, img_dir = quirky
+    outside = img_dir.parent / "outside.jpg"
+    (img_dir / "sub").mkdir()
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(outside)
+    name = str(outside) if name == "ABS" else name
+    _edit(ann_file, lambda ds: ds["images"][1].update(file_name=name))
+    with pytest.raises(DataError) as e:
+        COCODetection(ann_file, img_dir)
+    _one_line(e, str(ann_file), f"image id 12 has file_name {name!r}", "data.allow_outside_root=true")
+    img, _ = _by_id(COCODetection(ann_file, img_dir, allow_outside_root=True), 12)
+    assert img.shape == (3, 30, 40)
+    if not name.startswith("/"):  # inside the data root (here the folder above the images): allowed
+        assert len(COCODetection(ann_file, img_dir, root=img_dir.parent)) == 6
+
+
+def test_file_name_under_a_subfolder_is_fine(quirky):
+    ann_file, img_dir = quirky
+    (img_dir / "sub").mkdir()
+    (img_dir / "gray.png").rename(img_dir / "sub" / "gray.png")
+    _edit(ann_file, lambda ds: ds["images"][1].update(file_name="sub/./gray.png"))
+    img, _ = _by_id(COCODetection(ann_file, img_dir), 12)
+    assert img.shape == (3, 30, 40)
+
+
+def test_allow_outside_root_is_a_data_setting():
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "data"
+    for name in ("coco.yaml", "synthetic.yaml"):
+        assert OmegaConf.load(conf / name).allow_outside_root is False, name
+
+
+# -- what stays in memory after parsing (issue 20) ----------------------------------------------------
+
+
+def _python_objects(obj, seen=None, depth=0):
+    """Every dict, list and tuple reachable from ``obj``'s attributes (numpy arrays are leaves)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or depth > 6:
+        return
+    seen.add(id(obj))
+    children = ()
+    if isinstance(obj, dict):
+        yield obj
+        children = list(obj.values())
+    elif isinstance(obj, list | tuple | set):
+        yield obj
+        children = list(obj)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type | np.ndarray | torch.Tensor):
+        children = list(vars(obj).values())
+    for child in children:
+        yield from _python_objects(child, seen, depth + 1)
+
+
+def test_parsed_records_keep_what_training_and_evaluation_need_and_no_segmentation(quirky):
+    ds = COCODetection(*quirky)
+    assert ds._coco is None  # pycocotools' copy of the json is read only when asked for
+    held = list(_python_objects(ds))
+    assert not any(isinstance(o, dict) and ("segmentation" in o or "bbox" in o) for o in held)
+    assert max(len(o) for o in held) <= max(len(ds), 16)  # no list or dict per annotation
+    arrays = [v for v in vars(ds).values() if isinstance(v, np.ndarray)]
+    assert sum(a.nbytes for a in arrays) < 2000  # 8 annotations, 6 images: a few bytes each
+    # what training and evaluation read is all there: boxes, labels, crowd, iscrowd, area, sizes, names
+    _, t = _by_id(ds, 11)
+    assert t["boxes"].tolist() == [[4, 4, 24, 14], [50, 30, 64, 48]] and t["labels"].tolist() == [1, 1]
+    assert t["eval_iscrowd"].tolist() == [False, False, False, True] and t["eval_area"].tolist() == [200, 900, 4, 100]
+    assert [ds.file_name(i) for i in range(len(ds))][:2] == ["rgb.jpg", "gray.png"]
+    truth = ds.ground_truth(11)
+    assert torch.equal(torch.from_numpy(truth["boxes"]), t["eval_boxes"]) and truth["iscrowd"].tolist()[-1]
+    assert ds.aspect_ratios[0] == pytest.approx(64 / 48)
+    crowd = ds.coco.loadAnns([4])[0]  # asked for: the file as written, segmentation included
+    assert crowd["segmentation"] == CROWD_RLE and ds._coco is not None
+
+
+def test_data_module_passes_the_data_root_and_allow_outside_root(tmp_path):
+    from sapd.data.datamodule import COCODataModule
+
+    root = tmp_path / "set"
+    ann_file, img_dir = _write_quirky_set(root)
+    (img_dir / "gray.png").rename(root / "gray.png")  # beside the image folder, inside data.root
+    Image.new("RGB", (40, 30)).save(tmp_path / "far.png")  # outside data.root
+    _edit(ann_file, lambda ds: ds["images"][1].update(file_name="../gray.png"))
+    _edit(ann_file, lambda ds: ds["images"][2].update(file_name="../../far.png"))
+    kw = {"train_ann": "instances.json", "train_images": "images", "num_workers": 0}
+    with pytest.raises(DataError) as e:
+        COCODataModule(root, **kw, val_ann="instances.json", val_images="images").setup("validate")
+    _one_line(e, "image id 13 has file_name '../../far.png'", "data.allow_outside_root=true")
+    dm = COCODataModule(root, **kw, val_ann="instances.json", val_images="images", allow_outside_root=True)
+    dm.setup("validate")
+    assert [dm.val_dataset[i][1]["image_id"] for i in (1, 2)] == [12, 13]  # both read
+
+
+def test_categories_read_before_the_data_sets_are_checked(tmp_path):
+    from sapd.data.datamodule import COCODataModule
+
+    ann_file, _ = _write_quirky_set(tmp_path)
+    _edit(ann_file, lambda ds: ds["categories"][1].update(id=9))
+    dm = COCODataModule(tmp_path, val_ann="instances.json", val_images="images", num_workers=0)
+    with pytest.raises(DataError) as e:
+        dm.label_to_cat_id  # noqa: B018 -- read before setup (the model is built from it)
+    _one_line(e, "category id 9 is given to 2 categories")
+
+
+def test_loader_workers_fork_from_a_frozen_heap(tmp_path):
+    """A worker's garbage collection does not copy the main process's pages: they are frozen before the fork."""
+    import gc
+
+    from sapd.data.datamodule import COCODataModule
+
+    _write_quirky_set(tmp_path)
+    dm = COCODataModule(tmp_path, val_ann="instances.json", val_images="images", num_workers=1)
+    dm.setup("validate")
+    gc.unfreeze()
+    try:
+        dm.val_dataloader()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()

@@ -19,6 +19,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conftest import compose_config, train_tiny_checkpoint
+from sapd import error_analysis as ea
 from sapd import run_report
 from sapd.api import Detector
 from sapd.checkpoint import CheckpointError, load_module
@@ -69,7 +70,13 @@ def test_evaluate_writes_the_report(trained, tmp_path, capsys):
         run_report.PR_PNG,
         run_report.CURVES_PNG,
         "val_images.png",
+        *(ea.ERRORS_CSV, ea.ERRORS_PNG, ea.CONFUSION_CSV, ea.CONFUSION_PNG, ea.CALIBRATION_CSV, ea.CALIBRATION_PNG),
     }
+    # the error analysis is of this evaluation: its AP50 is the table's
+    errors = ea.read_errors_csv(report / ea.ERRORS_CSV)
+    with open(report / ea.ERRORS_CSV, newline="") as fh:
+        ap50 = next(float(r["AP50"]) for r in csv.DictReader(fh) if r["size"] == "all")
+    assert ap50 == pytest.approx(table["map_50"], abs=1e-5) and set(errors) == set(ea.SIZES)
     with open(report / run_report.CLASS_CSV, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == list(run_report.CSV_COLUMNS) and len(rows) == datamodule.num_classes

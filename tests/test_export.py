@@ -280,7 +280,7 @@ print("ran", int(count[0]))
 
 @pytest.mark.slow
 def test_torchscript_loads_in_a_process_without_sapd_after_import_torchvision(exported):
-    """What the README tells a deployment: ``import torch, torchvision`` then ``torch.jit.load``."""
+    """What docs/export.md tells a deployment: ``import torch, torchvision`` then ``torch.jit.load``."""
     _, _, files, _ = exported
     path = str(files["torchscript"])
     loaded = subprocess.run(
@@ -290,6 +290,6 @@ def test_torchscript_loads_in_a_process_without_sapd_after_import_torchvision(ex
     without = subprocess.run(
         [sys.executable, "-c", PLAIN_LOAD.format(imports=""), path], capture_output=True, text=True
     )
-    assert without.returncode != 0 and "torchvision::nms" in without.stderr  # why the README names the import
-    readme = (ROOT / "README.md").read_text()
-    assert "`import torch, torchvision` then `torch.jit.load(path)`" in readme
+    assert without.returncode != 0 and "torchvision::nms" in without.stderr  # why the docs name the import
+    guide = (ROOT / "docs" / "export.md").read_text()
+    assert "`import torch, torchvision` then `torch.jit.load(path)`" in guide

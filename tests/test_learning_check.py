@@ -1,4 +1,4 @@
-"""A run that learns nothing does not end as a success (issue 21): it stops with one line and exit
+"""A run that learns nothing does not end as a success: it stops with one line and exit
 status 2 before a best checkpoint is kept (sapd.callbacks.LearningCheck, ``learning_check`` in conf/train.yaml)."""
 
 from __future__ import annotations

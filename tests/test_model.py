@@ -68,6 +68,20 @@ def test_backbone_frozen_defaults():
     assert [tuple(f.shape[1:]) for f in feats] == [(128, 8, 12), (256, 4, 6), (512, 2, 3)]
 
 
+def test_frozen_batch_norm_computes_what_the_batch_norm_did_in_eval_mode():
+    torch.manual_seed(0)
+    bb = TimmBackbone(name="resnet10t", frozen_stages=-1, norm_eval=False)
+    for m in bb.modules():  # statistics and affine parameters other than the initial ones
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5), nn.init.uniform_(m.bias, -0.5, 0.5)
+    frozen = TimmBackbone(name="resnet10t", frozen_stages=-1, norm_eval=True)
+    frozen.load_state_dict(bb.state_dict())
+    x = torch.randn(2, 3, 64, 96)
+    for a, b in zip(bb.eval()(x), frozen.train()(x)):  # frozen: the same in train mode
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_backbone_trainable_batchnorm_from_scratch():
     bb = TimmBackbone(name="resnet10t", frozen_stages=-1, norm_eval=False)
     assert all(p.requires_grad for p in bb.parameters())
@@ -204,7 +218,7 @@ def test_sapd_forward_loss_shapes(size):
     for key in ("cls", "loc", "select", "total", "num_pos", "pos_weight_sum", "num_unassigned"):
         assert loss[key].dim() == 0 and torch.isfinite(loss[key]), key
     assert {f"sel_w/P{i}" for i in range(3, 8)} <= loss.keys()
-    assert loss["selection_probs"].shape == (2, 5)
+    assert model.criterion.last_assignment.selection_probs.shape == (2, 5)
     loss["total"].backward()
     assert model.head.cls_out.weight.grad is not None and model.selection.fc.weight.grad is not None
     model.eval()
@@ -240,14 +254,16 @@ def test_modules_instead_of_partials():
     bb = TinyBackbone()
     neck = FPN(in_channels=bb.out_channels, out_channels=16)
     head = SAPDHead(in_channels=16, num_classes=2, feat_channels=16, num_convs=1)
-    model = SAPD(num_classes=2, backbone=bb, neck=neck, head=head, selection=None)
+    model = SAPD(
+        num_classes=2, backbone=bb, neck=neck, head=head, selection=None, criterion=SAPDCriterion(soft_select=False)
+    )
     assert model.neck is neck and model.head is head and model.strides == [8, 16, 32, 64, 128]
     out = model(torch.randn(1, 3, 64, 64))
     loss = model.loss(out, [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}])
     assert loss["select"] == 0 and torch.isfinite(loss["total"])
-    model.set_phase(2)
+    # soft selection (the criterion's default) without a selection net is refused when the model is built
     with pytest.raises(ValueError, match="selection"):
-        model.loss(out, [{"boxes": torch.tensor([[4.0, 4.0, 40.0, 40.0]]), "labels": torch.tensor([1])}])
+        SAPD(num_classes=2, backbone=bb, neck=neck, head=head, selection=None)
 
 
 # --- post-processing (paper §3.4) ----------------------------------------------------------------------------
@@ -299,7 +315,7 @@ def test_postprocess_maps_to_original_pixels_and_limits():
     nms_off = postprocess_detections(logits, reg, sizes, strides, [(30, 40)], nms_thresh=0.95)[0]
     assert nms_off["scores"].numel() == 4
     # Through the detector: the same numbers with its defaults.
-    model = two_level_sapd(criterion=SAPDCriterion(topk=2))
+    model = two_level_sapd(criterion=SAPDCriterion(topk=2, soft_select=False))
     outputs = {"cls_logits": logits, "box_reg": reg, "level_sizes": sizes, "features": []}
     det2 = model.postprocess(outputs, [(30, 40)], [(2.0, 0.5)])[0]
     assert torch.equal(det2["boxes"], det["boxes"])
@@ -352,7 +368,7 @@ def test_tiny_model_overfits_one_image():
 
 
 def test_criterion_and_postprocess_are_objects_the_detector_uses():
-    crit, post = SAPDCriterion(eta=2.0, topk=2), PostProcess(score_thresh=0.6, nms_thresh=0.95)
+    crit, post = SAPDCriterion(eta=2.0, topk=2, soft_select=False), PostProcess(score_thresh=0.6, nms_thresh=0.95)
     model = two_level_sapd(criterion=crit, postprocess=post, z=4.0)
     assert model.criterion is crit and model.postprocessor is post
     logits, reg, sizes, strides = hand_outputs()

@@ -298,9 +298,9 @@ def test_a_longer_resumed_run_keeps_the_stored_switch_epoch(train_cfg, tmp_path,
     assert any("phase switch epoch changed on resume: 3" in w and "the 1 stored" in w for w in warnings)
 
 
-def test_every_row_of_the_readme_bad_input_table_names_existing_tests():
-    text = (ROOT / "README.md").read_text()
-    table = text.split("### Bad input: what happens", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
+def test_every_row_of_the_bad_input_table_names_existing_tests():
+    text = (ROOT / "docs" / "robustness.md").read_text()
+    table = text.split("## Bad input: what happens", 1)[1].split("\n## ", 1)[0].split("\n### ", 1)[0]
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| input")]
     assert len(rows) >= 25
     for row in rows:
@@ -309,4 +309,4 @@ def test_every_row_of_the_readme_bad_input_table_names_existing_tests():
         for name in names:
             module, test = name.split("::")
             source = (ROOT / "tests" / f"{module}.py").read_text()
-            assert f"def {test}(" in source, f"{name} (README bad-input table) is not a test"
+            assert f"def {test}(" in source, f"{name} (docs/robustness.md bad-input table) is not a test"

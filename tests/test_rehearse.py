@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_a_checkpoint_of_the_sgd_recipe_loads_as_lightning_resumes_it(tmp_path):
     """Lightning resumes (ckpt_path=...) with torch.load(weights_only=True): the hyperparameters a
-    checkpoint holds must be plain Python (optim=sgd's milestones were an omegaconf ListConfig)."""
+    checkpoint holds must be plain Python (an omegaconf ListConfig of optim=sgd's milestones does not load)."""
     from sapd.build import build_module
 
     cfg = compose_config("train", [*TINY, "optim=sgd", "optim.scheduler.milestones=[1,2]"], tmp_path)

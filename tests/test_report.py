@@ -5,14 +5,17 @@ from __future__ import annotations
 import json
 import logging
 import math
+import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
+import sapd
 from sapd.paths import initialize_configs
 from sapd.report import (
     decisions,
@@ -280,3 +283,139 @@ def test_tools_make_no_run_folder_and_no_log_file(name):
     assert hydra_cfg.output_subdir is None and hydra_cfg.run.dir == "."
     handlers = hydra_cfg.job_logging.handlers
     assert list(handlers) == ["console"] and handlers.console.stream == "ext://sys.stderr"
+
+
+# ------------------------------------------------------------------------------------ paired seeds
+COMMIT = {"sha": "0123456789abcdef" * 2 + "01234567", "dirty": False}
+SYNTHETIC = {"name": "synthetic", "synthetic": {"seed": 0, "num_train": 2000}}
+
+
+def write_recorded(folder, n, ablation, seed, ap, commit=COMMIT, data=SYNTHETIC, errors=None, extra=(), **switches):
+    """A run whose summary records its commit and data (``errors``: its report/errors.csv, dAP by type;
+    ``extra``: more summary keys)."""
+    write_run(folder, n, ablation, seed, ap, **switches)
+    path = folder / str(n) / "summary.json"
+    run = json.loads(path.read_text())
+    run.update({"commit": commit, "data": data, **dict(extra)})
+    path.write_text(json.dumps(run))
+    if errors is not None:
+        (folder / str(n) / "report").mkdir()
+        lines = ["size,error,description,dAP,count,AP50"]
+        lines += [f"all,{e},x,{v / 100:.6f},1,0.5" for e, v in errors.items()]
+        (folder / str(n) / "report" / "errors.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_t_quantiles_and_seeds_needed_match_the_tables():
+    from sapd.paired import seeds_needed, t_cdf, t_quantile
+
+    # Student's t table (two-sided 5 %: 12.706, 4.303, 2.776, 2.228; one-sided 20 % at 7 dof: 0.896)
+    for dof, p, value in (
+        (1, 0.975, 12.706),
+        (2, 0.975, 4.303),
+        (4, 0.975, 2.776),
+        (10, 0.975, 2.228),
+        (7, 0.8, 0.896),
+    ):
+        assert t_quantile(p, dof) == pytest.approx(value, abs=1e-3)
+        assert t_cdf(value, dof) == pytest.approx(p, abs=1e-4)
+    assert t_quantile(0.025, 4) == pytest.approx(-2.776, abs=1e-3)
+    # paired seeds for 1 AP at 80 % power: the noncentral-t answers (n = 5, 9, 20 at sd 0.5, 0.9, 1.5)
+    assert [seeds_needed(sd) for sd in (0.5, 0.9, 1.5)] == [5, 9, 20]
+    assert seeds_needed(math.nan) is None
+
+
+def test_paired_differences_of_rows_on_one_commit(tmp_path):
+    fsaf, soft = [48.8, 49.7, 48.3], [49.5, 51.4, 48.2]
+    for seed in range(3):
+        write_recorded(tmp_path, 2 * seed, "FSAF", seed, fsaf[seed], errors={"Cls": 6.0 + seed, "Loc": 4.0})
+        write_recorded(tmp_path, 2 * seed + 1, "+SW+SS", seed, soft[seed], errors={"Cls": 6.5 + seed, "Loc": 3.0})
+    text = report([tmp_path])
+    assert "| row | variant | budget | data | commit | n |" in text
+    assert "| FSAF | paper | 8 ep | synthetic (seed 0) | 0123456789ab | 3 |" in text
+    diffs = [0.7, 1.7, -0.1]
+    mean, sd = sum(diffs) / 3, statistics.stdev(diffs)
+    half = 4.303 * sd / math.sqrt(3)  # t(0.975, 2)
+    line = next(x for x in text.splitlines() if x.startswith("| +SW+SS - FSAF") and "| AP |" in x)
+    assert "| 3 | +0.7 (s0), +1.7 (s1), -0.1 (s2) |" in line
+    assert f"| {mean:+.1f} ± {sd:.1f} | [{mean - half:+.1f}, {mean + half:+.1f}] | 9 |" in line
+    # the TIDE error types from the runs' errors.csv: +0.5 classification, -1.0 localisation each seed
+    assert "| dAP Cls | 3 | +0.5 (s0), +0.5 (s1), +0.5 (s2) | +0.5 ± 0.0 | [+0.5, +0.5] | 2 |" in text
+    assert "| dAP Loc | 3 | -1.0 (s0), -1.0 (s1), -1.0 (s2) |" in text
+
+
+def test_runs_of_other_commits_data_or_budgets_are_never_pooled_or_paired(tmp_path):
+    other = {"sha": "f" * 40, "dirty": False}
+    coco = {"name": "coco", "root": "data/coco"}
+    for seed in range(3):
+        write_recorded(tmp_path, 10 + seed, "+SW+SS", seed, 45 + seed, commit=other)
+        write_recorded(tmp_path, 20 + seed, "FSAF", seed, 44 + seed)
+        write_recorded(tmp_path, 30 + seed, "FSAF", seed, 30 + seed, data=coco, commit=other)
+        write_recorded(tmp_path, 40 + seed, "FSAF", seed, 40 + seed, commit=other, extra={"max_epochs": 4})
+    rows = group_runs(find_summaries([tmp_path]))
+    assert len(rows) == 4 and all(len(r.runs) == 3 for r in rows)  # four rows, none pooled
+    assert {(r.name, r.data, r.commit, r.budget) for r in rows} == {
+        ("+SW+SS", "synthetic (seed 0)", "ffffffffffff", "8 ep"),
+        ("FSAF", "synthetic (seed 0)", "0123456789ab", "8 ep"),
+        ("FSAF", "coco", "ffffffffffff", "8 ep"),
+        ("FSAF", "synthetic (seed 0)", "ffffffffffff", "4 ep"),
+    }
+    assert "Paired differences" not in report([tmp_path])  # no FSAF row shares the +SW+SS row's commit
+    text = goals(rows)
+    assert text.startswith("- no +SW+SS setting has its FSAF and +SW rows")
+    # a reference row from another commit is not compared with
+    for seed in range(3):
+        write_recorded(tmp_path, 50 + seed, "+SW+SS", seed, 47, soft_weight_norm="level_max")
+    rule = decisions(group_runs(find_summaries([tmp_path])))
+    assert "no paper +SW+SS row at this budget, data and commit to compare with (one exists from another" in rule
+
+
+def test_summaries_without_a_commit_pair_only_when_told(sweep):
+    """The existing results record no commit: tabled unpaired as before, paired with same_commit=true."""
+    text = report([sweep], decide=True)
+    assert "Paired differences" not in text and "same_commit=true pairs them" in text
+    assert "| row | variant | budget | n |" in text  # no data or commit column
+    paired_text = report([sweep], decide=True, same_commit=True)
+    # FSAF has 6 runs with seeds 0, 1, 2 twice: a repeated seed is not paired
+    assert "Paired differences" not in paired_text
+    rows = group_runs(find_summaries([sweep]))
+    assert rows[0].by_seed("map") == {}
+
+
+def test_decision_rule_on_paired_differences(tmp_path):
+    """A 1-AP gain inside the rows' spread (pooled std 4) but the same on every seed: paired, it clears."""
+    ref, variant = [40.0, 44.0, 48.0], [41.2, 44.9, 49.1]
+    for seed in range(3):
+        write_recorded(tmp_path, 3 * seed, "+SW+SS", seed, ref[seed])
+        write_recorded(tmp_path, 3 * seed + 1, "+SW+SS", seed, variant[seed], soft_weight_norm="level_max")
+        write_recorded(tmp_path, 3 * seed + 2, "FSAF", seed, ref[seed] - 0.5)
+    rows = group_runs(find_summaries([tmp_path]))
+    text = decisions(rows)
+    assert "paired gain +1.1 (3 paired seeds, 95 % CI [+0.7, +1.4], above 0)" in text
+    assert text.endswith("becomes the default")
+    # the same runs without a recorded commit: unpaired, the gain is inside the pooled std
+    for f in tmp_path.rglob("summary.json"):
+        run = json.loads(f.read_text())
+        run.pop("commit")
+        f.write_text(json.dumps(run))
+    unpaired = decisions(group_runs(find_summaries([tmp_path])))
+    assert "gain +1.1 <= pooled std 4.0" in unpaired and unpaired.endswith("not adopted")
+
+
+def test_the_run_summary_records_its_commit_and_data():
+    from sapd.provenance import data_identity, source_commit
+
+    repo = Path(__file__).resolve().parents[1]
+    commit = source_commit()
+    if (repo / ".git").exists() and Path(sapd.__file__).resolve().is_relative_to(repo / "src"):
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert commit is not None and commit["sha"] == head.stdout.strip() and isinstance(commit["dirty"], bool)
+    else:  # an installed package: no checkout to name
+        assert commit is None
+    GlobalHydra.instance().clear()
+    with initialize_configs():
+        base = data_identity(compose("train"))
+        other = data_identity(compose("train", overrides=["data.synthetic.seed=1", "data.batch_size=2"]))
+    assert base["name"] == "synthetic" and base["synthetic"]["seed"] == 0 and "batch_size" not in base
+    assert other["synthetic"]["seed"] == 1 and {k: v for k, v in other.items() if k != "synthetic"} == {
+        k: v for k, v in base.items() if k != "synthetic"
+    }

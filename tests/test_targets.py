@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
+from references import inside_valid_box
 from sapd.models.anchor_points import (
     anchor_points,
     assign_owners,
     candidate_pairs,
     decode,
     encode,
-    inside_valid_box,
     level_strides,
     shrink_boxes,
     soft_weight,

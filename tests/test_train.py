@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import TINY, TO_SYNTHETIC, compose_config, train_with
+from sapd import error_analysis as ea
 from sapd import run_report
 from sapd.train import train
 
@@ -159,7 +160,8 @@ def test_training_leaves_a_report_with_logger_none(train_cfg, capsys):
     assert {"train/total_step", "val/map"} <= set(series) and any(k.startswith("lr-") for k in series)
     report = out / "report"
     pictures = {run_report.CLASS_PNG, run_report.PR_PNG, run_report.CURVES_PNG, run_report.IMAGES_PNG}
-    assert {p.name for p in report.iterdir()} == pictures | {run_report.CLASS_CSV}
+    errors = {ea.ERRORS_CSV, ea.ERRORS_PNG, ea.CONFUSION_CSV, ea.CONFUSION_PNG, ea.CALIBRATION_CSV, ea.CALIBRATION_PNG}
+    assert {p.name for p in report.iterdir()} == pictures | errors | {run_report.CLASS_CSV}
     for name in pictures:
         with Image.open(report / name) as image:
             assert image.width >= 600 and image.height >= 300, name

@@ -1,4 +1,4 @@
-"""Outputs stay useful when the model is weak (issue 21): a model trained a few steps, whose scores sit
+"""Outputs stay useful when the model is weak: a model trained a few steps, whose scores sit
 near the 0.01 prior, gives files that standard tools load, an export whose threshold can be chosen and
 whose check compares detections, and tables that say ``n/a`` where nothing can be measured."""
 

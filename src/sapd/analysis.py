@@ -90,14 +90,14 @@ def weight_statistics(net, batches: Sequence) -> dict:
                 crit = dataclasses.replace(
                     base, soft_weight=sw, soft_select=ss, valid_region=valid, soft_weight_norm=norm
                 )
-                a = crit(out, targets, net.strides, net.selection, phase, z=net.z)["assignment"]
-                sums[(row, valid, norm)] += torch.bincount(bins[a["instance"]], a["weight"], minlength=nb)
-                num_pos[(row, valid, norm)] += a["weight"].numel()
+                a = crit.assignment(out, targets, net.strides, net.selection, phase, z=net.z)
+                sums[(row, valid, norm)] += torch.bincount(bins[a.instance], a.weight, minlength=nb)
+                num_pos[(row, valid, norm)] += a.weight.numel()
                 if row == "+SW" and norm == "none":  # w = f: phase-1 selection, soft weights, Eq. 4 as printed
-                    f_pairs[valid].append((a["weight"], bins[a["instance"]]))
-                    best = torch.zeros(len(boxes)).scatter_reduce_(0, a["instance"], a["weight"], reduce="amax")
+                    f_pairs[valid].append((a.weight, bins[a.instance]))
+                    best = torch.zeros(len(boxes)).scatter_reduce_(0, a.instance, a.weight, reduce="amax")
                     has = torch.zeros(len(boxes), dtype=torch.bool)
-                    has[a["instance"]] = True
+                    has[a.instance] = True
                     best_f[valid].append((best[has], bins[has]))
     cat = {k: (torch.cat([f for f, _ in v]), torch.cat([b for _, b in v])) for k, v in f_pairs.items()}
     best = {k: (torch.cat([f for f, _ in v]), torch.cat([b for _, b in v])) for k, v in best_f.items()}

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 # The default score threshold of Detector and of ``python -m sapd.predict`` (conf/predict.yaml reads it as
 # ``${sapd.score_thresh:}``, as do the run reports' drawings): 0.4 maximised F1 of the kept boxes against the
 # ground truth (same class, IoU >= 0.5) on the 250 synthetic validation images for a default-budget +SW+SS
-# checkpoint (49.5 AP), 2026-11-25 (README, "Detect objects"; benchmarks/score_threshold.py). A model
+# checkpoint (49.5 AP), 2026-11-25 (docs/decisions/score_thresh_default.md; benchmarks/score_threshold.py). A model
 # trained only a few steps scores lower: give it score_thresh=0.05, or None for the model's own threshold.
 SCORE_THRESH = 0.4
 

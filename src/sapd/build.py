@@ -10,6 +10,7 @@ and post-processing (``model.postprocess``) as built objects.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -18,27 +19,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sapd.errors import ConfigError, UserError
+from sapd.models.criterion import SAPDCriterion
 from sapd.module import SAPDLitModule
 from sapd.utils import config_to_dict
 
 # Keys that configs written before ``model.criterion`` / ``model.postprocess`` existed kept flat under
 # ``model`` (checkpoints of sapd 0.1 before the change); :func:`migrate_model_config` moves them.
-CRITERION_KEYS = (
-    "eta",
-    "topk",
-    "epsilon",
-    "soft_weight",
-    "soft_select",
-    "unselected",
-    "valid_region",
-    "soft_weight_norm",
-    "normaliser",
-    "ignore_epsilon",
-    "lambda_select",
-    "loc_loss",
-    "focal_alpha",
-    "focal_gamma",
-)
+CRITERION_KEYS = tuple(f.name for f in dataclasses.fields(SAPDCriterion))
 POSTPROCESS_KEYS = ("score_thresh", "pre_nms_topk", "nms_thresh", "max_detections")
 SAPD_TARGET = "sapd.models.SAPD"
 

@@ -221,6 +221,7 @@ SETTINGS: dict[str, Rule] = {
     "data.aspect_ratio_groups": integer(0),
     "data.drop_empty": flag(),
     "data.skip_bad_images": flag(),
+    "data.allow_outside_root": flag(),
     "data.limit_val_images": integer(1, null="every validation image"),
     "data.seed": integer(0, SEED_MAX, null="the run's seed"),
     "data.test_split": one_of("test-dev", "val", "test"),
@@ -323,6 +324,7 @@ SETTINGS: dict[str, Rule] = {
     # --- the tools (conf/analysis.yaml, report.yaml, synthetic.yaml)
     "batches": integer(1),
     "decide": flag(),
+    "same_commit": flag(),
     "workers": integer(1, null="up to 2"),
 }
 

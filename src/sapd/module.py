@@ -194,6 +194,7 @@ class SAPDLitModule(L.LightningModule):
         self.val_map_best = MaxMetric()
         self.last_coco_table: dict[str, float] = {}  # COCO numbers of the latest evaluation (val or test)
         self.last_coco_step: int | None = None  # global step of the latest validation with a table
+        self.last_eval_states: dict[str, list[Tensor]] | None = None  # its per-image boxes (torchmetrics' states)
         self.last_class_metrics: ClassMetrics | None = None  # per-class AP and PR curves of that evaluation
         self.wandb_run_id: str | None = None  # stored in checkpoints, so a resumed run continues its dashboard
         # training instances seen in this process, and those that own no anchor point on any level
@@ -277,8 +278,10 @@ class SAPDLitModule(L.LightningModule):
             self._num_unassigned = unassigned if self._num_unassigned is None else self._num_unassigned + unassigned
         bs = images.shape[0]
         self._log_losses("train", losses, bs, on_step=True)
-        # the selection net's level probabilities reach callbacks (SelectionHistogram) as step outputs
-        return {"loss": losses["total"], "selection_probs": losses.get("selection_probs")}
+        # the selection net's level probabilities (the criterion's assignment of this batch) reach callbacks
+        # (SelectionHistogram) as step outputs
+        assignment = getattr(getattr(self.net, "criterion", None), "last_assignment", None)
+        return {"loss": losses["total"], "selection_probs": getattr(assignment, "selection_probs", None)}
 
     def _world_size(self) -> int:
         trainer = self._trainer
@@ -308,8 +311,6 @@ class SAPDLitModule(L.LightningModule):
 
     def _log_losses(self, stage: str, losses: dict[str, Any], batch_size: int, on_step: bool) -> None:
         for key, value in losses.items():
-            if not isinstance(value, Tensor) or value.numel() != 1:
-                continue
             self.log(
                 f"{stage}/{key}",
                 value.detach().float(),
@@ -353,11 +354,13 @@ class SAPDLitModule(L.LightningModule):
         return dets
 
     def to_coco_results(self, dets: Sequence[dict[str, Tensor]], targets: Sequence[dict[str, Any]]) -> list[dict]:
-        """Detections as COCO results entries (xywh, original category ids)."""
+        """Detections as COCO results entries (xywh, original category ids, the annotation file's frame)."""
+        from sapd.data.coco import to_annotation_frame
+
         cat_ids = self.label_to_cat_id
         results = []
         for det, tgt in zip(dets, targets):
-            boxes = det["boxes"].detach().cpu()
+            boxes = to_annotation_frame(det["boxes"].detach().cpu(), tgt)  # unturned where annotated unturned
             xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
             scores = det["scores"].detach().cpu().tolist()
             labels = det["labels"].detach().cpu().tolist()
@@ -463,6 +466,8 @@ class SAPDLitModule(L.LightningModule):
             metric.reset()
             return {}, None
         num_gt = self._count_ground_truth(metric)
+        # the evaluated ground truth and detections, for the report's error analysis (sapd.run_report)
+        self.last_eval_states = {name: list(getattr(metric, name)) for name in BOX_STATES}
         values = metric.compute()
         metric.reset()
         table = {key: float(values[key]) for key in COCO_KEYS}

@@ -53,6 +53,7 @@ def config_path(config_name: str | None = None) -> str:
     A ``SAPD_CONFIG_DIR`` that is not a folder, or lacks ``<config_name>.yaml``, is a
     :class:`~sapd.errors.ConfigError` (one line naming it and what to do).
     """
+    register_configs()
     env = os.environ.get("SAPD_CONFIG_DIR")
     if env:
         folder = Path(env).expanduser().resolve()
@@ -75,6 +76,16 @@ def config_path(config_name: str | None = None) -> str:
             "(pip install -e . in a checkout, or pip install its wheel) or set SAPD_CONFIG_DIR to a conf folder"
         )
     return _PKG + CONFIG_MODULE
+
+
+def register_configs() -> None:
+    """The config nodes declared in code, for every config folder: ``model/criterion=paper``, the paper's
+    loss setting, made from :class:`sapd.models.SAPDCriterion`'s defaults (its one declaration)."""
+    from hydra.core.config_store import ConfigStore
+
+    from sapd.models.criterion import paper_config
+
+    ConfigStore.instance().store(group="model/criterion", name="paper", node=paper_config())
 
 
 def initialize_configs(job_name: str = "app"):

@@ -10,7 +10,10 @@
 - ``training_curves.png``: losses and learning rate by step, AP by epoch, from the run's
   ``metrics.csv`` (training always records one; ``sapd.evaluate`` reads the checkpoint's run's);
 - ``val_images.png`` (``test_images.png`` for ``sapd.evaluate split=test``): the first images of the
-  evaluated set with predicted (score >= a threshold) and true boxes.
+  evaluated set with predicted (score >= a threshold) and true boxes;
+- ``errors.csv`` / ``errors.png`` (the TIDE breakdown, overall and per object size),
+  ``confusion.csv`` / ``confusion.png`` and ``calibration.csv`` / ``calibration.png``: where the AP
+  is lost, from the evaluation's ground truth and detections (:mod:`sapd.error_analysis`).
 
 Everything comes from what the evaluation already computed: COCOeval's precision array (torchmetrics'
 ``extended_summary``), kept by :class:`sapd.module.SAPDLitModule` as :class:`ClassMetrics`. Only the
@@ -508,8 +511,12 @@ def write_report(
     num_images: int = 8,
     title: str = "",
     images_file: str = IMAGES_PNG,
+    evaluation: tuple[Mapping[str, Any], Any] | None = None,
 ) -> dict[str, Path]:
     """Writes ``out_dir/report/`` (the parts whose inputs are given) and returns ``{file name: path}``.
+
+    ``evaluation`` is the evaluated ground truth (a COCO dict) and detections (COCO results entries or
+    hotcoco's ``[N, 7]`` array: :func:`sapd.error_analysis.coco_from_states`), for the error analysis.
 
     A part that fails is logged as a warning and skipped: the run's results are already saved, and a
     picture must not turn a finished training into a failed one.
@@ -542,9 +549,48 @@ def write_report(
             )
 
         attempt(images_file, grid)
+    if evaluation is not None:
+        _error_report(report, evaluation, score_thresh, prefix, written)
     if written:
         log.info("report: %s", ", ".join(str(p) for p in written.values()))
     return written
+
+
+def _error_report(
+    report: Path, evaluation: tuple[Mapping[str, Any], Any], score_thresh: float, prefix: str, written: dict
+) -> None:
+    """The error analysis's files (:mod:`sapd.error_analysis`) into ``report``; a failure is a warning."""
+    from sapd import error_analysis as ea
+
+    try:
+        analysis = ea.analyse(*evaluation, score_thresh=score_thresh)
+    except Exception as exc:  # noqa: BLE001 - as write_report's parts
+        log.warning("report: no error analysis: %s: %s", type(exc).__name__, exc)
+        return
+    parts = (
+        (ea.ERRORS_CSV, lambda p: ea.write_errors_csv(analysis, p)),
+        (ea.ERRORS_PNG, lambda p: ea.plot_errors(analysis, p, f"{prefix}where AP50 is lost")),
+        (ea.CONFUSION_CSV, lambda p: ea.write_confusion_csv(analysis, p)),
+        (ea.CONFUSION_PNG, lambda p: ea.plot_confusion(analysis, p, f"{prefix}confusion matrix")),
+        (ea.CALIBRATION_CSV, lambda p: ea.write_calibration_csv(analysis, p)),
+        (ea.CALIBRATION_PNG, lambda p: ea.plot_calibration(analysis, p, f"{prefix}score calibration")),
+    )
+    for name, make in parts:
+        try:
+            written[name] = make(report / name)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("report: could not write %s: %s: %s", report / name, type(exc).__name__, exc)
+
+
+def evaluation_of(module) -> tuple[dict[str, Any], np.ndarray] | None:
+    """The ground truth and detections of ``module``'s latest evaluation (its ``last_eval_states``,
+    torchmetrics' per-image lists), or None when it kept none or had no ground truth."""
+    from sapd.error_analysis import coco_from_states
+
+    states = getattr(module, "last_eval_states", None)
+    if not states or not states.get("groundtruth_box"):
+        return None
+    return coco_from_states(states, module.label_to_cat_id, module.class_names)
 
 
 def report_module(
@@ -584,4 +630,5 @@ def report_module(
         num_images=num_images,
         title=title,
         images_file=images_file,
+        evaluation=evaluation_of(module),
     )

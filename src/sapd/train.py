@@ -30,25 +30,16 @@ from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file, check_res
 from sapd.errors import ConfigError, check_run_config
 from sapd.loggers import WANDB_ID_FILE, resume_wandb_config
 from sapd.logs import configure_logging
+from sapd.models.criterion import reported_keys
 from sapd.module import NonFiniteLossError
+from sapd.provenance import data_identity, source_commit
 from sapd.run_folder import SUMMARY_FILE, claim_run_folder
 from sapd.utils import format_coco_table, instantiate_group, resolve_precision, set_threads
 
 log = logging.getLogger("sapd.train")
 
 # Criterion keys a run summary records (flat, beside the model's ``_target_``): the switches ablations vary.
-REPORTED_CRITERION_KEYS = (
-    "soft_weight",
-    "soft_select",
-    "eta",
-    "topk",
-    "epsilon",
-    "valid_region",
-    "soft_weight_norm",
-    "normaliser",
-    "unselected",
-    "ignore_epsilon",
-)
+REPORTED_CRITERION_KEYS = reported_keys()
 
 
 def _overrides() -> list[str]:
@@ -75,9 +66,10 @@ def run_summary(
     ``data_counts`` (``COCODataModule.data_counts()``: per split, the images, boxes and annotations
     read, dropped or skipped; {} when the data module has none), the ``phase_switch_epoch`` used and
     ``instance_counts`` (training instances seen, and those that owned no anchor point) and ``device``
-    (:func:`device_figures`)."""
+    (:func:`device_figures`), the ``commit`` it ran from and its ``data`` (:mod:`sapd.provenance`)."""
     model = cfg.get("model", {})
     criterion = model.get("criterion") or {}
+    # commit and data: sapd.report pairs seeds, and pools runs into a row, only at one commit and data set
     switches = {"_target_": model.get("_target_")} if "_target_" in model else {}
     switches.update({k: criterion.get(k) for k in REPORTED_CRITERION_KEYS if k in criterion})
     return {
@@ -86,6 +78,8 @@ def run_summary(
         "group": cfg.get("group"),
         "seed": cfg.get("seed"),
         "model": switches,
+        "commit": source_commit(),
+        "data": data_identity(cfg),
         "max_epochs": cfg.trainer.get("max_epochs"),
         "limit_train_batches": cfg.trainer.get("limit_train_batches"),
         "global_step": int(global_step),

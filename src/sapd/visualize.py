@@ -6,8 +6,10 @@ import colorsys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from torch import Tensor
+from torchvision.transforms.functional import pil_to_tensor, to_pil_image
+from torchvision.utils import draw_bounding_boxes
 
 from sapd.data.transforms import denormalize
 
@@ -47,7 +49,8 @@ def draw_detections(
     ground_truth: Mapping[str, Tensor] | None = None,
     width: int = 2,
 ) -> Image.Image:
-    """Draws predicted boxes (coloured, labelled with class and score) and true boxes (white, thin).
+    """Draws predicted boxes (coloured, labelled with class and score) and true boxes (white, thin),
+    with ``torchvision.utils.draw_bounding_boxes``.
 
     Args:
         image: the original image.
@@ -55,23 +58,23 @@ def draw_detections(
             ``labels`` (contiguous).
         class_names: names of the contiguous labels (else the label number is written).
         ground_truth: optional ``boxes`` and ``labels`` drawn in white.
+    Returns:
+        a new RGB image.
     """
-    out = image.convert("RGB").copy()
-    draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default()
-    if ground_truth is not None:
-        for box in ground_truth["boxes"].tolist():
-            draw.rectangle(box, outline=(255, 255, 255), width=1)
-    boxes = detections["boxes"].tolist()
-    scores = detections["scores"].tolist()
-    labels = detections["labels"].tolist()
-    for box, score, label in zip(boxes, scores, labels):
-        c = colour(int(label))
-        draw.rectangle(box, outline=c, width=width)
-        name = class_names[int(label)] if class_names is not None and int(label) < len(class_names) else str(label)
-        text = f"{name} {score:.2f}"
-        x, y = box[0], max(box[1] - 11, 0)
-        tw = draw.textlength(text, font=font)
-        draw.rectangle([x, y, x + tw + 2, y + 11], fill=c)
-        draw.text((x + 1, y), text, fill=(0, 0, 0), font=font)
-    return out
+    picture = pil_to_tensor(image.convert("RGB"))  # uint8 [3, H, W]
+    if ground_truth is not None and len(ground_truth["boxes"]):
+        picture = draw_bounding_boxes(picture, ground_truth["boxes"].detach().cpu().float(), colors="white", width=1)
+    labels = [int(label) for label in detections["labels"].tolist()]
+    if labels:
+        names = [class_names[k] if class_names is not None and k < len(class_names) else str(k) for k in labels]
+        texts = [f"{name} {score:.2f}" for name, score in zip(names, detections["scores"].tolist())]
+        picture = draw_bounding_boxes(
+            picture,
+            detections["boxes"].detach().cpu().float(),
+            labels=texts,
+            colors=[colour(k) for k in labels],
+            width=width,
+            label_colors="black",
+            fill_labels=True,  # black text on the box's colour
+        )
+    return to_pil_image(picture)

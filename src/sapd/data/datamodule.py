@@ -10,7 +10,7 @@ COCO layout under ``root`` (the default file names; each may be overridden)::
 from __future__ import annotations
 
 import copy
-import json
+import gc
 import logging
 import math
 import os
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, SequentialSampler
 
-from sapd.data import COCO_HOWTO, DataError
-from sapd.data.coco import COCODetection
+from sapd.data import DataError
+from sapd.data.coco import COCODetection, read_annotations
 from sapd.data.samplers import (
     AspectRatioBatchSampler,
     EpochRandomSampler,
@@ -51,7 +51,9 @@ def format_counts(split: str, ann_file: str | Path, stats: Mapping[str, int]) ->
         f"{s['annotations']} annotations: {s['boxes']} training boxes, {s['crowd']} crowd, "
         f"{s['degenerate_boxes']} degenerate dropped ({s['zero_size_boxes']} with w or h <= 0, also not evaluated; "
         f"{s['outside_boxes']} outside the image; {s['tiny_boxes']} under min_box_size after clipping), "
-        f"{s['unknown_category']} of an unknown category id skipped"
+        f"{s['non_finite_boxes']} with NaN or infinite values dropped, "
+        f"{s['unknown_category']} of an unknown category id skipped, "
+        f"{s['unknown_image']} of an unknown image id skipped"
     )
 
 
@@ -126,6 +128,8 @@ class COCODataModule(L.LightningDataModule):
             reason}); the first few are logged one by one, each epoch's total at its end (or at
             teardown), and :meth:`data_counts` reports them. (Recorded by ``on_before_batch_transfer``,
             so with a Trainer that was given this data module; per process under DDP.)
+        allow_outside_root: read images whose ``file_name`` is absolute or leads (``..``) out of the
+            image folder and ``root`` (False: such a file name is refused in one line).
         limit_val_images: evaluate on the first n val images only (None: all).
         seed: seeds the training shuffle (None: Lightning's / torch's global seed decides).
     """
@@ -156,6 +160,7 @@ class COCODataModule(L.LightningDataModule):
         aspect_ratio_groups: int = 2,
         drop_empty: bool = False,
         skip_bad_images: bool = False,
+        allow_outside_root: bool = False,
         limit_val_images: int | None = None,
         seed: int | None = None,
     ) -> None:
@@ -182,6 +187,7 @@ class COCODataModule(L.LightningDataModule):
         self.flip_prob, self.size_divisor = float(flip_prob), int(size_divisor)
         self.aspect_ratio_groups = int(aspect_ratio_groups)
         self.drop_empty, self.skip_bad_images = bool(drop_empty), bool(skip_bad_images)
+        self.allow_outside_root = bool(allow_outside_root)
         self.limit_val_images = None if limit_val_images is None else int(limit_val_images)
         self.seed = seed
         self._train_seed: int | None = None  # the seed in use (see train_seed)
@@ -206,14 +212,7 @@ class COCODataModule(L.LightningDataModule):
         """Categories of the val file (smaller than train's), without building the data sets."""
         if self._categories is None:
             self.prepare_data()
-            ann = self.paths("val")[0]
-            if not ann.is_file():
-                raise DataError(f"annotation file not found: {ann} -- {COCO_HOWTO}")
-            try:
-                with open(ann) as f:
-                    cats = json.load(f).get("categories") or []
-            except (OSError, ValueError) as e:
-                raise DataError(f"cannot read annotation file {ann}: {e}") from None
+            cats = read_annotations(self.paths("val")[0], segmentations=False)["categories"]  # checked
             self._categories = sorted(cats, key=lambda c: c["id"])
         return self._categories
 
@@ -240,7 +239,15 @@ class COCODataModule(L.LightningDataModule):
         if not train:
             min_size, max_size = eval_size(min_size, max_size, self.val_min_size, self.val_max_size)
         tf = build_transforms(train=train, min_size=min_size, max_size=max_size, flip_prob=self.flip_prob)
-        return COCODetection(ann, images, transforms=tf, skip_bad_images=self.skip_bad_images, **kw)
+        return COCODetection(
+            ann,
+            images,
+            transforms=tf,
+            skip_bad_images=self.skip_bad_images,
+            root=self.root,
+            allow_outside_root=self.allow_outside_root,
+            **kw,
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Builds the data sets of ``stage`` (once each), logging one line of counts per split
@@ -256,7 +263,8 @@ class COCODataModule(L.LightningDataModule):
                     f"{train.ann_file}: no training box left after filtering: {s['annotations']} annotations of "
                     f"{s['images'] + s['dropped_empty']} images = {s['crowd']} crowd + {s['degenerate_boxes']} "
                     f"degenerate ({s['zero_size_boxes']} with w or h <= 0, {s['outside_boxes']} outside the image, "
-                    f"{s['tiny_boxes']} under min_box_size) + {s['unknown_category']} of an unknown category id; "
+                    f"{s['tiny_boxes']} under min_box_size) + {s['non_finite_boxes']} with NaN or infinite values + "
+                    f"{s['unknown_category']} of an unknown category id (and {s['unknown_image']} of no image); "
                     "fix the annotation file (a COCO bbox is [x, y, width, height] in pixels)"
                 )
             self.train_dataset = train
@@ -296,7 +304,7 @@ class COCODataModule(L.LightningDataModule):
     def _log_counts(split: str, dataset: COCODetection) -> None:
         """One line per split when its data set is built: a warning when boxes or annotations were dropped."""
         s = dataset.stats
-        dropped = s["degenerate_boxes"] or s["unknown_category"]
+        dropped = s["degenerate_boxes"] or s["unknown_category"] or s["non_finite_boxes"] or s["unknown_image"]
         line = format_counts(split, dataset.ann_file, s)
         if s["unknown_category"]:
             line += f" (ids {sorted(map(str, dataset.unknown_category_ids))[:10]})"
@@ -465,6 +473,12 @@ class COCODataModule(L.LightningDataModule):
             batching = {"batch_sampler": AspectRatioBatchSampler(SequentialSampler(dataset), batch_size, False, groups)}
         else:
             batching = {"batch_size": batch_size, "shuffle": False, "drop_last": False}
+        if self.num_workers > 0:
+            # the workers are forked and share this process's pages until they write to them; a garbage
+            # collection in a worker writes into the header of every object it tracks, and so copies each
+            # page holding one: objects frozen here are out of its reach (Python's gc.freeze docs)
+            gc.collect()
+            gc.freeze()
         return RecordingDataLoader(
             dataset,
             split=name,

@@ -79,6 +79,15 @@ def to_rgb(image: Image.Image, *, exif: bool = True) -> Image.Image:
     return image.convert("RGB")
 
 
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation tag of ``image`` (1..8; 1, "as stored", when absent or unreadable)."""
+    try:
+        value = int(image.getexif().get(0x0112, 1))
+    except (TypeError, ValueError, OSError, SyntaxError):
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
 def read_image(path: str | Path, *, exif: bool = True) -> Image.Image:
     """Decode the image file ``path`` fully into an RGB PIL image (see :func:`to_rgb`).
 
@@ -89,10 +98,16 @@ def read_image(path: str | Path, *, exif: bool = True) -> Image.Image:
             pixel count, the limit and how to raise it). Between 1 and 2 x that limit PIL only
             warns (``DecompressionBombWarning``) and the image is read.
     """
+    return read_image_oriented(path, exif=exif)[0]
+
+
+def read_image_oriented(path: str | Path, *, exif: bool = True) -> tuple[Image.Image, int]:
+    """:func:`read_image` and the file's EXIF orientation tag (:func:`exif_orientation`), which tells
+    how the stored pixels were turned to give the image returned (when ``exif``)."""
     try:
         with Image.open(path) as im:
             im.load()  # decode here, while the file is open: a truncated file fails now, not later
-            return to_rgb(im, exif=exif)
+            return to_rgb(im, exif=exif), exif_orientation(im)
     except FileNotFoundError:
         raise BadImageError(f"image file not found: {path}", MISSING) from None
     except IsADirectoryError:

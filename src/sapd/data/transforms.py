@@ -91,6 +91,34 @@ def hflip_boxes(boxes: torch.Tensor, width: float) -> torch.Tensor:
     return out
 
 
+# EXIF orientation tag -> the tag whose turn undoes it (5 and 7 are mirror images of themselves, 6 and 8
+# turn a quarter each way, 2-4 undo themselves)
+EXIF_INVERSE = {6: 8, 8: 6}
+
+
+def orient_boxes(boxes: torch.Tensor, orientation: int, width: float, height: float) -> torch.Tensor:
+    """Boxes [M, 4] (x1, y1, x2, y2) of an image stored ``width`` x ``height`` moved with its pixels when
+    EXIF ``orientation`` (1..8, as PIL's ``ImageOps.exif_transpose``) is applied: the same boxes in
+    the image as displayed (``height`` x ``width`` for 5..8). Orientation 1 returns ``boxes``.
+
+    The inverse is ``orient_boxes(b, EXIF_INVERSE.get(o, o), *displayed size)``.
+    """
+    if orientation not in range(2, 9):
+        return boxes
+    x1, y1, x2, y2 = boxes.unbind(-1)  # each [M]
+    w, h = float(width), float(height)
+    corners = {
+        2: (w - x2, y1, w - x1, y2),  # mirrored left-right
+        3: (w - x2, h - y2, w - x1, h - y1),  # turned 180 degrees
+        4: (x1, h - y2, x2, h - y1),  # mirrored top-bottom
+        5: (y1, x1, y2, x2),  # transposed
+        6: (h - y2, x1, h - y1, x2),  # turned 90 degrees clockwise
+        7: (h - y2, w - x2, h - y1, w - x1),  # transverse
+        8: (y1, w - x2, y2, w - x1),  # turned 90 degrees anticlockwise
+    }[orientation]
+    return torch.stack(corners, dim=-1)  # [M, 4]
+
+
 class RandomHorizontalFlip:
     """Flip the image and its boxes left-right with probability ``p``; toggles ``target['flipped']``."""
 

@@ -8,8 +8,8 @@ Every function here is one equation of the paper and can be called on its own:
 
 - :func:`anchor_points` - point locations ``X = s_l (i + 0.5)``, ``Y = s_l (j + 0.5)`` (§3.1).
 - :func:`shrink_boxes` - the valid box ``B_v`` (§3.1, epsilon = 0.2).
-- :func:`inside_valid_box` - dense reference of the "p inside B_v" rule (docs/design.md §3), ``[P, M]``.
-- :func:`candidate_pairs` - the same rule, sparse and vectorised: only (box, point) pairs that pass;
+- :func:`candidate_pairs` - the "p inside B_v" rule (docs/design.md §3), sparse and vectorised: only
+  (box, point) pairs that pass;
   ``valid_region="centre"`` narrows it to the literal reading (the point itself inside B_v).
 - :func:`assign_owners` - the owner instance (or -1) of every point: smallest area wins (docs/design.md §3).
 - :func:`encode` / :func:`decode` - Eq. 1 and its exact inverse.
@@ -94,19 +94,6 @@ def _inside_rule(xy: Tensor, s: Tensor, boxes: Tensor, valid: Tensor) -> Tensor:
     ow = (torch.minimum(x + half, valid[..., 2]) - torch.maximum(x - half, valid[..., 0])).clamp(min=0)
     oh = (torch.minimum(y + half, valid[..., 3]) - torch.maximum(y - half, valid[..., 1])).clamp(min=0)
     return in_box & (ow * oh > MIN_POS_IOF * s * s)
-
-
-def inside_valid_box(points: Tensor, point_strides: Tensor, boxes: Tensor, epsilon: float = 0.2) -> Tensor:
-    """Dense "p inside B_v" test (docs/design.md §3), for reading and testing; O(P M) memory.
-
-    Args:
-        points (FloatTensor[P, 2]), point_strides (FloatTensor[P]): from :func:`anchor_points`.
-        boxes (FloatTensor[M, 4]): x1, y1, x2, y2.
-    Returns:
-        BoolTensor[P, M]: True where point p is inside B_v of box m.
-    """
-    valid = shrink_boxes(boxes, epsilon)
-    return _inside_rule(points[:, None, :], point_strides[:, None], boxes[None], valid[None])  # [P, M]
 
 
 @torch.no_grad()

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.layers import freeze_batch_norm_2d
 from timm.models import load_state_dict
 from torch import Tensor, nn
-from torchvision.ops import DeformConv2d, FrozenBatchNorm2d
+from torchvision.ops import DeformConv2d
 
 from sapd.errors import UserError
 
@@ -74,25 +75,6 @@ def load_backbone_weights(model: nn.Module, checkpoint_path: str | Path, name: s
             f"{'; '.join(what)}; give timm's weights of {name}, or the model.backbone.name the file is for"
         )
     model.load_state_dict({k: state[k] for k in own if k in state}, strict=False)
-
-
-def freeze_batch_norm(module: nn.Module) -> nn.Module:
-    """Replace every ``BatchNorm2d`` inside ``module`` by a ``FrozenBatchNorm2d`` holding its statistics
-    and affine parameters (as buffers: neither trained nor updated). Returns the (possibly new) module."""
-    if isinstance(module, nn.BatchNorm2d):
-        frozen = FrozenBatchNorm2d(module.num_features, eps=module.eps)
-        if module.affine:
-            frozen.weight.copy_(module.weight.detach())
-            frozen.bias.copy_(module.bias.detach())
-        if module.track_running_stats:
-            frozen.running_mean.copy_(module.running_mean)
-            frozen.running_var.copy_(module.running_var)
-        return frozen
-    for name, child in module.named_children():
-        new = freeze_batch_norm(child)
-        if new is not child:
-            setattr(module, name, new)
-    return module
 
 
 class DeformConv3x3(DeformConv2d):
@@ -190,7 +172,7 @@ class TimmBackbone(nn.Module):
                 if child_name in stage_set:
                     _replace_3x3_with_dcn(child)
         if norm_eval:
-            model = freeze_batch_norm(model)
+            model = freeze_batch_norm_2d(model)  # torchvision's FrozenBatchNorm2d in place of every BatchNorm
         self.body = model
 
         # Frozen stages: every top-level module up to and including the one of feature `frozen_stages`.

@@ -1,42 +1,56 @@
 """The SAPD training objective (paper §3.2-§3.3, Eq. 2-6; docs/design.md §2), batch-wide and vectorised.
 
-Read top to bottom beside the paper:
+:class:`SAPDCriterion` runs four named steps, each a method to read beside the paper:
 
-1. ownership of every anchor point of every image (docs/design.md §3; :func:`assign_owners`);
-2. per-point loss of each owned point, no gradient (focal summed over K + IoU; §3.3);
-3. instance-dependent loss of each (instance, level) by scatter-add (:func:`instance_level_losses`);
-4. level selection: phase 1 argmin, phase 2 top-k with detached selection probabilities (§3.3);
-5. point weights w = w_l^B * f (Eq. 4, 5), 1 for negatives;
-6. L = sum w L / max(sum_{p+} w, 1) + lambda L_select (Eq. 6), sums over the whole batch.
+1. :meth:`~SAPDCriterion.assign` - the owner of every anchor point of every image (docs/design.md §3;
+   :func:`assign_owners`), the per-point loss of each owned point (focal summed over K + IoU, no
+   gradient; §3.3) and the instance-dependent loss of each (instance, level) (:func:`instance_level_losses`);
+2. :meth:`~SAPDCriterion.select` - the feature-selection net and the level assignment: phase 1 argmin,
+   phase 2 top-k with detached selection probabilities (§3.3);
+3. :meth:`~SAPDCriterion.weigh` - point weights w = w_l^B * f (Eq. 4, 5), 1 for negatives, and the
+   ignored (point, class) elements;
+4. :meth:`~SAPDCriterion.losses` - L = sum w L / max(sum_{p+} w, 1) + lambda L_select (Eq. 6), sums
+   over the whole batch.
+
+The loss dict holds scalars only. Who trains where (each positive point's instance, level and weight,
+and the selection net's level probabilities) is an :class:`Assignment`: :meth:`SAPDCriterion.assignment`
+computes it without the losses (sapd.analysis), and every call leaves the step's own in
+:attr:`SAPDCriterion.last_assignment` (the training step's selection histogram).
 
 Three switches read the paper otherwise where its text leaves room (docs/design.md, "Switches"):
 ``valid_region`` (which points are inside B_v), ``soft_weight_norm`` (f relative to the instance's best
 point on the level) and ``normaliser`` (the denominator of Eq. 6).
 
-The batch is flattened: points of all images are indexed ``image * P + p`` (``[N * P]``), instances of
-all images are concatenated (``[M_total]``), and levels are a per-point tensor, so nothing loops over
-instances, points or levels.
+The batch is flattened (:func:`sapd.models.steps.flatten_batch`): points of all images are indexed
+``image * P + p`` (``[N * P]``), instances of all images are concatenated (``[M_total]``), and levels
+are a per-point tensor, so nothing loops over instances, points or levels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.ops import sigmoid_focal_loss
 
 from sapd.models.anchor_points import (
     VALID_REGIONS,
-    anchor_points,
     assign_owners,
     candidate_pairs,
     encode,
     soft_weight,
 )
-from sapd.models.losses import dense_focal_loss, iou_loss, sigmoid_focal_loss
+from sapd.models.losses import dense_focal_loss, iou_loss
 from sapd.models.selection import instance_level_losses, select_levels
+from sapd.models.steps import Assignment, Batch, Owners, Positives, Selection, flatten_batch
+
+# The ``report`` metadata of a setting: what a run summary records and sapd.report names a row by.
+ABLATION = "ablation"  # a Table 2 switch (SW, SS): names the row's ablation (FSAF, +SW, ...)
+VARIANT = "variant"  # a value other than the paper's names the row's variant
 
 
 def level_max_normalised(f: Tensor, group: Tensor, num_groups: int) -> Tensor:
@@ -52,24 +66,26 @@ def level_max_normalised(f: Tensor, group: Tensor, num_groups: int) -> Tensor:
     return torch.where(best > 0, f / best.clamp(min=torch.finfo(f.dtype).tiny), torch.ones_like(f))
 
 
-@dataclass
+def _setting(default: Any, report: str | None = None) -> Any:
+    return field(default=default, metadata={"report": report} if report else {})
+
+
+@dataclass(kw_only=True)
 class SAPDCriterion:
     """Configuration and computation of the SAPD loss; see the module docstring for the steps.
 
-    The config node ``model.criterion``; the number of classes comes from the logits and the box
-    coding's ``z`` (Eq. 1) from the detector, which shares it with the post-processing.
+    The config node ``model.criterion``. The defaults are the paper's setting, declared here only:
+    the config node is made from them (:func:`paper_config`), a run summary records the settings marked
+    ``report`` (:func:`reported_keys`), and sapd.report names a row by those that differ from the
+    paper's (:func:`paper_setting`). The number of classes comes from the logits and the box coding's
+    ``z`` (Eq. 1) from the detector, which shares it with the post-processing.
 
     Args:
-        eta: exponent of f in Eq. 4 (>= 0).
-        topk: levels per instance in phase 2 (Table 4; 1 to the number of levels).
-        epsilon: shrink factor of B_v, in (0, 1].
         soft_weight: SW switch (off: f := 1).
         soft_select: SS switch (off: FSAF single level whatever the phase).
-        unselected: ``"negative"`` (paper) or ``"ignore"`` (MMDetection FSAF: weight 0 in the owner's
-            class only) for points owned by an instance not assigned to their level.
-        ignore_epsilon: FSAF ignore region (0.5) or None (off).
-        lambda_select: lambda of Eq. 6.
-        loc_loss: ``"iou"`` or ``"giou"``.
+        eta: exponent of f in Eq. 4 (>= 0; Table 3).
+        topk: levels per instance in phase 2 (Table 4; 1 to the number of levels).
+        epsilon: shrink factor of B_v, in (0, 1].
         valid_region: ``"cell_overlap"`` (the FSAF authors' assigner) or ``"centre"`` (the point itself
             inside B_v, at least the nearest point on each level the instance has); see
             :func:`~sapd.models.anchor_points.candidate_pairs`.
@@ -77,22 +93,28 @@ class SAPDCriterion:
             of the instance's points on that level, so its best point there weighs 1.
         normaliser: denominator of Eq. 6: ``"weight_sum"`` (the paper: sum of w over positives) or
             ``"num_pos"`` (the number of positive points, as FSAF / RetinaNet).
+        unselected: ``"negative"`` (paper) or ``"ignore"`` (MMDetection FSAF: weight 0 in the owner's
+            class only) for points owned by an instance not assigned to their level.
+        ignore_epsilon: FSAF ignore region (0.5) or None (off).
+        lambda_select: lambda of Eq. 6.
+        loc_loss: ``"iou"`` or ``"giou"``.
+        focal_alpha, focal_gamma: of the focal loss (Eq. 2).
     """
 
-    eta: float = 1.0
-    topk: int = 3
-    epsilon: float = 0.2
-    soft_weight: bool = True
-    soft_select: bool = True
-    unselected: str = "negative"
-    ignore_epsilon: float | None = None
-    lambda_select: float = 0.1
-    loc_loss: str = "iou"
-    focal_alpha: float = 0.25
-    focal_gamma: float = 2.0
-    valid_region: str = "cell_overlap"
-    soft_weight_norm: str = "none"
-    normaliser: str = "weight_sum"
+    soft_weight: bool = _setting(True, ABLATION)
+    soft_select: bool = _setting(True, ABLATION)
+    eta: float = _setting(1.0, VARIANT)
+    topk: int = _setting(3, VARIANT)
+    epsilon: float = _setting(0.2, VARIANT)
+    valid_region: str = _setting("cell_overlap", VARIANT)
+    soft_weight_norm: str = _setting("none", VARIANT)
+    normaliser: str = _setting("weight_sum", VARIANT)
+    unselected: str = _setting("negative", VARIANT)
+    ignore_epsilon: float | None = _setting(None, VARIANT)
+    lambda_select: float = _setting(0.1)
+    loc_loss: str = _setting("iou")
+    focal_alpha: float = _setting(0.25)
+    focal_gamma: float = _setting(2.0)
 
     def __post_init__(self) -> None:
         choices = {
@@ -118,6 +140,8 @@ class SAPDCriterion:
         for key, (ok, rule) in ranges.items():
             if not ok:
                 raise ValueError(f"model.criterion.{key} must be {rule}; got {getattr(self, key)!r}")
+        # the assignment of the latest call (not a setting: no field, so neither compared nor replaced)
+        self.last_assignment: Assignment | None = None
 
     def check_levels(self, num_levels: int) -> None:
         """Raises ValueError when ``topk`` exceeds the pyramid's ``num_levels``."""
@@ -136,30 +160,12 @@ class SAPDCriterion:
         *,
         z: float = 4.0,
     ) -> dict[str, Tensor]:
-        """Loss dict of docs/contracts.md, computed in float32 whatever autocast is in force.
+        """Loss dict of docs/contracts.md (scalars), computed in float32 whatever autocast is in force;
+        the batch's :class:`Assignment` is left in :attr:`last_assignment`.
 
         Every sum of the loss (the focal sums, whose negative part is a matrix product that autocast
         would run in half precision, the weight sums and Eq. 6's normaliser) runs with autocast off on
         float32 inputs; only the selection network runs under the caller's autocast, as any layer.
-        See :meth:`_compute` for the arguments.
-        """
-        device_type = outputs["cls_logits"].device.type
-        amp = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
-        with torch.autocast(device_type=device_type, enabled=False):
-            return self._compute(outputs, targets, strides, selection, phase, z=z, amp=amp)
-
-    def _compute(
-        self,
-        outputs: dict,
-        targets: Sequence[dict],
-        strides: Sequence[int],
-        selection: nn.Module | None,
-        phase: int,
-        *,
-        z: float,
-        amp: tuple[bool, torch.dtype],
-    ) -> dict[str, Tensor]:
-        """The loss with autocast off.
 
         Args:
             outputs: ``SAPD.forward`` output: ``cls_logits`` [N, P, K], ``box_reg`` [N, P, 4],
@@ -169,121 +175,183 @@ class SAPDCriterion:
             selection: the feature-selection network (or None).
             phase: 1 (FSAF single level) or 2 (soft top-k).
             z: normalisation scalar of Eq. 1 (the detector's box coding).
-            amp: the caller's autocast (enabled, dtype), restored around the selection network.
         """
-        cls_logits, box_reg = outputs["cls_logits"], outputs["box_reg"]
-        level_sizes = [tuple(int(v) for v in hw) for hw in outputs["level_sizes"]]
-        num_images, num_points, num_classes = cls_logits.shape
-        num_levels = len(level_sizes)
-        # Geometry and losses in float32 whatever the head's precision (AMP): pixel coordinates of
-        # 1333-px images do not fit half precision.
-        device, dtype = cls_logits.device, torch.float32
-        logits = cls_logits.reshape(-1, num_classes).float()  # [N*P, K]
-        reg = box_reg.reshape(-1, 4).float()  # [N*P, 4]
+        return self._run(outputs, targets, strides, selection, phase, z, with_losses=True)
 
-        boxes = torch.cat([t["boxes"].to(device=device, dtype=dtype).reshape(-1, 4) for t in targets])  # [M, 4]
-        labels = torch.cat([t["labels"].to(device=device, dtype=torch.long).reshape(-1) for t in targets])  # [M]
-        num_inst = boxes.shape[0]
-        box_images = torch.repeat_interleave(
-            torch.arange(num_images, device=device),
-            torch.tensor([len(t["labels"]) for t in targets], device=device),
-            output_size=num_inst,  # known on the host: no wait for the device
-        )  # [M]
-        points, point_strides, point_levels = anchor_points(level_sizes, strides, device=device, dtype=dtype)
+    @torch.no_grad()
+    def assignment(
+        self,
+        outputs: dict,
+        targets: Sequence[dict],
+        strides: Sequence[int],
+        selection: nn.Module | None,
+        phase: int,
+        *,
+        z: float = 4.0,
+    ) -> Assignment:
+        """The :class:`Assignment` of a batch (steps 1-3, no loss); the arguments as :meth:`__call__`."""
+        self._run(outputs, targets, strides, selection, phase, z, with_losses=False)
+        return self.last_assignment
 
-        with torch.no_grad():
-            # 1. Owner of every point of every image (-1: none).
-            owner = assign_owners(
-                boxes, level_sizes, strides, self.epsilon, box_images, num_images, self.valid_region
-            )  # [N*P]
-            owned_idx = torch.nonzero(owner >= 0).squeeze(1)  # [Q] global point index
-            own_m = owner[owned_idx]  # [Q]
-            own_p = owned_idx % num_points  # [Q] point index within the image
-            own_lvl = point_levels[own_p]
-            own_d = encode(points[own_p], point_strides[own_p], boxes[own_m], z)  # [Q, 4] Eq. 1
+    def _run(self, outputs, targets, strides, selection, phase, z, *, with_losses: bool) -> dict[str, Tensor]:
+        device_type = outputs["cls_logits"].device.type
+        amp = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        with torch.autocast(device_type=device_type, enabled=False):
+            batch = flatten_batch(outputs, targets, strides)
+            owners = self.assign(batch, z)
+            chosen = self.select(batch, owners, outputs["features"], selection, phase, amp)
+            positives = self.weigh(batch, owners, chosen)
+            self.last_assignment = self._diagnostics(batch, chosen, positives)
+            return self.losses(batch, owners, chosen, positives) if with_losses else {}
 
-            # 2. §3.3: per-point loss, unweighted, focal summed over classes + IoU.
-            # (F.one_hot would read the labels' range back to the host to check it)
-            own_onehot = (labels[own_m, None] == torch.arange(num_classes, device=device)).to(dtype)  # [Q, K]
-            own_cls = sigmoid_focal_loss(logits[owned_idx], own_onehot, self.focal_alpha, self.focal_gamma)
-            point_loss = own_cls.sum(1) + iou_loss(reg[owned_idx], own_d, self.loc_loss)  # [Q]
+    @torch.no_grad()
+    def assign(self, batch: Batch, z: float) -> Owners:
+        """Step 1: the owner of every point of every image (-1: none), and the instance-dependent loss of
+        each (instance, level): the mean per-point loss, unweighted (focal summed over classes + IoU; §3.3)."""
+        b = batch
+        owner = assign_owners(
+            b.boxes, b.level_sizes, b.strides, self.epsilon, b.box_images, b.num_images, self.valid_region
+        )  # [N*P]
+        idx = torch.nonzero(owner >= 0).squeeze(1)  # [Q] global point index
+        instance = owner[idx]  # [Q]
+        p = idx % b.num_points  # [Q] point index within the image
+        level = b.point_levels[p]
+        target = encode(b.points[p], b.point_strides[p], b.boxes[instance], z)  # [Q, 4] Eq. 1
+        # (F.one_hot would read the labels' range back to the host to check it)
+        num_classes = b.logits.shape[1]
+        onehot = (b.labels[instance, None] == torch.arange(num_classes, device=idx.device)).to(b.logits.dtype)
+        cls = sigmoid_focal_loss(b.logits[idx], onehot, self.focal_alpha, self.focal_gamma, reduction="none")
+        point_loss = cls.sum(1) + iou_loss(b.reg[idx], target, self.loc_loss)  # [Q]
+        level_losses = instance_level_losses(point_loss, instance, level, b.num_instances, b.num_levels)  # [M, L]
+        return Owners(owner, idx, instance, level, target, level_losses, torch.isfinite(level_losses).any(1))
 
-            # 3. instance-dependent loss per (instance, level), +inf where not a candidate.
-            level_losses = instance_level_losses(point_loss, own_m, own_lvl, num_inst, num_levels)  # [M, L]
-            has_candidate = torch.isfinite(level_losses).any(1)  # [M]
-
-        # 4. §3.3: selection net (with gradient, trained from the start) and level assignment.
+    def select(
+        self,
+        batch: Batch,
+        owners: Owners,
+        features: Sequence[Tensor],
+        selection: nn.Module | None,
+        phase: int,
+        amp: tuple[bool, torch.dtype],
+    ) -> Selection:
+        """Step 2 (§3.3): the selection net (with gradient, trained from the start, under the caller's
+        autocast ``amp``) and the level assignment of each instance."""
         if self.soft_select and phase == 2 and selection is None:
             raise ValueError("phase 2 soft level selection needs a feature-selection network (selection=None)")
         # The selection net runs whenever it exists, with no instance too (an empty RoI batch): every
         # parameter then takes part in every step on every process, so DDP's gradient all-reduce never
         # waits for a process whose batch holds no training box (find_unused_parameters stays off).
-        run_selection = selection is not None
-        probs = sel_logits = None
-        if run_selection:
-            with torch.autocast(device_type=device.type, dtype=amp[1], enabled=amp[0]):
-                sel_logits = selection(outputs["features"], boxes, box_images, strides)  # [M, L]
-            sel_logits = sel_logits.float()
-            probs = sel_logits.softmax(-1)
+        logits = probs = None
+        if selection is not None:
+            device_type = batch.logits.device.type
+            with torch.autocast(device_type=device_type, dtype=amp[1], enabled=amp[0]):
+                logits = selection(features, batch.boxes, batch.box_images, batch.strides)  # [M, L]
+            logits = logits.float()
+            probs = logits.softmax(-1)
         soft = self.soft_select and phase == 2 and probs is not None
-        level_weights, selected, argmin = select_levels(level_losses, probs, soft=soft, topk=self.topk)
+        level_weights, selected, argmin = select_levels(owners.level_losses, probs, soft=soft, topk=self.topk)
+        return Selection(logits, probs, level_weights, selected, argmin)
 
-        with torch.no_grad():
-            # 5. Eq. 4 / 5: weights of owned points on selected levels; the rest are negatives (w = 1).
-            pos_mask = selected[own_m, own_lvl]  # [Q]
-            f = soft_weight(own_d, self.eta) if self.soft_weight else torch.ones_like(point_loss)
-            if self.soft_weight and self.soft_weight_norm == "level_max":
-                f = level_max_normalised(f, own_m * num_levels + own_lvl, num_inst * num_levels)
-            pos_w = level_weights[own_m, own_lvl] * f  # [Q]
-            pos_q = torch.nonzero(pos_mask).squeeze(1)  # [Q+] one read of the count, then plain indexing
-            pos_idx, pos_m, pos_d, pos_w = owned_idx[pos_q], own_m[pos_q], own_d[pos_q], pos_w[pos_q]
-            weights = torch.ones(num_images * num_points, device=device, dtype=dtype)  # [N*P]
-            weights[pos_idx] = pos_w
-            ignore = []  # flat (point, class) elements with weight 0
-            if self.unselected == "ignore":  # MMDetection FSAF ``reweight_loss_single``
-                neg_idx, neg_m = owned_idx[~pos_mask], own_m[~pos_mask]
-                ignore.append(neg_idx * num_classes + labels[neg_m])
-            if self.ignore_epsilon is not None:  # FSAF ignore region, owner's class only
-                ign_m, ign_p = candidate_pairs(boxes, level_sizes, strides, self.ignore_epsilon, box_images)
-                not_pos = owner[ign_p] < 0
-                ignore.append(ign_p[not_pos] * num_classes + labels[ign_m[not_pos]])
-            ignore_elements = torch.cat(ignore).unique() if ignore else None
-
-        # 6. Eq. 2 / 5 / 6: focal loss of every (point, class) and IoU loss of positives, each weighted by
-        # w of its point, summed over the whole batch, one normaliser.
-        normaliser = (pos_w.sum() if self.normaliser == "weight_sum" else pos_w.new_tensor(pos_w.numel())).clamp(min=1)
-        cls_loss = dense_focal_loss(
-            logits, weights, pos_idx, labels[pos_m], ignore_elements, self.focal_alpha, self.focal_gamma
+    @torch.no_grad()
+    def weigh(self, batch: Batch, owners: Owners, chosen: Selection) -> Positives:
+        """Step 3 (Eq. 4 / 5): the weight of each owned point on a selected level; every other point is a
+        negative (w = 1), and some (point, class) elements are ignored (``unselected``, ``ignore_epsilon``)."""
+        b, o = batch, owners
+        num_classes = b.logits.shape[1]
+        pos_mask = chosen.selected[o.instance, o.level]  # [Q]
+        f = soft_weight(o.target, self.eta) if self.soft_weight else torch.ones_like(o.instance, dtype=b.logits.dtype)
+        if self.soft_weight and self.soft_weight_norm == "level_max":
+            f = level_max_normalised(f, o.instance * b.num_levels + o.level, b.num_instances * b.num_levels)
+        weight = chosen.level_weights[o.instance, o.level] * f  # [Q]
+        q = torch.nonzero(pos_mask).squeeze(1)  # [Q+] one read of the count, then plain indexing
+        idx = o.idx[q]
+        point_weights = torch.ones(b.logits.shape[0], device=idx.device, dtype=b.logits.dtype)  # [N*P]
+        point_weights[idx] = weight[q]
+        ignore = []  # flat (point, class) elements with weight 0
+        if self.unselected == "ignore":  # MMDetection FSAF ``reweight_loss_single``
+            neg_idx, neg_m = o.idx[~pos_mask], o.instance[~pos_mask]
+            ignore.append(neg_idx * num_classes + b.labels[neg_m])
+        if self.ignore_epsilon is not None:  # FSAF ignore region, owner's class only
+            ign_m, ign_p = candidate_pairs(b.boxes, b.level_sizes, b.strides, self.ignore_epsilon, b.box_images)
+            not_pos = o.owner[ign_p] < 0
+            ignore.append(ign_p[not_pos] * num_classes + b.labels[ign_m[not_pos]])
+        return Positives(
+            idx=idx,
+            instance=o.instance[q],
+            level=o.level[q],
+            target=o.target[q],
+            weight=weight[q],
+            point_weights=point_weights,
+            ignore=torch.cat(ignore).unique() if ignore else None,
         )
-        loc_loss = (iou_loss(reg[pos_idx], pos_d, self.loc_loss) * pos_w).sum()
+
+    def losses(self, batch: Batch, owners: Owners, chosen: Selection, positives: Positives) -> dict[str, Tensor]:
+        """Step 4 (Eq. 2 / 5 / 6): focal loss of every (point, class) and IoU loss of positives, each
+        weighted by w of its point, summed over the whole batch, one normaliser; the selection loss; and
+        the statistics of docs/contracts.md."""
+        b, pos = batch, positives
+        weight_sum = pos.weight.sum()
+        normaliser = (
+            weight_sum if self.normaliser == "weight_sum" else pos.weight.new_tensor(pos.weight.numel())
+        ).clamp(min=1)
+        cls_loss = dense_focal_loss(
+            b.logits,
+            pos.point_weights,
+            pos.idx,
+            b.labels[pos.instance],
+            pos.ignore,
+            self.focal_alpha,
+            self.focal_gamma,
+        )
+        loc_loss = (iou_loss(b.reg[pos.idx], pos.target, self.loc_loss) * pos.weight).sum()
         cls_loss, loc_loss = cls_loss / normaliser, loc_loss / normaliser
-        valid = has_candidate & (argmin >= 0)  # [M] instances with a target level
+        valid = owners.has_candidate & (chosen.argmin >= 0)  # [M] instances with a target level
         num_valid = valid.sum()
-        if run_selection:
+        if chosen.logits is not None:
             # the mean cross-entropy over the valid instances, as a masked sum (no host-side branch; 0,
             # with the graph kept, when there is none)
-            ce = F.cross_entropy(sel_logits, argmin.clamp(min=0), reduction="none")  # [M]
+            ce = F.cross_entropy(chosen.logits, chosen.argmin.clamp(min=0), reduction="none")  # [M]
             select_loss = torch.where(valid, ce, torch.zeros_like(ce)).sum() / num_valid.clamp(min=1)
         else:
-            select_loss = logits.new_zeros(())
-        total = cls_loss + loc_loss + self.lambda_select * select_loss
-
+            select_loss = b.logits.new_zeros(())
         out = {
             "cls": cls_loss,
             "loc": loc_loss,
             "select": select_loss,
-            "total": total,
-            "num_pos": torch.tensor(float(pos_idx.numel()), device=device),
-            "pos_weight_sum": pos_w.sum().detach(),
-            "num_unassigned": (~has_candidate).sum().to(dtype),
+            "total": cls_loss + loc_loss + self.lambda_select * select_loss,
+            "num_pos": torch.tensor(float(pos.idx.numel()), device=pos.idx.device),
+            "pos_weight_sum": weight_sum.detach(),
+            "num_unassigned": (~owners.has_candidate).sum().to(b.logits.dtype),
         }
-        mean_w = (level_weights * valid[:, None]).sum(0) / num_valid.clamp(min=1)  # [L]; 0 with no valid instance
-        for lvl in range(num_levels):
+        # mean w_l^B over the valid instances; 0 with none
+        mean_w = (chosen.level_weights * valid[:, None]).sum(0) / num_valid.clamp(min=1)  # [L]
+        for lvl in range(b.num_levels):
             out[f"sel_w/P{lvl + 3}"] = mean_w[lvl].detach()
-        out["selection_probs"] = (
-            probs.detach() if probs is not None else torch.zeros(num_inst, num_levels, device=device, dtype=dtype)
-        )
-        # Who trains where, for analysis (sapd.analysis): each positive point's instance (index into the
-        # batch's concatenated boxes), level and weight w of Eq. 5. A dict, so no logger mistakes it for a metric.
-        out["assignment"] = {"instance": pos_m, "level": own_lvl[pos_q], "weight": pos_w.detach()}
         return out
+
+    @staticmethod
+    def _diagnostics(batch: Batch, chosen: Selection, positives: Positives) -> Assignment:
+        probs = chosen.probs
+        if probs is None:
+            probs = torch.zeros(batch.num_instances, batch.num_levels, device=batch.logits.device)
+        return Assignment(
+            instance=positives.instance,
+            level=positives.level,
+            weight=positives.weight.detach(),
+            selection_probs=probs.detach(),
+        )
+
+
+def paper_config() -> dict[str, Any]:
+    """The config node ``model.criterion`` of the paper's setting: the target and every default."""
+    return {"_target_": "sapd.models.SAPDCriterion", **{f.name: f.default for f in fields(SAPDCriterion)}}
+
+
+def reported_keys() -> tuple[str, ...]:
+    """The settings a run summary records (flat, beside the model's ``_target_``), in declaration order."""
+    return tuple(f.name for f in fields(SAPDCriterion) if f.metadata.get("report"))
+
+
+def paper_setting() -> dict[str, Any]:
+    """The paper's value of each setting whose other values name a variant in sapd.report."""
+    return {f.name: f.default for f in fields(SAPDCriterion) if f.metadata.get("report") == VARIANT}

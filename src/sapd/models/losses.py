@@ -1,4 +1,5 @@
-"""Per-element losses of SAPD (paper Eq. 2): sigmoid focal loss and the IoU / GIoU loss on distances.
+"""Per-element losses of SAPD (paper Eq. 2): the IoU / GIoU loss on distances and the batch's dense focal
+sum (the elementwise focal loss is ``torchvision.ops.sigmoid_focal_loss``).
 
 Both return unreduced losses; weighting (Eq. 5) and normalisation (Eq. 6) happen in
 :mod:`sapd.models.criterion`.
@@ -9,25 +10,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-
-def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Sigmoid focal loss (Lin et al. 2017), elementwise, as ``torchvision.ops.sigmoid_focal_loss``
-    with ``reduction="none"`` (checked against it in the tests).
-
-    Args:
-        logits (FloatTensor[..., K]): raw class scores.
-        targets (FloatTensor[..., K]): one-hot (or soft) targets in [0, 1].
-    Returns:
-        FloatTensor[..., K]: the loss of every (point, class).
-    """
-    p = torch.sigmoid(logits)
-    ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    p_t = p * targets + (1 - p) * (1 - targets)
-    loss = ce * (1 - p_t) ** gamma
-    if alpha >= 0:
-        loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
-    return loss
 
 
 def iou_loss(pred: Tensor, target: Tensor, kind: str = "iou", eps: float = 1e-6) -> Tensor:
@@ -81,7 +63,7 @@ def dense_focal_loss(
 ) -> Tensor:
     """``sum_{p, k} w_p * FL(logits[p, k], t[p, k])`` without building the dense target: every element is
     first scored as a negative, then the few positive elements are corrected and the ignored ones
-    removed. Equal to ``(sigmoid_focal_loss(logits, t) * w[:, None] * keep).sum()`` (tested).
+    removed. Equal to ``(torchvision.ops.sigmoid_focal_loss(logits, t) * w[:, None] * keep).sum()`` (tested).
 
     Args:
         logits (FloatTensor[R, K]): class logits of all points.

@@ -83,18 +83,6 @@ class FeatureSelectionNet(nn.Module):
         x = self.convs[1:](x)  # ReLU, then 5 -> 3 -> 1
         return self.fc(x.flatten(1))  # [M, L]
 
-    def forward_concat(
-        self, features: Sequence[Tensor], boxes: Tensor, box_images: Tensor, strides: Sequence[int]
-    ) -> Tensor:
-        """The same as :meth:`forward`, written literally as Table 1 (RoI features concatenated)."""
-        rois = torch.cat([box_images[:, None].to(boxes.dtype), boxes], dim=1)  # [M, 5]
-        pooled = [
-            roi_align(f, rois.to(f.dtype), self.roi_size, spatial_scale=1.0 / s, sampling_ratio=-1, aligned=True)
-            for f, s in zip(features, strides)
-        ]  # L x [M, C, 7, 7]
-        x = self.convs(torch.cat(pooled, dim=1))  # [M, L*C, 7, 7] -> [M, channels, 1, 1]
-        return self.fc(x.flatten(1))  # [M, L]
-
 
 @torch.no_grad()
 def instance_level_losses(
