@@ -66,6 +66,9 @@ def detect(
     all_scores: List[Tensor] = []  # noqa: UP006
     all_boxes: List[Tensor] = []  # noqa: UP006
     all_labels: List[Tensor] = []  # noqa: UP006
+    graph = True  # scripted, traced or exported: fixed shapes, no shape-dependent branch
+    if not torch.jit.is_scripting():
+        graph = torch.jit.is_tracing() or torch.compiler.is_exporting()
     start = 0
     for level, feature in enumerate(features):  # per level: top-k then threshold (§3.4)
         h = feature.shape[-2]
@@ -73,8 +76,10 @@ def detect(
         s = float(strides[level])
         hw = h * w
         scores = torch.sigmoid(cls_logits[:, start : start + hw].float()).reshape(n, hw * k)
-        pad = torch.full((n, pre_nms_topk), -1.0, dtype=scores.dtype, device=scores.device)
-        scores, idx = torch.cat([scores, pad], 1).topk(pre_nms_topk, dim=1)  # fixed k, any level size
+        if graph or hw * k < pre_nms_topk:  # a fixed k at any level size (eager: only where it lacks pairs)
+            pad = torch.full((n, pre_nms_topk), -1.0, dtype=scores.dtype, device=scores.device)
+            scores = torch.cat([scores, pad], 1)
+        scores, idx = scores.topk(pre_nms_topk, dim=1)
         idx = idx.clamp(max=hw * k - 1)  # padding slots (score -1) point at a real pair; dropped below
         point = torch.div(idx, k, rounding_mode="floor")
         row = torch.div(point, w, rounding_mode="floor")
@@ -107,7 +112,7 @@ def detect(
     keep = torch.nonzero((flat_scores > score_thresh) & has_area(boxes).reshape(-1)).squeeze(1)
     if torch.jit.is_scripting():  # noqa: SIM114 - alone, so that TorchScript compiles this branch only
         kept = _nms_one_call(boxes, labels, flat_scores, keep, sizes, nms_thresh)
-    elif torch.jit.is_tracing() or torch.compiler.is_exporting():
+    elif graph:
         kept = _nms_one_call(boxes, labels, flat_scores, keep, sizes, nms_thresh)
     else:
         kept = _nms_per_image(boxes, labels, flat_scores, keep, nms_thresh)
