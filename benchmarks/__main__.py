@@ -1,4 +1,4 @@
-"""``python -m benchmarks [suite=speed|data|assign|export|train|rehearse|memory] [key=value ...]``: one entry, a suite.
+"""``python -m benchmarks [suite=speed|data|assign|export|train|rehearse|memory|coco_eval] [key=value ...]``.
 
 ``suite`` picks the benchmark (default ``speed``); every other ``key=value`` goes to that suite
 (``python -m benchmarks suite=data help`` lists its keys).
@@ -18,6 +18,7 @@ SUITES = {
     "train": "s/step of the CPU training recipe: SAPD (model=tiny) phase 1 and 2 against FCOS (model=fcos)",
     "rehearse": "experiment=r50 shrunk, 2 gloo processes, a drawn COCO-quirk set, killed and resumed (rehearsal.json)",
     "memory": "host memory of the COCO loader on a drawn COCO-sized file: parsing, and with loader workers",
+    "coco_eval": "hotcoco, faster-coco-eval, pycocotools: seconds to score COCO scale, agreement of the 12 stats",
 }
 
 

@@ -262,12 +262,10 @@ def test_annotations_made_in_the_unrotated_frame_are_turned_with_the_image(quirk
     rgb = denormalize(img) * 255
     assert rgb[0, 2, 27] > 200 and rgb[1, 2, 27] < 60  # the box holds the red corner, now at the top right
     assert to_annotation_frame(t["eval_boxes"], t).tolist() == [[0, 0, 8, 8]]  # results in the file's frame
-    from types import SimpleNamespace
-
-    from sapd.module import SAPDLitModule
+    from sapd.evaluation import coco_results
 
     det = {"boxes": t["eval_boxes"], "scores": torch.ones(1), "labels": t["eval_labels"]}
-    (entry,) = SAPDLitModule.to_coco_results(SimpleNamespace(label_to_cat_id=data.label_to_cat_id), [det], [t])
+    (entry,) = coco_results([det], [t], data.label_to_cat_id)
     assert entry["bbox"] == [0, 0, 8, 8] and entry["image_id"] == 15 and entry["category_id"] == 9
     _, upright_t = _by_id(COCODetection(*_write_quirky_set(ann_file.parent / "again")), 15)
     assert "exif_turn" not in upright_t and to_annotation_frame(upright_t["boxes"], upright_t) is upright_t["boxes"]
@@ -422,18 +420,18 @@ def test_impossible_boxes_leave_training_and_evaluation_and_are_counted(quirky):
 def test_perfect_predictions_score_ap_1_despite_impossible_boxes(quirky):
     """Impossible boxes are not ground truth: with perfect detections AP is 1.0 (0.833 when NaN, infinite
     and outside boxes stayed in the evaluation ground truth)."""
-    from sapd.module import SAPDLitModule
+    from sapd.evaluation import coco_metric, eval_targets
 
     ann_file, img_dir = quirky
     _edit(ann_file, _impossible_boxes)
     ds = COCODetection(ann_file, img_dir)
     targets = [ds[i][1] for i in range(len(ds))]
-    gt = SAPDLitModule.eval_targets(targets)
+    gt = eval_targets(targets)
     preds = []
     for g in gt:
         real = g["iscrowd"] == 0
         preds.append({"boxes": g["boxes"][real], "labels": g["labels"][real], "scores": torch.ones(int(real.sum()))})
-    metric = SAPDLitModule._new_metric()
+    metric = coco_metric()
     metric.update(preds, gt)
     assert metric.compute()["map"].item() == pytest.approx(1.0)
 

@@ -19,12 +19,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 from torch.utils.data import BatchSampler, DistributedSampler
 
 from conftest import TINY, compose_config
 from sapd.data.samplers import AspectRatioBatchSampler, InferenceSampler, shard_range
-from sapd.module import BOX_STATES, merge_evaluations
 
 NUM_VAL = 9  # odd: 2 processes take 5 + 4 images; a padding sampler would give the second one 5 (one repeated)
 TWO_CPU_PROCESSES = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
@@ -83,63 +81,6 @@ def test_datamodule_shards_val_and_test_only_under_a_distributed_trainer(tmp_pat
     assert sorted(ids) == sorted(dm.val_dataset.ids)  # 5 + 4 images, none twice
 
 
-def _share(ids: list[int], *, results_per_image: int = 2) -> dict:
-    """A process's evaluation as SAPDLitModule._evaluation_share makes it; values tagged by image id."""
-    states = {name: [torch.full((1,), float(i)) for i in ids] for name in BOX_STATES}
-    results = [{"image_id": i, "category_id": 1, "bbox": [0, 0, 1, 1], "score": k} for i in ids for k in range(2)]
-    return {"image_ids": ids, "states": states, "results": results[: len(ids) * results_per_image]}
-
-
-def test_merge_keeps_every_image_once_from_its_first_process():
-    # a padding DistributedSampler on 5 images and 2 processes: rank 1 gets image 0 again
-    states, results, repeated = merge_evaluations([_share([0, 2, 4]), _share([1, 3, 0])])
-    assert repeated == 1
-    for name in BOX_STATES:
-        assert [int(v) for v in states[name]] == [0, 2, 4, 1, 3]
-    assert Counter(r["image_id"] for r in results) == {0: 2, 1: 2, 2: 2, 3: 2, 4: 2}
-    # the same image twice in one process: its first visit only
-    states, results, repeated = merge_evaluations([_share([7, 8, 7])])
-    assert repeated == 1 and [int(v) for v in states["detection_box"]] == [7, 8]
-    assert Counter(r["image_id"] for r in results) == {7: 2, 8: 2}
-    # test-dev: no ground truth, no metric states, results only
-    merged = merge_evaluations([{"image_ids": [3], "states": {}, "results": [{"image_id": 3}]}, _share([])])
-    assert merged == ({name: [] for name in BOX_STATES}, [{"image_id": 3}], 0)
-
-
-def test_epoch_end_scores_a_repeated_image_once_and_writes_it_once(tmp_path):
-    from sapd.module import SAPDLitModule
-
-    gen = torch.Generator().manual_seed(0)
-    images = {}
-    for image_id in (11, 12, 13):
-        boxes = torch.rand(3, 2, generator=gen) * 50
-        boxes = torch.cat([boxes, boxes + 10 + torch.rand(3, 2, generator=gen) * 30], dim=1)
-        labels = torch.randint(0, 2, (3,), generator=gen)
-        det = {"boxes": boxes + torch.rand(3, 4, generator=gen) * 4, "scores": torch.rand(3, generator=gen)}
-        det["labels"] = labels
-        gt = {"boxes": boxes, "labels": labels, "iscrowd": torch.zeros(3, dtype=torch.long)}
-        gt["area"] = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        images[image_id] = (det, gt)
-
-    def evaluated(order: list[int]) -> tuple[dict[str, float], list[dict]]:
-        results = tmp_path / f"results_{len(order)}.json"
-        module = SAPDLitModule(net=torch.nn.Identity(), label_to_cat_id=[5, 7], results_file=str(results))
-        module.log = lambda *args, **kwargs: None  # no trainer to log into
-        for image_id in order:  # what _eval_step records, image by image
-            det, gt = images[image_id]
-            module.val_map.update([det], [gt])
-            module._eval_image_ids.append(image_id)
-            module._results.extend(module.to_coco_results([det], [{"image_id": image_id}]))
-        table, _ = module._finish_evaluation(module.val_map, "val")
-        assert not module.val_map.detection_box and not module._eval_image_ids and not module._results
-        return table, json.loads(results.read_text())
-
-    once, once_json = evaluated([11, 12, 13])
-    twice, twice_json = evaluated([11, 12, 13, 11])  # image 11 again, as a padding sampler would give it
-    assert twice == once and 0 < once["map"] < 1
-    assert twice_json == once_json and Counter(d["image_id"] for d in once_json) == {11: 3, 12: 3, 13: 3}
-
-
 DRIVER = textwrap.dedent(
     '''
     """sapd.evaluate's command, and what each process evaluated (for tests/test_ddp.py)."""
@@ -159,7 +100,7 @@ DRIVER = textwrap.dedent(
 
 
     def record(self):
-        seen["image_ids"] = list(self._eval_image_ids)
+        seen["image_ids"] = list(self.evaluator.image_ids)
         seen["sampler"] = type(self.trainer.val_dataloaders.sampler).__name__
         epoch_end(self)
 

@@ -125,7 +125,6 @@ def test_report_writes_the_error_files(tmp_path):
 def test_module_keeps_its_evaluation_for_the_report(tmp_path):
     """The evaluated states survive the metric's reset and give the report its error files."""
     module = SAPDLitModule(net=torch.nn.Identity(), label_to_cat_id=[1, 2], class_names=["a", "b"])
-    module.log = lambda *args, **kwargs: None
 
     def xyxy(box):
         return [box[0], box[1], box[0] + box[2], box[1] + box[3]]
@@ -145,8 +144,8 @@ def test_module_keeps_its_evaluation_for_the_report(tmp_path):
             "area": torch.tensor([float(b[2] * b[3]) for b in (A, B, C, D)]),
         }
     ]
-    module.val_map.update(preds, targets)
-    module._log_coco(module.val_map, "val")
+    module.evaluator.metric.update(preds, targets)
+    module.evaluator.finish("val", step=0)
     gt, results = run_report.evaluation_of(module)
     analysis = ea.analyse(gt, results)
     assert analysis.confusion.tolist() == [[1, 0, 1], [1, 1, 0], [2, 0, 0]]

@@ -24,6 +24,7 @@ from sapd import run_report
 from sapd.api import Detector
 from sapd.checkpoint import CheckpointError, load_module
 from sapd.evaluate import evaluate
+from sapd.evaluation import coco_results, eval_targets
 from sapd.module import SAPDLitModule
 from sapd.predict import PredictError, output_paths, predict
 from sapd.predict import main as predict_main
@@ -263,9 +264,9 @@ def test_metric_equals_pycocotools_cocoeval(tmp_path):
         boxes = torch.cat([boxes, fp])
         labels = torch.cat([labels, torch.randint(0, datamodule.num_classes, (3,), generator=gen)])
         det = {"boxes": boxes, "labels": labels, "scores": torch.rand(len(boxes), generator=gen)}
-        module.val_map.update([det], module.eval_targets([target]))
-        results.extend(module.to_coco_results([det], [target]))
-    ours = module.val_map.compute()
+        module.evaluator.metric.update([det], eval_targets([target]))
+        results.extend(coco_results([det], [target], module.label_to_cat_id))
+    ours = module.evaluator.metric.compute()
 
     gt = COCO(str(ds.ann_file))
     dt = gt.loadRes(results)

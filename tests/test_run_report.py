@@ -13,6 +13,7 @@ from PIL import Image
 from torchmetrics.detection import MeanAveragePrecision
 
 from sapd import run_report
+from sapd.evaluation import COCOEvaluator
 from sapd.module import SAPDLitModule
 
 NUM_CLASSES = 6
@@ -49,10 +50,9 @@ def random_eval_set(seed: int = 0, num_images: int = 40):
 
 def evaluated_module(preds, targets) -> tuple[SAPDLitModule, dict[str, float], run_report.ClassMetrics]:
     module = SAPDLitModule(net=torch.nn.Identity(), label_to_cat_id=[10 + k for k in range(NUM_CLASSES)])
-    module.log = lambda *args, **kwargs: None  # no trainer to log into
-    module.val_map.update(preds, targets)
-    table, per_class = module._log_coco(module.val_map, "val")
-    return module, table, per_class
+    module.evaluator.metric.update(preds, targets)
+    evaluation, _ = module.evaluator.finish("val", step=0)
+    return module, evaluation.table, evaluation.class_metrics
 
 
 def test_per_class_ap_averages_to_map_and_equals_per_class_cocoeval():
@@ -126,10 +126,9 @@ def test_pr_curve_of_a_hand_computed_case():
         "scores": torch.tensor([0.9, 0.8, 0.7]),
         "labels": torch.tensor([0, 0, 0]),
     }
-    module = SAPDLitModule(net=torch.nn.Identity(), label_to_cat_id=[1])
-    module.log = lambda *args, **kwargs: None
-    module.val_map.update([det], [gt])
-    _, per_class = module._log_coco(module.val_map, "val")
+    evaluator = COCOEvaluator([1])
+    evaluator.metric.update([det], [gt])
+    per_class = evaluator.score()[1]
     recall, precision = run_report.pr_curve(per_class, 0)
     assert recall[-1] == 1.0
     np.testing.assert_allclose(precision[recall <= 0.5], 1.0)

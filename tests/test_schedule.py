@@ -1,12 +1,20 @@
 """Paper §4.1: learning-rate schedule (warm-up, milestones, linear scaling) as the optimiser sees it."""
 
+import functools
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch import nn
 
-from sapd.module import SAPDLitModule, lr_factor
+from sapd.build import _scheduler
+from sapd.module import SAPDLitModule
+from sapd.optim import lr_factor, optimizer_defaults
+
+OPTIM_DIR = Path(__file__).resolve().parents[1] / "conf" / "optim"
 
 
 class _Net(nn.Module):
@@ -17,7 +25,7 @@ class _Net(nn.Module):
 
 
 def _configured(steps_per_epoch=100, epochs=12, batch_size=2, devices=8, optim=None, sched=None, **kw):
-    optim = optim or (lambda params, lr=0.01: torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-4))
+    optim = optim or functools.partial(torch.optim.SGD, lr=0.01, momentum=0.9, weight_decay=1e-4)
     sched = sched or {
         "name": "multistep",
         "milestones": [8, 10],
@@ -82,7 +90,7 @@ def test_cosine_and_unknown_name():
 
 
 def test_no_decay_for_norm_and_bias():
-    optim = lambda params, lr=0.004: torch.optim.AdamW(params, lr=lr, weight_decay=0.05)  # noqa: E731
+    optim = functools.partial(torch.optim.AdamW, lr=0.004, weight_decay=0.05)
     optimizer, _ = _configured(optim=optim, no_decay_norm_bias=True, batch_size=16, devices=1)
     decay, no_decay = optimizer.param_groups
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
@@ -93,7 +101,7 @@ def test_no_decay_for_norm_and_bias():
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
 def test_gradient_clipping_with_a_fused_optimizer(algorithm):
     """bf16 / fp32 have no loss scaler: a fused AdamW is clipped exactly (Lightning would refuse)."""
-    optim = lambda params, lr=1e-3: torch.optim.AdamW(params, lr=lr, fused=True)  # noqa: E731
+    optim = functools.partial(torch.optim.AdamW, lr=1e-3, fused=True)
     optimizer, _ = _configured(optim=optim, sched={"name": "cosine"})
     net = _Net()
     params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -113,3 +121,55 @@ def test_gradient_clipping_with_a_fused_optimizer(algorithm):
     owner.clip_gradients = lambda *args: called.append(args)
     owner.configure_gradient_clipping(optimizer, 1.0, algorithm)
     assert called == [(optimizer, 1.0, algorithm)]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw_cosine"])
+def test_the_configured_schedule_gives_the_scaled_lr_times_lr_factor_at_every_step(name):
+    """conf/optim/<name>.yaml's partials, finished by the module: at every optimiser step of a 12-epoch run the
+    optimiser's lr is the linearly scaled lr times lr_factor of that step, exactly."""
+    node = OmegaConf.load(OPTIM_DIR / f"{name}.yaml")
+    optim, sched = instantiate(node.optimizer), _scheduler(node.scheduler)
+    steps_per_epoch, epochs = 7, 12
+    optimizer, scheduler = _configured(steps_per_epoch, epochs, batch_size=4, devices=2, optim=optim, sched=sched)
+    base = float(node.optimizer.lr) * 8 / 16  # 2 devices x 4 images, quoted at batch 16
+    schedule = {k: v for k, v in OmegaConf.to_container(node.scheduler).items() if not k.startswith("_")}
+    total = steps_per_epoch * epochs
+    seen = []
+    for _ in range(total):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    expected = [
+        base * lr_factor(s, steps_per_epoch=steps_per_epoch, total_steps=total, **schedule) for s in range(total)
+    ]
+    assert seen == expected
+    assert len(set(seen)) > 3  # warm-up and decay both move it
+
+
+def test_a_scheduler_config_without_target_is_the_same_schedule():
+    """A checkpoint's config from before optim.scheduler was a partial holds the keyword arguments only."""
+    node = OmegaConf.load(OPTIM_DIR / "sgd.yaml").scheduler
+    plain = {k: v for k, v in OmegaConf.to_container(node).items() if not k.startswith("_")}
+    for sched in (_scheduler(node), _scheduler(plain), plain):
+        optimizer, scheduler = _configured(steps_per_epoch=1000, epochs=12, sched=sched)  # batch 16: lr 0.01
+        assert [_lr_at(optimizer, scheduler, s) for s in (0, 250, 500, 7999, 8000, 10000)] == pytest.approx(
+            [0.01 * 0.001, 0.01 * (0.001 + 0.999 * 0.5), 0.01, 0.01, 0.001, 0.0001]
+        )
+
+
+def test_the_lr_is_read_from_the_partial_without_building_an_optimiser():
+    built = []
+
+    class Recording(torch.optim.SGD):
+        def __init__(self, params, lr=0.5, weight_decay=0.25, **kw):
+            built.append(lr)
+            super().__init__(params, lr=lr, weight_decay=weight_decay, **kw)
+
+    assert optimizer_defaults(functools.partial(Recording, lr=0.01))["lr"] == 0.01
+    assert optimizer_defaults(functools.partial(Recording, lr=0.01))["weight_decay"] == 0.25  # its default
+    assert optimizer_defaults(functools.partial(functools.partial(Recording, lr=0.1), lr=0.2))["lr"] == 0.2
+    assert built == []
+    optimizer, _ = _configured(optim=functools.partial(Recording, lr=0.01), batch_size=2, devices=8)
+    assert built == [pytest.approx(0.01)]  # one optimiser, the real one
+    with pytest.raises(ValueError, match="needs a number as its lr"):
+        optimizer_defaults(functools.partial(Recording, lr="fast"))

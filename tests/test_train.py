@@ -173,7 +173,8 @@ def test_training_leaves_a_report_with_logger_none(train_cfg, capsys):
     anns = datamodule.val_dataset.coco.dataset["annotations"]
     assert sum(int(r["num_gt"]) for r in rows) == sum(1 for a in anns if not a.get("iscrowd"))
     # the per-class APs average to the AP of the same evaluation
-    assert module.last_class_metrics.mean_ap() == pytest.approx(module.last_coco_table["map"], abs=1e-6)
+    evaluation = module.evaluator.result
+    assert evaluation.class_metrics.mean_ap() == pytest.approx(evaluation.table["map"], abs=1e-6)
     assert "Per-class AP" not in capsys.readouterr().out  # the per-class table is printed on request only
 
 

@@ -110,8 +110,7 @@ def build_module(
     module = SAPDLitModule(
         net=net,
         optimizer=optimizer,
-        # plain Python: checkpoints hold it, and Lightning resumes them with torch.load(weights_only=True)
-        scheduler=OmegaConf.to_container(OmegaConf.create(dict(optim.get("scheduler") or {})), resolve=True),
+        scheduler=_scheduler(optim.get("scheduler")),
         batch_size=int(cfg.data.get("batch_size", 1)),
         base_batch_size=int(optim.get("base_batch_size", 16)),
         no_decay_norm_bias=bool(optim.get("no_decay_norm_bias", False)),
@@ -121,3 +120,14 @@ def build_module(
     )
     module.run_config = config_to_dict(cfg)
     return module
+
+
+def _scheduler(node: Any) -> Any:
+    """The partial schedule of ``optim.scheduler`` (a Hydra partial of :func:`sapd.optim.lr_schedule`); the
+    config of a run from before it was one (the keyword arguments alone) is the same schedule."""
+    if not node:
+        return None
+    node = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(dict(node)), resolve=True))
+    if "_target_" not in node:
+        node = OmegaConf.merge({"_target_": "sapd.optim.lr_schedule", "_partial_": True}, node)
+    return instantiate(node, _convert_="all")

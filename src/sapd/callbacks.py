@@ -194,7 +194,8 @@ class LearningCheck(L.Callback):
         checkpoint can be chosen. Before the checkpoint callbacks look for ``val/map``."""
         if trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking:
             return
-        if getattr(pl_module, "last_coco_step", trainer.global_step) != trainer.global_step:
+        evaluator = getattr(pl_module, "evaluator", None)
+        if evaluator is not None and not (evaluator.result and evaluator.result.table):
             raise NothingLearnedError(nothing_scored("val", trainer.datamodule))
 
     def _first_nonfinite(self, pl_module: L.LightningModule) -> str | None:

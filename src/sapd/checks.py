@@ -353,7 +353,7 @@ FREE = (
     "data.test_images",
     "model.backbone.name",
     "model.backbone.checkpoint_path",
-    "optim.scheduler.name",  # sapd.module.lr_factor names the schedules (checked by calling it)
+    "optim.scheduler.name",  # sapd.optim.lr_factor names the schedules (checked by calling it)
     "trainer.strategy",
     "trainer.default_root_dir",
     "trainer.profiler",
@@ -435,10 +435,11 @@ def _check_models(cfg: Any) -> None:
                     raise ConfigError(str(exc)) from None
     scheduler = _value(cfg, "optim.scheduler")[1]
     if isinstance(scheduler, Mapping):
-        from sapd.module import lr_factor
+        from sapd.optim import lr_factor
 
         try:
-            lr_factor(0, steps_per_epoch=1, total_steps=1, **scheduler)
+            schedule = {k: v for k, v in scheduler.items() if not str(k).startswith("_")}  # not Hydra's keys
+            lr_factor(0, steps_per_epoch=1, total_steps=1, **schedule)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"optim.scheduler: {' '.join(str(exc).split())}") from None
 

@@ -104,7 +104,7 @@ def coco_from_states(
     """A COCO ground-truth dict and an ``[N, 7]`` results array from torchmetrics' per-image states.
 
     Args:
-        states: ``MeanAveragePrecision``'s lists, one entry per image (``sapd.module.BOX_STATES``):
+        states: ``MeanAveragePrecision``'s lists, one entry per image (``sapd.evaluation.BOX_STATES``):
             ``detection_box``, ``detection_scores``, ``detection_labels``, ``groundtruth_box``,
             ``groundtruth_labels``, ``groundtruth_crowds``, ``groundtruth_area``; boxes as torchmetrics
             keeps them: ``[x, y, w, h]`` in pixels, whatever the metric's ``box_format``.

@@ -89,7 +89,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
         trainer.validate(module, datamodule=datamodule, verbose=False)
     else:
         trainer.test(module, datamodule=datamodule, verbose=False)
-    table = module.last_coco_table
+    evaluation = module.evaluator.result
+    table = evaluation.table if evaluation is not None else {}
     if cfg.split == "val" and not table:  # every image left out: say so rather than print nothing
         raise DataError(nothing_scored("val", datamodule))
     if table and trainer.is_global_zero:  # the command's product: on stdout

@@ -28,6 +28,7 @@ from sapd.build import build_backbone, build_module
 from sapd.callbacks import InterruptCheckpoint, LearningCheck, PhaseSwitch
 from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file, check_resume
 from sapd.errors import ConfigError, check_run_config
+from sapd.evaluation import Evaluation
 from sapd.loggers import WANDB_ID_FILE, resume_wandb_config
 from sapd.logs import configure_logging
 from sapd.models.criterion import reported_keys
@@ -137,6 +138,22 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         return _fit_and_report(cfg, start, learning_check)
 
 
+def best_is_current(best_cb: ModelCheckpoint | None, evaluation: Evaluation | None, trainer: L.Trainer) -> bool:
+    """Whether the weights in memory are the best checkpoint's, scored: the latest validation ran after the
+    last step (its :class:`~sapd.evaluation.Evaluation` is of ``trainer.global_step``) and it is the one the
+    checkpoint callback kept as best (its monitored value is the best score). Then its table stands, and
+    validating the best checkpoint again would repeat the same pass."""
+    if best_cb is None or evaluation is None or best_cb.best_model_score is None:
+        return False
+    key = str(best_cb.monitor).removeprefix(f"{evaluation.stage}/")
+    return (
+        evaluation.stage == "val"
+        and evaluation.step == trainer.global_step
+        and key in evaluation.table
+        and float(best_cb.best_model_score) == evaluation.table[key]
+    )
+
+
 def _fit_and_report(
     cfg: DictConfig, start: float, learning_check: LearningCheck
 ) -> tuple[dict[str, float], dict[str, Any]]:
@@ -208,18 +225,14 @@ def _fit_and_report(
     best_cb = next((c for c in checkpoints if c.monitor and c.best_model_path), None)
     best = best_cb.best_model_path if best_cb is not None else ""
     last = next((c.best_model_path for c in checkpoints if not c.monitor and c.best_model_path), "")
-    # The weights in memory are the best checkpoint's when the last validation (after the last step)
-    # scored the best: then its table stands and validating again would repeat the same pass.
-    best_is_current = (
-        best_cb is not None
-        and module.last_coco_step == trainer.global_step
-        and float(best_cb.best_model_score) == module.last_coco_table.get("map")
-    )
-    if cfg.get("validate_best", True) and not trainer.fast_dev_run and not best_is_current:
+    evaluation = module.evaluator.result  # the latest validation's outcome, with the step it scored
+    validate_best = cfg.get("validate_best", True) and not trainer.fast_dev_run
+    if validate_best and not best_is_current(best_cb, evaluation, trainer):
         results = trainer.validate(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         if results:
             metrics.update({k: float(v) for k, v in results[0].items()})
-    table = module.last_coco_table
+        evaluation = module.evaluator.result
+    table = evaluation.table if evaluation is not None else {}
     minutes = (time.time() - start) / 60
     if table and trainer.is_global_zero:  # the command's product: on stdout
         print("\n" + format_coco_table(table, title=f"COCO bbox, {cfg.data.get('name', 'val')} ({minutes:.1f} min)"))
