@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -101,13 +100,9 @@ def test_boxes_are_in_the_pixels_of_the_original_image(det, trained):
     for image in (small, big):
         tensor, meta = preprocess_image(image, min_size=det.min_size, max_size=det.max_size)
         batch, _ = collate([(tensor, dict(meta))], size_divisor=det.size_divisor)
-        net, post = det.net, det.net.postprocessor
-        net.postprocessor = dataclasses.replace(post, score_thresh=0.0)  # as the detector's threshold 0
-        try:
-            with torch.no_grad():
-                dets = net.postprocess(net(batch), [meta["img_size"]], None)[0]  # in resized pixels
-        finally:
-            net.postprocessor = post
+        net = det.net
+        with torch.no_grad():  # at the detector's threshold 0, in resized pixels
+            dets = net.postprocess(net(batch), [meta["img_size"]], None, score_thresh=0.0)[0]
         sx, sy = meta["scale_factor"]
         got = det(image)
         assert got.image_size == (image.height, image.width)
@@ -119,6 +114,22 @@ def test_boxes_are_in_the_pixels_of_the_original_image(det, trained):
     got = det(small)
     assert got.names == [names[i] for i in got.labels.tolist()]
     assert got.category_ids.tolist() == [datamodule.label_to_cat_id[i] for i in got.labels.tolist()]
+
+
+@pytest.mark.slow
+def test_a_lower_threshold_leaves_the_shared_network_as_it_is(det, trained, monkeypatch):
+    """A call below the network's own threshold passes it per call: the network's settings are never swapped
+    during a call (another thread using the same network would see them)."""
+    post, seen, postprocess = det.net.postprocessor, [], det.net.postprocess
+
+    def spy(*args, **kwargs):
+        seen.append((det.net.postprocessor, kwargs.get("score_thresh")))
+        return postprocess(*args, **kwargs)
+
+    monkeypatch.setattr(det.net, "postprocess", spy)
+    low = det(trained[1][0], score_thresh=0.01)
+    assert seen == [(post, 0.01)] and det.net.postprocessor is post
+    assert len(low) > 0 and float(low.scores.min()) >= 0.01
 
 
 @pytest.mark.slow

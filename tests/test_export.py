@@ -162,7 +162,7 @@ def test_to_original_pixels_clips_divides_and_drops_empty_slots():
 
 def test_detect_matches_the_eager_post_processing_on_hand_made_head_outputs():
     """Ties, a level smaller than top-k, boxes into the padding and two images: the tensor-only
-    post-processing keeps PyTorch's detections (eager, without export)."""
+    post-processing in its graph form (scripted, as exported) keeps PyTorch's eager detections."""
     gen = torch.Generator().manual_seed(0)
     strides = [8, 16, 32, 64, 128]
     level_sizes = [(8, 12), (4, 6), (2, 3), (1, 2), (1, 1)]
@@ -185,7 +185,7 @@ def test_detect_matches_the_eager_post_processing_on_hand_made_head_outputs():
             pre_nms_topk=topk,
             max_detections=max_det,
         )
-        out = sapd_export.detect(cls, reg, features, sizes, strides, 4.0, thresh, topk, 0.5, max_det)
+        out = sapd_export.scripted_detect()(cls, reg, features, sizes, strides, 4.0, thresh, topk, 0.5, max_det)
         assert out[0].shape == (2, max_det, 4)
         stats = match_detections(
             [{k: v.numpy() for k, v in r.items()} for r in ref], to_original_pixels(*out, sizes.tolist())
@@ -196,16 +196,16 @@ def test_detect_matches_the_eager_post_processing_on_hand_made_head_outputs():
 def test_bfp_pooling_rewrite_is_exact_on_multiples_of_128(tmp_path):
     cfg = compose_config("train", [*TINY, "model.neck.bfp=true"], tmp_path)
     net = instantiate(cfg.model, num_classes=8).eval()
-    rewritten = sapd_export._onnx_ready(net, 128)
-    assert rewritten.neck.bfp.forward.__func__ is sapd_export._bfp_forward_fixed_ratio
-    assert net.neck.bfp.forward.__func__ is not sapd_export._bfp_forward_fixed_ratio  # the caller's net untouched
+    rewritten = sapd_export.onnx_ready(net, 128)
+    assert rewritten.neck.bfp.fixed_ratio  # the neck's export form
+    assert not net.neck.bfp.fixed_ratio  # the caller's net untouched
     for h, w in ((128, 128), (256, 384)):  # P7 of 1 x 1, and levels of unequal sides
         images = torch.randn(1, 3, h, w)
         with torch.no_grad():
             a, b = net(images)["features"], rewritten(images)["features"]
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     with pytest.raises(ExportError, match="BFP.*multiple of 128.*multiples of 32: use format=torchscript"):
-        sapd_export._onnx_ready(net, 32)
+        sapd_export.onnx_ready(net, 32)
 
 
 def test_fcos_is_refused_with_one_line(tmp_path):

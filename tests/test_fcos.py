@@ -43,9 +43,11 @@ def test_forward_loss_and_postprocess_contract():
     losses["total"].backward()
     assert net.fcos.head.classification_head.cls_logits.weight.grad.abs().sum() > 0
     assert any(p.grad is not None for p in net.backbone.parameters())  # the loss reaches the shared backbone
-    net.postprocessor.score_thresh = 0.0
-    dets = net.postprocess(out, [(96, 128), (96, 100)], [(1.0, 1.0), (2.0, 2.0)])
+    dets = net.postprocess(out, [(96, 128), (96, 100)], [(1.0, 1.0), (2.0, 2.0)], score_thresh=0.0)
     assert len(dets) == 2 and dets[0]["boxes"].shape[0] > 0
+    # the threshold was this call's: neither the settings nor torchvision's FCOS object were changed
+    assert net.postprocessor.score_thresh == 0.05 and net.fcos.score_thresh == 0.2
+    assert all(len(d["boxes"]) == 0 for d in net.postprocess(out, [(96, 128), (96, 100)], score_thresh=0.999))
     assert (dets[0]["boxes"][:, 2] <= 128).all() and (dets[0]["boxes"][:, 3] <= 96).all()
     assert (dets[1]["boxes"][:, 2] <= 50).all() and (dets[1]["boxes"][:, 3] <= 48).all()  # halved back
 

@@ -1,5 +1,6 @@
 """The SAPD network: backbone, FPN / BFP, head, detector contract, post-processing, and overfitting."""
 
+import dataclasses
 import functools
 import math
 
@@ -375,8 +376,19 @@ def test_criterion_and_postprocess_are_objects_the_detector_uses():
     det = model.postprocess(outputs, [(30, 40)])[0]
     # hand_outputs: scores 0.953, 0.881, 0.731, 0.5; 0.6 keeps three, NMS at 0.95 suppresses none of them
     assert det["scores"].numel() == 3
-    post.score_thresh = 0.9  # the object is live: evaluate's score_thresh override changes it in place
-    assert model.postprocess(outputs, [(30, 40)])[0]["scores"].numel() == 1
+    # a threshold for one call; the shared settings stay as they are (frozen: no caller changes them for another)
+    assert model.postprocess(outputs, [(30, 40)], score_thresh=0.9)[0]["scores"].numel() == 1
+    assert model.postprocessor is post and post.score_thresh == 0.6
+    assert model.postprocess(outputs, [(30, 40)])[0]["scores"].numel() == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        post.score_thresh = 0.9
+    assert post.replace(score_thresh=0.9) == PostProcess(score_thresh=0.9, nms_thresh=0.95)
+    for bad in (
+        lambda: post.replace(score_thresh=1.5),
+        lambda: model.postprocess(outputs, [(30, 40)], score_thresh=-0.1),
+    ):
+        with pytest.raises(ValueError, match=r"model.postprocess.score_thresh must be in \[0, 1\)"):
+            bad()
     # z is the detector's: the decoded box of the P4 point scales with it
     model.z = 8.0
     box = model.postprocess(outputs, [(30, 40)])[0]["boxes"][0]

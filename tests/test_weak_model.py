@@ -142,7 +142,7 @@ def test_boxes_without_area_are_never_returned():
     reg = torch.full((2, p, 4), 0.01)  # boxes of 0.6-10 px around their points: no two overlap on a level
     sizes = torch.tensor([[64, 96], [50, 70]])
     ref = postprocess_detections(cls, reg, level_sizes, strides, sizes.tolist(), max_detections=1000)
-    out = sapd_export.detect(cls, reg, features, sizes, strides, 4.0, 0.05, 1000, 0.5, 1000)
+    out = sapd_export.scripted_detect()(cls, reg, features, sizes, strides, 4.0, 0.05, 1000, 0.5, 1000)
     exported = sapd_export.to_original_pixels(*out, sizes.tolist())
     for r, e in zip(ref, exported):
         for boxes in (r["boxes"], torch.from_numpy(e["boxes"])):

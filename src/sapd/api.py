@@ -29,7 +29,6 @@ given (of the upright image for a file or a PIL image with an EXIF orientation),
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -37,14 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from sapd.data import DataError
-from sapd.data.io import read_image
 from sapd.data.transforms import collate, eval_size, preprocess_image
+from sapd.inputs import ImageInput, as_list, check_input, is_single, to_pil
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -57,8 +54,6 @@ if TYPE_CHECKING:
 SCORE_THRESH = 0.4
 
 log = logging.getLogger(__name__)
-
-ImageInput = str | Path | Image.Image | np.ndarray | Tensor
 
 __all__ = ["Detections", "Detector", "ImageInput", "check_input", "resolve_device", "run_eval_size", "to_pil"]
 
@@ -165,87 +160,6 @@ def _check_thresh(value: float | None, what: str) -> float | None:
     if not 0.0 <= out <= 1.0:
         raise ValueError(f"{what} must be in [0, 1]; got {value!r}")
     return out
-
-
-def _is_single(images: Any) -> bool:
-    if isinstance(images, (str, Path, Image.Image)):
-        return True
-    if isinstance(images, (np.ndarray, Tensor)):
-        return images.ndim != 4  # (N, ...) is a batch; other ranks are refused later, one image at a time
-    return False
-
-
-def _as_list(images: Any) -> list[Any]:
-    if isinstance(images, (np.ndarray, Tensor)) and images.ndim == 4:
-        return list(images)
-    if isinstance(images, (bytes, bytearray, Mapping)) or not isinstance(images, Iterable):
-        raise TypeError(
-            f"images: cannot read an image from a {type(images).__name__}; give a path, a PIL image, a numpy "
-            "array (H, W, 3) uint8 RGB, a torch tensor (3, H, W), or a list of them"
-        )
-    return list(images)
-
-
-def check_input(image: Any, where: str = "image") -> None:
-    """The cheap checks of one input (kind, shape, dtype, the file exists), before anything is decoded.
-
-    Raises:
-        DataError: a missing file, or an array / tensor that is not an RGB image (wrong rank,
-            channels or dtype); the message names ``where`` and says what to give instead.
-        TypeError: an object of another kind.
-    """
-    if isinstance(image, (str, Path)):
-        if not Path(image).is_file():
-            raise DataError(f"{where}: image file not found: {image}")
-    elif isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or min(image.shape[:2]) < 1:
-            raise DataError(
-                f"{where}: numpy array of shape {tuple(image.shape)} is not an image; "
-                "give (H, W, 3) uint8 in RGB order (a grayscale image: np.stack([a] * 3, axis=-1))"
-            )
-        if image.dtype != np.uint8:
-            raise DataError(
-                f"{where}: numpy array of dtype {image.dtype}; give uint8 in 0..255 "
-                "(from floats in [0, 1]: (a * 255).round().astype(np.uint8))"
-            )
-    elif isinstance(image, Tensor):
-        if image.ndim != 3 or image.shape[0] != 3 or min(image.shape[1:]) < 1:
-            raise DataError(
-                f"{where}: tensor of shape {tuple(image.shape)} is not an image; give (3, H, W) RGB, "
-                "uint8 in 0..255 or float in [0, 1]"
-            )
-        if not (image.dtype == torch.uint8 or image.dtype.is_floating_point):
-            raise DataError(f"{where}: tensor of dtype {image.dtype}; give uint8 in 0..255 or float in [0, 1]")
-    elif not isinstance(image, Image.Image):
-        raise TypeError(
-            f"{where}: cannot read an image from a {type(image).__name__}; give a path, a PIL image, "
-            "a numpy array (H, W, 3) uint8 RGB or a torch tensor (3, H, W)"
-        )
-
-
-def to_pil(image: ImageInput, where: str = "image") -> Image.Image:
-    """One input of :class:`Detector` as a PIL image (made upright and RGB later by :func:`preprocess_image`).
-
-    Raises what :func:`check_input` raises, and :class:`DataError` for a file that cannot be decoded
-    or a float tensor with values outside [0, 1].
-    """
-    check_input(image, where)
-    if isinstance(image, (str, Path)):
-        return read_image(image)
-    if isinstance(image, Image.Image):
-        return image
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(np.ascontiguousarray(image), "RGB")
-    x = image.detach()
-    if x.dtype.is_floating_point:
-        lo, hi = (float(v) for v in x.aminmax())
-        if not (lo >= 0.0 and hi <= 1.0):  # also catches NaN
-            raise DataError(
-                f"{where}: float tensor with values in [{lo:.3g}, {hi:.3g}]; give values in [0, 1] "
-                "(from 0..255: x / 255; not normalised with a mean and std)"
-            )
-        x = x.float().mul(255.0).round_().to(torch.uint8)
-    return Image.fromarray(x.permute(1, 2, 0).contiguous().cpu().numpy(), "RGB")
 
 
 class Detector:
@@ -359,8 +273,8 @@ class Detector:
             score_thresh: drop detections below it for this call (None: ``self.score_thresh``).
             batch_size: images per forward pass (results do not depend on it).
         """
-        single = _is_single(images)
-        items = [images] if single else _as_list(images)
+        single = is_single(images)
+        items = [images] if single else as_list(images)
         name = "image" if single else "images"
         for i, item in enumerate(items):  # fail before any work on a bad item of a long list
             check_input(item, name if single else f"{name}[{i}]")
@@ -427,14 +341,10 @@ class Detector:
 
     def _postprocess(self, outputs: dict, image_sizes: list, scale_factors: list, thresh: float) -> list[dict]:
         post = getattr(self.net, "postprocessor", None)
-        if post is None or not dataclasses.is_dataclass(post) or thresh >= float(post.score_thresh):
+        if post is None or thresh >= float(post.score_thresh):
             return self.net.postprocess(outputs, image_sizes, scale_factors)
-        # below the network's own threshold: post-process with a copy of its settings at ``thresh``
-        self.net.postprocessor = dataclasses.replace(post, score_thresh=thresh)
-        try:
-            return self.net.postprocess(outputs, image_sizes, scale_factors)
-        finally:
-            self.net.postprocessor = post
+        # below the network's own threshold: this call's threshold, the shared network left as it is
+        return self.net.postprocess(outputs, image_sizes, scale_factors, score_thresh=thresh)
 
     def _detections(self, det: dict[str, Tensor], meta: dict, thresh: float) -> Detections:
         keep = det["scores"] >= thresh

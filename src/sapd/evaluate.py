@@ -77,7 +77,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     datamodule.prepare_data()
     module.results_file = str(cfg.results_file) if cfg.get("results_file") else None
     if cfg.get("score_thresh") is not None:
-        module.net.postprocessor.score_thresh = float(cfg.score_thresh)
+        module.net.postprocessor = module.net.postprocessor.replace(score_thresh=float(cfg.score_thresh))
     if list(datamodule.label_to_cat_id) != list(module.label_to_cat_id or []):
         raise ConfigError(
             "the data's categories differ from the checkpoint's: evaluate on the data set the model was "

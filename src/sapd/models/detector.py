@@ -124,13 +124,11 @@ class SAPD(nn.Module):
 
     @torch.no_grad()
     def postprocess(
-        self,
-        outputs: dict,
-        image_sizes: Sequence[tuple[int, int]],
-        scale_factors: Sequence[tuple[float, float]] | None = None,
+        self, outputs: dict, image_sizes: Sequence, scale_factors: Sequence | None = None, *, score_thresh=None
     ) -> list[dict[str, Tensor]]:
         """Detections per image (paper §3.4): ``boxes`` FloatTensor[D, 4] clipped to ``image_sizes``
-        (h, w) then divided by ``scale_factors`` (sx, sy), i.e. original pixels; ``scores``; ``labels``."""
+        (h, w) then divided by ``scale_factors`` (sx, sy), i.e. original pixels; ``scores``; ``labels``.
+        ``score_thresh``: this call's threshold (None: ``model.postprocess.score_thresh``)."""
         return self.postprocessor(
             outputs["cls_logits"],
             outputs["box_reg"],
@@ -139,4 +137,5 @@ class SAPD(nn.Module):
             image_sizes,
             scale_factors,
             z=self.z,
+            score_thresh=score_thresh,
         )

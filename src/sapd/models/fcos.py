@@ -13,6 +13,7 @@ is bypassed: sapd's data module has already resized, normalised and padded the i
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from types import SimpleNamespace
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +22,7 @@ from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.image_list import ImageList
 
 from sapd.models.detector import attach_pyramid
-from sapd.models.postprocess import PostProcess, has_area
+from sapd.models.postprocess import PostProcess, has_area, to_original_pixels
 
 __all__ = ["FCOSDetector"]
 
@@ -35,8 +36,8 @@ class FCOSDetector(nn.Module):
         neck: module or partial taking ``in_channels`` (-> ``[P3..P7]``, ``out_channels``, ``num_levels``).
         num_convs: convs of each tower of torchvision's ``FCOSHead`` (4 in the paper; GroupNorm(32)).
         center_sampling_radius: in units of the level's stride (torchvision: 1.5).
-        postprocess: post-processing settings (config node ``model.postprocess``, as SAPD's), read at
-            every call into torchvision's ``score_thresh``, ``topk_candidates``, ``nms_thresh`` and
+        postprocess: post-processing settings (config node ``model.postprocess``, as SAPD's), given at
+            every call as torchvision's ``score_thresh``, ``topk_candidates``, ``nms_thresh`` and
             ``detections_per_img``; default: SAPD's score threshold 0.05, torchvision's NMS IoU 0.6.
     """
 
@@ -124,23 +125,25 @@ class FCOSDetector(nn.Module):
 
     @torch.no_grad()
     def postprocess(
-        self,
-        outputs: dict,
-        image_sizes: Sequence[tuple[int, int]],
-        scale_factors: Sequence[tuple[float, float]] | None = None,
+        self, outputs: dict, image_sizes: Sequence, scale_factors: Sequence | None = None, *, score_thresh=None
     ) -> list[dict[str, Tensor]]:
         """Detections per image: ``boxes`` clipped to ``image_sizes`` (h, w) then divided by ``scale_factors``
         (sx, sy), i.e. original pixels, boxes left without area dropped; ``scores`` (sqrt(cls * centre-ness));
-        ``labels``."""
+        ``labels``. ``score_thresh``: this call's threshold (None: ``model.postprocess.score_thresh``)."""
         post = self.postprocessor
-        self.fcos.score_thresh, self.fcos.nms_thresh = post.score_thresh, post.nms_thresh
-        self.fcos.topk_candidates, self.fcos.detections_per_img = post.pre_nms_topk, post.max_detections
+        settings = SimpleNamespace(  # torchvision's method reads its settings from ``self``: given per call
+            box_coder=self.fcos.box_coder,
+            score_thresh=post.thresh(score_thresh),
+            topk_candidates=post.pre_nms_topk,
+            nms_thresh=post.nms_thresh,
+            detections_per_img=post.max_detections,
+        )
         num_per_level = [h * w for h, w in outputs["level_sizes"]]
         split = {k: list(v.split(num_per_level, dim=1)) for k, v in self._head_outputs(outputs).items()}
         anchors = [list(a.split(num_per_level)) for a in self._anchors(outputs)]
-        dets = self.fcos.postprocess_detections(split, anchors, [tuple(s) for s in image_sizes])
+        dets = FCOS.postprocess_detections(settings, split, anchors, [tuple(s) for s in image_sizes])
         dets = [{k: v[has_area(det["boxes"])] for k, v in det.items()} for det in dets]  # as SAPD's
         if scale_factors is not None:
-            for det, (sx, sy) in zip(dets, scale_factors):
-                det["boxes"] = det["boxes"] / det["boxes"].new_tensor([sx, sy, sx, sy])
+            for det, scale in zip(dets, scale_factors):
+                det["boxes"] = to_original_pixels(det["boxes"], scale)
         return dets

@@ -53,27 +53,40 @@ class BalancedFeaturePyramid(nn.Module):
     Args:
         channels: channels of each level.
         refine_level: index of the level refined (1 = P4 for P3-P7, as Libra R-CNN).
+        fixed_ratio: the export form: each adaptive max pooling written as ``max_pool2d`` of kernel =
+            stride = the size ratio of the two levels, ``2 ** (level distance)``. Equal to the adaptive form
+            whenever every level is exactly half the one below (inputs a multiple of the coarsest stride):
+            the adaptive windows are then ``[i k, (i + 1) k)``. ONNX has no adaptive max pooling, and
+            ``torch.onnx.export`` would bake the example's sizes into its decomposition. Off in training.
     """
 
-    def __init__(self, channels: int, refine_level: int = 1):
+    def __init__(self, channels: int, refine_level: int = 1, fixed_ratio: bool = False):
         super().__init__()
         self.refine_level = refine_level
         self.refine = NonLocal2d(channels)
+        self.fixed_ratio = fixed_ratio
+
+    def _max_pool(self, x: Tensor, size: Sequence[int], levels: int) -> Tensor:
+        """``x`` max-pooled to ``size``, ``levels`` pyramid levels coarser."""
+        if not self.fixed_ratio:
+            return F.adaptive_max_pool2d(x, size)
+        return F.max_pool2d(x, 2**levels) if levels > 0 else x
 
     def forward(self, feats: Sequence[Tensor]) -> list[Tensor]:
-        size = feats[self.refine_level].shape[-2:]
+        r = self.refine_level
+        size = feats[r].shape[-2:]
         gathered = [
-            F.adaptive_max_pool2d(f, size) if i < self.refine_level else F.interpolate(f, size=size, mode="nearest")
+            self._max_pool(f, size, r - i) if i < r else F.interpolate(f, size=size, mode="nearest")
             for i, f in enumerate(feats)
         ]
         bsf = self.refine(torch.stack(gathered).mean(0))  # [N, C, H_r, W_r]
         outs = []
         for i, f in enumerate(feats):
-            if i < self.refine_level:
-                r = F.interpolate(bsf, size=f.shape[-2:], mode="nearest")
+            if i < r:
+                res = F.interpolate(bsf, size=f.shape[-2:], mode="nearest")
             else:
-                r = F.adaptive_max_pool2d(bsf, f.shape[-2:])
-            outs.append(f + r)
+                res = self._max_pool(bsf, f.shape[-2:], i - r)
+            outs.append(f + res)
         return outs
 
 
