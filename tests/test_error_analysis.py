@@ -160,3 +160,14 @@ def test_bootstrap_compare_of_a_model_with_itself_is_zero_and_a_better_one_posit
     better = ea.bootstrap_compare(GT, RESULTS, fixed, n_bootstrap=50)
     assert better["AP50"]["delta"] == pytest.approx((1 - 51 / 101) / 2)
     assert better["AP50"]["lower"] <= better["AP50"]["delta"] <= better["AP50"]["upper"]
+
+
+def test_half_precision_states_of_a_mixed_precision_run_are_read():
+    """Under bf16-mixed the metric's states can be bfloat16, which NumPy cannot hold."""
+    import torch
+
+    from sapd.error_analysis import _numpy
+
+    values = _numpy([torch.tensor([0.5, 0.25], dtype=torch.bfloat16), torch.tensor([1.0], dtype=torch.float16)])
+    assert [v.dtype.name for v in values] == ["float32", "float32"]
+    assert values[0].tolist() == [0.5, 0.25]

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 ERROR_TYPES = ("Cls", "Loc", "Both", "Dupe", "Bkg", "Miss")
 ORACLES = ("FP", "FN")
@@ -163,7 +164,10 @@ def _numpy(values: Sequence[Any]) -> list[np.ndarray]:
     out = []
     for v in values:
         if hasattr(v, "detach"):
-            v = v.detach().cpu().numpy()
+            v = v.detach().cpu()
+            if v.is_floating_point() and v.dtype not in (torch.float32, torch.float64):
+                v = v.float()  # bf16 / fp16 states of a mixed-precision run: NumPy has no bfloat16
+            v = v.numpy()
         out.append(np.asarray(v))
     return out
 
