@@ -26,6 +26,9 @@ def compose_config(overrides: Sequence[str] = (), config_name: str = "train") ->
     """``conf/<config_name>.yaml`` of this repository composed with Hydra ``overrides`` (not resolved)."""
     if not (CONF_DIR / f"{config_name}.yaml").is_file():
         raise FileNotFoundError(f"no {config_name}.yaml in {CONF_DIR}: the benchmarks read the repository's conf/")
+    from sapd.paths import register_configs
+
+    register_configs()  # the config nodes declared in code (model/criterion=paper)
     GlobalHydra.instance().clear()  # a benchmark is its own program: no Hydra app runs around it
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))
