@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 from hydra.utils import instantiate
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from sapd.models.anchor_points import level_strides
 
-from .cli import option, parse
+from .cli import lists_to_tuples, option, parse
 from .configs import sapd_config
 from .measure import measure_extra_memory, time_call
 from .workloads import padded_size, random_targets
@@ -50,9 +50,7 @@ class AssignConfig:
     quick: bool = option(False, "256x384 images, 16 channels, 1 and 10 instances, 1 repetition (smoke runs)")
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            if isinstance(getattr(self, f.name), list):
-                setattr(self, f.name, tuple(getattr(self, f.name)))
+        lists_to_tuples(self)
 
 
 QUICK = {"height": 256, "width": 384, "channels": 16, "instances": (1, 10), "repeats": 1}

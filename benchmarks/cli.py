@@ -27,6 +27,14 @@ def option(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def lists_to_tuples(settings: Any) -> None:
+    """Turns every list field of a settings dataclass into a tuple (YAML gives lists; the settings are
+    frozen-style values, hashed and compared as tuples). Called from each suite's ``__post_init__``."""
+    for f in dataclasses.fields(settings):
+        if isinstance(getattr(settings, f.name), list):
+            setattr(settings, f.name, tuple(getattr(settings, f.name)))
+
+
 def usage(schema: type, prog: str, summary: str = "") -> str:
     """Every key of ``schema`` with its default and help line."""
     lines = [f"usage: {prog} [key=value ...]"]

@@ -14,12 +14,12 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 from hydra.utils import instantiate
 
-from .cli import option, parse
+from .cli import lists_to_tuples, option, parse
 from .configs import compose_config
 
 PROG = "python -m benchmarks suite=data"
@@ -37,9 +37,7 @@ class DataConfig:
     quick: bool = option(False, "tiny sets in a temporary folder, 2 batches (smoke runs)")
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            if isinstance(getattr(self, f.name), list):
-                setattr(self, f.name, tuple(getattr(self, f.name)))
+        lists_to_tuples(self)
 
 
 QUICK = {"batches": 2, "warmup": 1, "batch_size": 2}

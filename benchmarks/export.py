@@ -33,7 +33,7 @@ from hydra.utils import instantiate
 
 from sapd import export as sapd_export
 
-from .cli import option, parse
+from .cli import lists_to_tuples, option, parse
 from .configs import compose_config, sapd_overrides
 from .measure import log, machine_info, run_interleaved, summarize
 from .report import _clean
@@ -65,9 +65,7 @@ class ExportBenchConfig:
     out: str = option("benchmarks/results_export.json", "JSON path; the Markdown is written beside it (.md)")
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            if isinstance(getattr(self, f.name), list):
-                setattr(self, f.name, tuple(getattr(self, f.name)))
+        lists_to_tuples(self)
         unknown = [m for m in self.models if m not in MODELS]
         if unknown:
             raise ValueError(f"models must be among {', '.join(MODELS)}; got {', '.join(unknown)}")

@@ -36,12 +36,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .cli import option, parse
+from .cli import lists_to_tuples, option, parse
 
 PROG = "python -m benchmarks suite=memory"
 CASES = ("parse", "parse_json", "workers", "workers_json")
@@ -67,9 +67,7 @@ class MemoryConfig:
     out: str = option("benchmarks/results_memory.json", "JSON of the figures (and .md beside it); empty: write nothing")
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            if isinstance(getattr(self, f.name), list):
-                setattr(self, f.name, tuple(getattr(self, f.name)))
+        lists_to_tuples(self)
         unknown = [c for c in self.cases if c not in CASES]
         if unknown or not self.cases:
             raise ValueError(f"cases must be some of {', '.join(CASES)}, got {list(self.cases)}")

@@ -23,14 +23,14 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
 from omegaconf import open_dict
 
-from .cli import option, parse
+from .cli import lists_to_tuples, option, parse
 from .configs import compose_config
 from .measure import log, machine_info
 
@@ -58,9 +58,7 @@ class TrainStepConfig:
     quick: bool = option(False, "a tiny synthetic set in a temporary folder, 2 steps, 1 round (smoke runs)")
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            if isinstance(getattr(self, f.name), list):
-                setattr(self, f.name, tuple(getattr(self, f.name)))
+        lists_to_tuples(self)
         unknown = [c for c in self.cases if c not in CASES]
         if unknown or not self.cases:
             raise ValueError(f"cases must be some of {', '.join(CASES)}, got {list(self.cases)}")

@@ -181,6 +181,14 @@ def _write_split(p: CocoLikeParams, split: str, root: Path) -> None:
     (root / ann_name).write_text(json.dumps(dataset, separators=(",", ":")))
 
 
+def _drawn_digest(root: Path) -> str | None:
+    """The parameters' digest recorded by the set drawn in ``root``; None when there is none or it is unreadable."""
+    try:
+        return json.loads((root / MARKER).read_text()).get("digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def make_coco_like(root: str | os.PathLike, **params) -> Path:
     """Write the set into ``root`` (once: a finished set of the same parameters is reused) and return it.
 
@@ -192,11 +200,8 @@ def make_coco_like(root: str | os.PathLike, **params) -> Path:
     except TypeError as e:
         raise DataError(f"coco_like: {e} (known: {', '.join(CocoLikeParams.__dataclass_fields__)})") from None
     root = Path(root).expanduser()
-    try:
-        if json.loads((root / MARKER).read_text()).get("digest") == p.digest():
-            return root
-    except (OSError, ValueError):
-        pass
+    if _drawn_digest(root) == p.digest():  # drawn before with these parameters
+        return root
     if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
         raise DataError(f"coco_like: {root} exists and is not a coco_like data set; choose another folder")
     root.parent.mkdir(parents=True, exist_ok=True)
