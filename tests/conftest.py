@@ -14,8 +14,12 @@ from omegaconf import DictConfig, open_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
-# OMP_NUM_THREADS, where set, wins (several test runs sharing two cores each take one thread)
-torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or min(2, os.cpu_count() or 1))
+# Threads: OMP_NUM_THREADS where set; else the cores shared out among pytest-xdist's workers (make test
+# runs one worker per core), at most 2. The processes a test starts inherit the same count.
+if not os.environ.get("OMP_NUM_THREADS"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    os.environ["OMP_NUM_THREADS"] = str(max(1, min(2, (os.cpu_count() or 1) // _workers)))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 from sapd.paths import initialize_configs  # noqa: E402
 

@@ -223,7 +223,9 @@ RUN_DIR = textwrap.dedent(
     from sapd.paths import initialize_configs
     with initialize_configs():
         cfg = compose(config_name="train", overrides=[f"paths.log_dir={sys.argv[1]}"], return_hydra_config=True)
-    while time.time() < float(sys.argv[2]):  # both resolve the folder in the same second
+    print("ready", flush=True)
+    start = float(sys.stdin.readline())
+    while time.time() < start:  # both resolve the folder in the same second
         time.sleep(0.001)
     print(OmegaConf.to_container(cfg.hydra.run, resolve=True)["dir"])
     """
@@ -232,11 +234,13 @@ RUN_DIR = textwrap.dedent(
 
 @pytest.mark.slow
 def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path):
-    start = time.time() + 15
-    procs = [
-        subprocess.Popen([sys.executable, "-c", RUN_DIR, str(tmp_path), str(start)], stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
+    argv = [sys.executable, "-c", RUN_DIR, str(tmp_path)]
+    procs = [subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]  # both composed their config
+    start = f"{int(time.time()) + 1.2}\n"  # 0.2 s into a second, at least 0.2 s from now
+    for p in procs:
+        p.stdin.write(start)
+        p.stdin.flush()
     dirs = [p.communicate(timeout=120)[0].strip() for p in procs]
     assert all(d.startswith(str(tmp_path / "train" / "runs")) for d in dirs)
     assert dirs[0] != dirs[1]

@@ -65,9 +65,11 @@ def batches(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-@pytest.mark.slow  # three training processes, ~30 s (workers: ~1 min)
-@pytest.mark.parametrize("workers", [0, 2])  # with workers the resumed loader draws its indices before Lightning
-def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path, workers):  # sets the epoch
+@pytest.mark.slow  # three training processes, ~35 s
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(tmp_path):
+    """With loader workers, the harder case: a resumed loader draws its indices before Lightning sets the
+    epoch (without workers the same position comes from the data module's state, tested below)."""
+    workers = 2
     full = run(tmp_path / "full", workers)
     assert full.returncode == 0, full.stderr[-3000:]
     killed = run(tmp_path / "killed", workers, kill_at=6)  # epoch 1 (steps 4-7), phase 2, 2 of its 4 batches done
