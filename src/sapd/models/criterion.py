@@ -159,24 +159,15 @@ class SAPDCriterion:
             phase: 1 (FSAF single level) or 2 (soft top-k).
             z: normalisation scalar of Eq. 1 (the detector's box coding).
         """
-        return self._run(outputs, targets, strides, selection, phase, z, with_losses=True)
+        return self._run(outputs, targets, strides, selection, phase, z=z, with_losses=True)
 
     @torch.no_grad()
-    def assignment(
-        self,
-        outputs: dict,
-        targets: Sequence[dict],
-        strides: Sequence[int],
-        selection: nn.Module | None,
-        phase: int,
-        *,
-        z: float = 4.0,
-    ) -> Assignment:
+    def assignment(self, *args: Any, **kwargs: Any) -> Assignment:
         """The :class:`Assignment` of a batch (steps 1-3, no loss); the arguments as :meth:`__call__`."""
-        self._run(outputs, targets, strides, selection, phase, z, with_losses=False)
+        self._run(*args, with_losses=False, **kwargs)
         return self.last_assignment
 
-    def _run(self, outputs, targets, strides, selection, phase, z, *, with_losses: bool) -> dict[str, Tensor]:
+    def _run(self, outputs, targets, strides, selection, phase, *, z: float = 4.0, with_losses: bool) -> dict:
         device_type = outputs["cls_logits"].device.type
         amp = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type=device_type, enabled=False):
