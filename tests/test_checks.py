@@ -4,6 +4,7 @@ is refused before any data set is read."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -21,8 +22,9 @@ from omegaconf import OmegaConf, open_dict
 
 from conftest import compose_config
 from sapd.app import flatten
-from sapd.checks import FREE, FREE_TREES, SETTINGS
+from sapd.checks import FREE, FREE_TREES, SETTINGS, check_settings
 from sapd.errors import ConfigError, check_run_config
+from sapd.models import SAPDCriterion
 from sapd.paths import initialize_configs
 from sapd.train import main as train_main
 
@@ -166,6 +168,33 @@ def test_the_opset_range_is_the_exporters():
     rule = SETTINGS["opset"]
     assert rule.allows(low) and rule.allows(high) and rule.allows(None)
     assert not rule.allows(low - 1) and not rule.allows(high + 1) and not rule.allows("abc")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("topk", 0),
+        ("topk", 2.5),
+        ("eta", -1),
+        ("epsilon", 0.0),
+        ("ignore_epsilon", 1.5),
+        ("focal_alpha", 1.5),
+        ("focal_gamma", float("nan")),
+        ("soft_weight", "yes"),
+        ("valid_region", "box"),
+    ],
+)
+def test_the_criterions_ranges_are_declared_once_and_refused_alike(key, value):
+    """model.criterion.* in the table are the rules on SAPDCriterion's fields: a value the command
+    refuses, the class built alone (library use) refuses with the same line."""
+    criterion_keys = {k for k in SETTINGS if k.startswith("model.criterion.")}
+    assert criterion_keys == {f"model.criterion.{f.name}" for f in dataclasses.fields(SAPDCriterion)}
+    with pytest.raises(ValueError) as built:
+        SAPDCriterion(**{key: value})
+    with pytest.raises(ConfigError) as checked:
+        check_settings(OmegaConf.create({"model": {"criterion": {key: value}}}))
+    assert str(built.value) == str(checked.value)
+    assert str(checked.value).startswith(f"model.criterion.{key} must be ")
 
 
 def test_hydra_messages_become_one_line():

@@ -46,6 +46,7 @@ from sapd.models.anchor_points import (
 )
 from sapd.models.losses import dense_focal_loss, iou_loss
 from sapd.models.selection import instance_level_losses, select_levels
+from sapd.models.setting_rules import Rule, check_fields, flag, integer, number, one_of
 from sapd.models.steps import Assignment, Batch, Owners, Positives, Selection, flatten_batch
 
 # The ``report`` metadata of a setting: what a run summary records and sapd.report names a row by.
@@ -66,8 +67,10 @@ def level_max_normalised(f: Tensor, group: Tensor, num_groups: int) -> Tensor:
     return torch.where(best > 0, f / best.clamp(min=torch.finfo(f.dtype).tiny), torch.ones_like(f))
 
 
-def _setting(default: Any, report: str | None = None) -> Any:
-    return field(default=default, metadata={"report": report} if report else {})
+def _setting(default: Any, rule: Rule, report: str | None = None) -> Any:
+    """A field: its default, the values it accepts (checked when built, and by the commands' table of
+    settings, sapd.checks.SETTINGS) and its ``report`` metadata."""
+    return field(default=default, metadata={"rule": rule, "report": report})
 
 
 @dataclass(kw_only=True)
@@ -101,45 +104,25 @@ class SAPDCriterion:
         focal_alpha, focal_gamma: of the focal loss (Eq. 2).
     """
 
-    soft_weight: bool = _setting(True, ABLATION)
-    soft_select: bool = _setting(True, ABLATION)
-    eta: float = _setting(1.0, VARIANT)
-    topk: int = _setting(3, VARIANT)
-    epsilon: float = _setting(0.2, VARIANT)
-    valid_region: str = _setting("cell_overlap", VARIANT)
-    soft_weight_norm: str = _setting("none", VARIANT)
-    normaliser: str = _setting("weight_sum", VARIANT)
-    unselected: str = _setting("negative", VARIANT)
-    ignore_epsilon: float | None = _setting(None, VARIANT)
-    lambda_select: float = _setting(0.1)
-    loc_loss: str = _setting("iou")
-    focal_alpha: float = _setting(0.25)
-    focal_gamma: float = _setting(2.0)
+    soft_weight: bool = _setting(True, flag(), ABLATION)
+    soft_select: bool = _setting(True, flag(), ABLATION)
+    eta: float = _setting(1.0, number(0), VARIANT)
+    topk: int = _setting(3, integer(1), VARIANT)
+    epsilon: float = _setting(0.2, number(0, 1, low_open=True), VARIANT)
+    valid_region: str = _setting("cell_overlap", one_of(*VALID_REGIONS), VARIANT)
+    soft_weight_norm: str = _setting("none", one_of("none", "level_max"), VARIANT)
+    normaliser: str = _setting("weight_sum", one_of("weight_sum", "num_pos"), VARIANT)
+    unselected: str = _setting("negative", one_of("negative", "ignore"), VARIANT)
+    ignore_epsilon: float | None = _setting(None, number(0, 1, low_open=True, null="no ignore region"), VARIANT)
+    lambda_select: float = _setting(0.1, number(0))
+    loc_loss: str = _setting("iou", one_of("iou", "giou"))
+    focal_alpha: float = _setting(0.25, number(0, 1))
+    focal_gamma: float = _setting(2.0, number(0))
 
     def __post_init__(self) -> None:
-        choices = {
-            "unselected": ("negative", "ignore"),
-            "valid_region": VALID_REGIONS,
-            "soft_weight_norm": ("none", "level_max"),
-            "normaliser": ("weight_sum", "num_pos"),
-            "loc_loss": ("iou", "giou"),
-        }
-        for key, allowed in choices.items():
-            if getattr(self, key) not in allowed:
-                raise ValueError(
-                    f"model.criterion.{key} must be one of {', '.join(allowed)}; got {getattr(self, key)!r}"
-                )
-        ranges = {
-            "eta": (float(self.eta) >= 0, ">= 0"),
-            "topk": (int(self.topk) == self.topk and self.topk >= 1, "an integer >= 1"),
-            "epsilon": (0 < float(self.epsilon) <= 1, "in (0, 1]"),
-            "lambda_select": (float(self.lambda_select) >= 0, ">= 0"),
-        }
-        if self.ignore_epsilon is not None:
-            ranges["ignore_epsilon"] = (float(self.epsilon) < float(self.ignore_epsilon) <= 1, "in (epsilon, 1]")
-        for key, (ok, rule) in ranges.items():
-            if not ok:
-                raise ValueError(f"model.criterion.{key} must be {rule}; got {getattr(self, key)!r}")
+        check_fields(self, "model.criterion")
+        if self.ignore_epsilon is not None and not self.epsilon < self.ignore_epsilon:
+            raise ValueError(f"model.criterion.ignore_epsilon must be in (epsilon, 1]; got {self.ignore_epsilon!r}")
         # the assignment of the latest call (not a setting: no field, so neither compared nor replaced)
         self.last_assignment: Assignment | None = None
 
@@ -176,24 +159,15 @@ class SAPDCriterion:
             phase: 1 (FSAF single level) or 2 (soft top-k).
             z: normalisation scalar of Eq. 1 (the detector's box coding).
         """
-        return self._run(outputs, targets, strides, selection, phase, z, with_losses=True)
+        return self._run(outputs, targets, strides, selection, phase, z=z, with_losses=True)
 
     @torch.no_grad()
-    def assignment(
-        self,
-        outputs: dict,
-        targets: Sequence[dict],
-        strides: Sequence[int],
-        selection: nn.Module | None,
-        phase: int,
-        *,
-        z: float = 4.0,
-    ) -> Assignment:
+    def assignment(self, *args: Any, **kwargs: Any) -> Assignment:
         """The :class:`Assignment` of a batch (steps 1-3, no loss); the arguments as :meth:`__call__`."""
-        self._run(outputs, targets, strides, selection, phase, z, with_losses=False)
+        self._run(*args, with_losses=False, **kwargs)
         return self.last_assignment
 
-    def _run(self, outputs, targets, strides, selection, phase, z, *, with_losses: bool) -> dict[str, Tensor]:
+    def _run(self, outputs, targets, strides, selection, phase, *, z: float = 4.0, with_losses: bool) -> dict:
         device_type = outputs["cls_logits"].device.type
         amp = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         with torch.autocast(device_type=device_type, enabled=False):
