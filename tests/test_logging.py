@@ -115,7 +115,7 @@ def test_wandb_logger_knows_its_run_id_before_the_run_starts(tmp_path):
 def test_logged_detection_images_share_one_size():
     from PIL import Image
 
-    from sapd.callbacks import _same_size
+    from sapd.callbacks.dashboard import _same_size
 
     pics = _same_size([Image.new("RGB", (30, 20), (255, 0, 0)), Image.new("RGB", (10, 40), (0, 255, 0))])
     assert [p.size for p in pics] == [(30, 40), (30, 40)]
