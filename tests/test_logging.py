@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 
 from conftest import TINY, compose_config
 from sapd.callbacks import SelectionHistogram
-from sapd.loggers import WANDB_ID_FILE, make_wandb_logger, resolve_wandb_mode, resume_wandb_config, stored_wandb_id
-from sapd.logs import RankZeroFilter, configure_logging
+from sapd.logging_setup import RankZeroFilter, configure_logging
 from sapd.train import train
+from sapd.wandb_logger import WANDB_ID_FILE, make_wandb_logger, resolve_wandb_mode, resume_wandb_config, stored_wandb_id
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -85,7 +85,7 @@ def test_resume_takes_the_wandb_run_id_of_the_checkpoint(tmp_path):
     torch.save({"state_dict": {}, "sapd_wandb_id": "abc123"}, ckpt)
     cfg = OmegaConf.create(
         {
-            "wandb": {"_target_": "sapd.loggers.make_wandb_logger", "id": None, "resume": "allow"},
+            "wandb": {"_target_": "sapd.wandb_logger.make_wandb_logger", "id": None, "resume": "allow"},
             "csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": "."},
         }
     )

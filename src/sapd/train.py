@@ -29,13 +29,13 @@ from sapd.callbacks import InterruptCheckpoint, LearningCheck, PhaseSwitch
 from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file, check_resume
 from sapd.errors import ConfigError, check_run_config
 from sapd.evaluation import Evaluation
-from sapd.loggers import WANDB_ID_FILE, resume_wandb_config
-from sapd.logs import configure_logging
+from sapd.logging_setup import configure_logging
 from sapd.models.criterion import reported_keys
 from sapd.module import NonFiniteLossError
 from sapd.provenance import data_identity, source_commit
 from sapd.run_folder import SUMMARY_FILE, claim_run_folder
 from sapd.utils import format_coco_table, instantiate_group, resolve_precision, set_threads
+from sapd.wandb_logger import WANDB_ID_FILE, resume_wandb_config
 
 log = logging.getLogger("sapd.train")
 
