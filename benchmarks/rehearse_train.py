@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 import sapd.train as sapd_train
 from sapd.errors import refusals
-from sapd.logs import configure_logging
+from sapd.logging_setup import configure_logging
 from sapd.module import NonFiniteLossError
 from sapd.paths import CONFIG_PATH
 

@@ -91,7 +91,7 @@ DRIVER = textwrap.dedent(
     import hydra
 
     from sapd.evaluate import evaluate
-    from sapd.logs import configure_logging
+    from sapd.logging_setup import configure_logging
     from sapd.module import SAPDLitModule
     from sapd.paths import CONFIG_PATH
 
@@ -220,7 +220,7 @@ TRAIN_DRIVER = textwrap.dedent(
     import hydra
     import torch
 
-    from sapd.logs import configure_logging
+    from sapd.logging_setup import configure_logging
     from sapd.models import SAPD
     from sapd.paths import CONFIG_PATH
     from sapd.train import train

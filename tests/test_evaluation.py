@@ -6,7 +6,6 @@ import json
 import sys
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -139,22 +138,6 @@ def test_the_default_engine_is_hotcoco_and_an_unknown_one_is_refused():
     assert COCOEvaluator().metric._coco_backend.backend == "hotcoco"
     with pytest.raises(ValueError, match="unknown COCO engine 'cocoapi'"):
         coco_metric("cocoapi")
-
-
-def test_the_best_checkpoint_is_validated_again_unless_the_latest_validation_made_it():
-    from sapd.evaluation import Evaluation
-    from sapd.train import best_is_current
-
-    trainer = SimpleNamespace(global_step=40)
-    best = SimpleNamespace(monitor="val/map", best_model_score=torch.tensor(0.25))
-    latest = Evaluation("val", 40, {"map": 0.25})
-    assert best_is_current(best, latest, trainer)
-    assert not best_is_current(best, Evaluation("val", 30, {"map": 0.25}), trainer)  # steps were taken since
-    assert not best_is_current(best, Evaluation("val", 40, {"map": 0.2}), trainer)  # an earlier one was better
-    assert not best_is_current(best, Evaluation("val", 40, {}), trainer)  # nothing scored
-    assert not best_is_current(best, Evaluation("test", 40, {"map": 0.25}), trainer)
-    assert not best_is_current(None, latest, trainer) and not best_is_current(best, None, trainer)
-    assert not best_is_current(SimpleNamespace(monitor="val/map", best_model_score=None), latest, trainer)
 
 
 def test_the_coco_eval_suite_times_each_engine_and_finds_them_agreeing(tmp_path):

@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 
 from conftest import TINY, compose_config
 from sapd.callbacks import SelectionHistogram
-from sapd.loggers import WANDB_ID_FILE, make_wandb_logger, resolve_wandb_mode, resume_wandb_config, stored_wandb_id
-from sapd.logs import RankZeroFilter, configure_logging
+from sapd.logging_setup import RankZeroFilter, configure_logging
 from sapd.train import train
+from sapd.wandb_logger import WANDB_ID_FILE, make_wandb_logger, resolve_wandb_mode, resume_wandb_config, stored_wandb_id
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -85,7 +85,7 @@ def test_resume_takes_the_wandb_run_id_of_the_checkpoint(tmp_path):
     torch.save({"state_dict": {}, "sapd_wandb_id": "abc123"}, ckpt)
     cfg = OmegaConf.create(
         {
-            "wandb": {"_target_": "sapd.loggers.make_wandb_logger", "id": None, "resume": "allow"},
+            "wandb": {"_target_": "sapd.wandb_logger.make_wandb_logger", "id": None, "resume": "allow"},
             "csv": {"_target_": "lightning.pytorch.loggers.CSVLogger", "save_dir": "."},
         }
     )
@@ -115,7 +115,7 @@ def test_wandb_logger_knows_its_run_id_before_the_run_starts(tmp_path):
 def test_logged_detection_images_share_one_size():
     from PIL import Image
 
-    from sapd.callbacks import _same_size
+    from sapd.callbacks.dashboard import _same_size
 
     pics = _same_size([Image.new("RGB", (30, 20), (255, 0, 0)), Image.new("RGB", (10, 40), (0, 255, 0))])
     assert [p.size for p in pics] == [(30, 40), (30, 40)]

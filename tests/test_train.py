@@ -16,7 +16,9 @@ from conftest import TINY, TO_SYNTHETIC, compose_config
 from sapd import error_analysis as ea
 from sapd import run_report
 from sapd.callbacks import PhaseSwitch
-from sapd.train import train
+from sapd.checkpoint import saved_step
+from sapd.evaluation import Evaluation
+from sapd.train import best_is_current, train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "experiment").glob("*.yaml"))
 
@@ -63,6 +65,37 @@ def test_the_phase_switches_at_the_given_epoch_or_half_the_schedule(tmp_path):
     assert epoch_phases(PhaseSwitch(switch_epoch=0), net, 3) == [2, 2, 2]
     assert epoch_phases(PhaseSwitch(switch_epoch=3), net, 3) == [1, 1, 1]  # never switches (FSAF selection only)
     assert net.current_phase == 1
+
+
+def test_the_best_checkpoint_is_validated_again_unless_the_latest_validation_made_it(tmp_path):
+    """The step the best checkpoint was saved at decides, not its score: a score of float32 (as Lightning
+    logs it) is current when its checkpoint is of the latest step, and an earlier checkpoint that scored the
+    same as the latest validation (kept as best: a tie does not replace it) is not."""
+
+    def saved(name: str, step: int) -> str:
+        path = tmp_path / f"{name}.ckpt"
+        torch.save({"global_step": step, "state_dict": {}}, path)
+        return str(path)
+
+    def best(path: str, score: float) -> SimpleNamespace:
+        return SimpleNamespace(monitor="val/map", best_model_path=path, best_model_score=torch.tensor(score))
+
+    trainer = SimpleNamespace(global_step=40)
+    at_40, at_20 = saved("epoch_001", 40), saved("epoch_000", 20)
+    # 0.3 is not a float32: the logged best score differs from the table's float, the checkpoint is the latest
+    assert best_is_current(best(at_40, 0.3), Evaluation("val", 40, {"map": 0.3}), trainer)
+    # the same score at step 20 and at step 40: the best checkpoint is step 20's, validated again
+    assert not best_is_current(best(at_20, 0.25), Evaluation("val", 40, {"map": 0.25}), trainer)
+    latest = Evaluation("val", 40, {"map": 0.25})
+    assert best_is_current(best(at_40, 0.25), latest, trainer)
+    assert not best_is_current(best(at_40, 0.25), Evaluation("val", 30, {"map": 0.25}), trainer)  # steps since
+    assert not best_is_current(best(at_40, 0.25), Evaluation("val", 40, {}), trainer)  # nothing scored
+    assert not best_is_current(best(at_40, 0.25), Evaluation("test", 40, {"map": 0.25}), trainer)
+    assert not best_is_current(None, latest, trainer) and not best_is_current(best(at_40, 0.25), None, trainer)
+    assert not best_is_current(best("", 0.25), latest, trainer)  # no best checkpoint kept
+    assert not best_is_current(best(str(tmp_path / "gone.ckpt"), 0.25), latest, trainer)  # its step is unknown
+    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
+    assert saved_step(tmp_path / "broken.ckpt") is None and saved_step(at_20) == 20
 
 
 @pytest.mark.parametrize(

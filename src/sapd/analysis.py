@@ -32,7 +32,7 @@ from torch import Tensor
 from sapd.app import hydra_app
 from sapd.checkpoint import load_module
 from sapd.errors import UserError, check_run_config
-from sapd.logs import configure_logging
+from sapd.logging_setup import configure_logging
 from sapd.models.criterion import SAPDCriterion
 
 log = logging.getLogger(__name__)

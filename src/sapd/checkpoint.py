@@ -91,6 +91,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     return ckpt
 
 
+def saved_step(path: str | Path) -> int | None:
+    """The global training step a Lightning checkpoint was saved at, read without its tensors (the file
+    is memory-mapped); None when the file cannot be read or holds no step."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # noqa: BLE001 - a missing, remote or broken file: the step is unknown
+        return None
+    step = ckpt.get("global_step") if isinstance(ckpt, dict) else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
 def load_module(path: str | Path) -> tuple[SAPDLitModule, DictConfig]:
     """The Lightning module of a sapd checkpoint, weights loaded, in eval mode, and the run's config.
 

@@ -25,7 +25,7 @@ from sapd.callbacks import nothing_scored
 from sapd.checkpoint import load_module
 from sapd.data import DataError
 from sapd.errors import ConfigError, check_run_config
-from sapd.logs import configure_logging
+from sapd.logging_setup import configure_logging
 from sapd.utils import format_coco_table, instantiate_group, set_threads
 
 

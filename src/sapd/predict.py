@@ -33,7 +33,7 @@ from sapd.checkpoint import CheckpointError
 from sapd.data import DataError
 from sapd.data.io import read_image
 from sapd.errors import UserError, check_run_config
-from sapd.logs import configure_logging
+from sapd.logging_setup import configure_logging
 from sapd.utils import set_threads
 
 log = logging.getLogger(__name__)

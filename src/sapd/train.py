@@ -18,7 +18,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig
 
 from sapd import run_report
@@ -26,16 +26,16 @@ from sapd.api import SCORE_THRESH
 from sapd.app import hydra_app
 from sapd.build import build_backbone, build_module
 from sapd.callbacks import InterruptCheckpoint, LearningCheck, PhaseSwitch
-from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file, check_resume
+from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file, check_resume, saved_step
 from sapd.errors import ConfigError, check_run_config
 from sapd.evaluation import Evaluation
-from sapd.loggers import WANDB_ID_FILE, resume_wandb_config
-from sapd.logs import configure_logging
+from sapd.logging_setup import configure_logging
 from sapd.models.criterion import reported_keys
 from sapd.module import NonFiniteLossError
 from sapd.provenance import data_identity, source_commit
 from sapd.run_folder import SUMMARY_FILE, claim_run_folder
 from sapd.utils import format_coco_table, instantiate_group, resolve_precision, set_threads
+from sapd.wandb_logger import WANDB_ID_FILE, resume_wandb_config
 
 log = logging.getLogger("sapd.train")
 
@@ -140,23 +140,66 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 def best_is_current(best_cb: ModelCheckpoint | None, evaluation: Evaluation | None, trainer: L.Trainer) -> bool:
     """Whether the weights in memory are the best checkpoint's, scored: the latest validation ran after the
-    last step (its :class:`~sapd.evaluation.Evaluation` is of ``trainer.global_step``) and it is the one the
-    checkpoint callback kept as best (its monitored value is the best score). Then its table stands, and
-    validating the best checkpoint again would repeat the same pass."""
-    if best_cb is None or evaluation is None or best_cb.best_model_score is None:
+    last step (its :class:`~sapd.evaluation.Evaluation` is of ``trainer.global_step``), scored the monitored
+    value, and the checkpoint the callback kept as best was saved at that same step
+    (:func:`sapd.checkpoint.saved_step`). Then its table stands, and validating the best checkpoint again
+    would repeat the same pass. The steps are compared, not the scores: an earlier checkpoint that scored
+    the same as the latest validation stays the best one."""
+    if best_cb is None or evaluation is None or not best_cb.best_model_path:
         return False
     key = str(best_cb.monitor).removeprefix(f"{evaluation.stage}/")
     return (
         evaluation.stage == "val"
         and evaluation.step == trainer.global_step
         and key in evaluation.table
-        and float(best_cb.best_model_score) == evaluation.table[key]
+        and saved_step(best_cb.best_model_path) == trainer.global_step
     )
 
 
 def _fit_and_report(
     cfg: DictConfig, start: float, learning_check: LearningCheck
 ) -> tuple[dict[str, float], dict[str, Any]]:
+    """The run in the claimed folder: data and module, callbacks, loggers and trainer, the fit, the score of the
+    best checkpoint (on stdout), then ``summary.json`` and the run's report."""
+    datamodule, module = _data_and_module(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    callbacks, loggers, interrupt = _callbacks_and_loggers(cfg, output_dir, learning_check)
+    trainer = _make_trainer(cfg, callbacks, loggers)
+    _record_run(trainer, module, loggers, output_dir)
+    fit_seconds, fit_steps = _fit(cfg, trainer, module, datamodule, interrupt)
+    device = device_figures(trainer.strategy.root_device)  # before validation: the training peak
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    best, last, evaluation = _score_best(cfg, trainer, module, datamodule, callbacks, metrics)
+    table = evaluation.table if evaluation is not None else {}
+    minutes = (time.time() - start) / 60
+    _announce(cfg, trainer, table, minutes, best, last)
+    if trainer.is_global_zero and not trainer.fast_dev_run:
+        counts = datamodule.data_counts() if hasattr(datamodule, "data_counts") else None
+        switch = next((c.switch_epoch_in_use for c in callbacks if isinstance(c, PhaseSwitch)), None)
+        summary = run_summary(
+            cfg,
+            table,
+            minutes,
+            fit_seconds,
+            fit_steps,
+            trainer.global_step,
+            counts,
+            switch,
+            getattr(module, "instance_counts", None),
+            device,
+        )
+        write_summary(summary, output_dir)
+        if (cfg.get("report") or {}).get("enabled", True):
+            _write_run_report(cfg, module, datamodule, loggers, output_dir)
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            lg.experiment.finish()
+    objects = {"datamodule": datamodule, "module": module, "trainer": trainer, "best_ckpt": best}
+    return metrics, objects
+
+
+def _data_and_module(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule]:
+    """The seeded data module, set up for fitting, and the module built for its classes."""
     if cfg.get("seed") is not None:
         L.seed_everything(int(cfg.seed), workers=True)
     set_threads(cfg.get("num_threads"))
@@ -175,8 +218,14 @@ def _fit_and_report(
         class_names=list(datamodule.class_names),
         backbone=backbone,
     )
+    return datamodule, module
 
-    output_dir = Path(cfg.paths.output_dir)
+
+def _callbacks_and_loggers(
+    cfg: DictConfig, output_dir: Path, learning_check: LearningCheck
+) -> tuple[list[L.Callback], list[Logger], InterruptCheckpoint]:
+    """The configured callbacks with the learning check and the Ctrl-C checkpoint (returned on its own too),
+    and the configured loggers with a CSV logger whenever the run's report reads ``metrics.csv``."""
     report_cfg = cfg.get("report") or {}
     callbacks = [*instantiate_group(cfg.get("callbacks")), learning_check]
     # a run resumed from a checkpoint (ckpt_path=...) continues the wandb run that wrote it
@@ -189,14 +238,23 @@ def _fit_and_report(
     # Ctrl-C saves last.ckpt at the next batch boundary and stops the run (exit status 130)
     interrupt = InterruptCheckpoint(output_dir / "checkpoints" / "last.ckpt")
     callbacks.append(interrupt)
+    return callbacks, loggers, interrupt
+
+
+def _make_trainer(cfg: DictConfig, callbacks: list[L.Callback], loggers: list[Logger]) -> L.Trainer:
     precision = resolve_precision(cfg.trainer.get("precision", "32-true"), str(cfg.trainer.get("accelerator", "auto")))
-    trainer: L.Trainer = instantiate(
+    return instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=loggers or False,
         precision=precision,
         plugins=[AtomicCheckpointIO()],  # last.ckpt is whole or the previous one stays
     )
+
+
+def _record_run(trainer: L.Trainer, module: L.LightningModule, loggers: list[Logger], output_dir: Path) -> None:
+    """The run's config to every logger; the wandb run id into the module (so into every checkpoint) and
+    into the run folder, for a resume."""
     for lg in loggers:
         lg.log_hyperparams(module.run_config)
         if isinstance(lg, WandbLogger) and lg.version:
@@ -205,6 +263,16 @@ def _fit_and_report(
                 output_dir.mkdir(parents=True, exist_ok=True)
                 (output_dir / WANDB_ID_FILE).write_text(module.wandb_run_id + "\n")
 
+
+def _fit(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    interrupt: InterruptCheckpoint,
+) -> tuple[float, int]:
+    """Fits (unless ``train=false``); returns the seconds and steps it took. After Ctrl-C, one line and
+    ``SystemExit(130)``."""
     fit_start, start_step = time.time(), trainer.global_step
     if cfg.get("train", True):
         try:
@@ -217,10 +285,20 @@ def _fit_and_report(
             raise SystemExit(interrupt.EXIT_STATUS) from None
         finally:
             interrupt.restore()
-    fit_seconds, fit_steps = time.time() - fit_start, trainer.global_step - start_step
-    device = device_figures(trainer.strategy.root_device)  # before validation: the training peak
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    return time.time() - fit_start, trainer.global_step - start_step
 
+
+def _score_best(
+    cfg: DictConfig,
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    callbacks: list[L.Callback],
+    metrics: dict[str, float],
+) -> tuple[str, str, Evaluation | None]:
+    """The best and last checkpoints' paths ('' when none) and the evaluation of the best one: the latest
+    validation's when it scored the best checkpoint (:func:`best_is_current`), else a validation of the best
+    checkpoint (unless ``validate_best=false`` or a fast dev run), whose numbers update ``metrics``."""
     checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
     best_cb = next((c for c in checkpoints if c.monitor and c.best_model_path), None)
     best = best_cb.best_model_path if best_cb is not None else ""
@@ -232,8 +310,13 @@ def _fit_and_report(
         if results:
             metrics.update({k: float(v) for k, v in results[0].items()})
         evaluation = module.evaluator.result
-    table = evaluation.table if evaluation is not None else {}
-    minutes = (time.time() - start) / 60
+    return best, last, evaluation
+
+
+def _announce(
+    cfg: DictConfig, trainer: L.Trainer, table: dict[str, float], minutes: float, best: str, last: str
+) -> None:
+    """The COCO table on stdout (the command's product), then where the checkpoints and outputs are."""
     if table and trainer.is_global_zero:  # the command's product: on stdout
         print("\n" + format_coco_table(table, title=f"COCO bbox, {cfg.data.get('name', 'val')} ({minutes:.1f} min)"))
     if best:
@@ -241,46 +324,36 @@ def _fit_and_report(
     if last:
         log.info("last checkpoint (resume with ckpt_path=...): %s", last)
     log.info("logs and outputs: %s", cfg.paths.output_dir)
-    if trainer.is_global_zero and not trainer.fast_dev_run:
-        counts = datamodule.data_counts() if hasattr(datamodule, "data_counts") else None
-        switch = next((c.switch_epoch_in_use for c in callbacks if isinstance(c, PhaseSwitch)), None)
-        summary = run_summary(
-            cfg,
-            table,
-            minutes,
-            fit_seconds,
-            fit_steps,
-            trainer.global_step,
-            counts,
-            switch,
-            getattr(module, "instance_counts", None),
-            device,
-        )
-        write_summary(summary, output_dir)
-        if report_cfg.get("enabled", True):
-            csv_loggers = [lg for lg in loggers if isinstance(lg, CSVLogger)]
-            for lg in csv_loggers:
-                lg.save()  # rows still buffered reach metrics.csv
-            csv_files = [Path(lg.log_dir) / "metrics.csv" for lg in csv_loggers]
-            if cfg.get("ckpt_path"):  # a resumed run: its curves start with those of the run it resumes
-                earlier = run_report.find_metrics_csv(Path(cfg.ckpt_path).parent.parent)
-                csv_files = [f for f in earlier if f.resolve() not in {c.resolve() for c in csv_files}][-1:] + csv_files
-            run_report.report_module(
-                output_dir,
-                module,
-                datamodule.val_dataset,
-                size_divisor=getattr(datamodule, "size_divisor", 128),
-                metrics_files=csv_files,
-                score_thresh=float(report_cfg.get("score_thresh", SCORE_THRESH)),
-                num_images=int(report_cfg.get("num_images", 8)),
-                class_table=bool(report_cfg.get("class_table", False)),
-                title=f"{cfg.get('task_name', 'train')}, {cfg.data.get('name', 'val')}",
-            )
-    for lg in loggers:
-        if isinstance(lg, WandbLogger):
-            lg.experiment.finish()
-    objects = {"datamodule": datamodule, "module": module, "trainer": trainer, "best_ckpt": best}
-    return metrics, objects
+
+
+def _write_run_report(
+    cfg: DictConfig,
+    module: L.LightningModule,
+    datamodule: L.LightningDataModule,
+    loggers: list[Logger],
+    output_dir: Path,
+) -> None:
+    """The run's ``report/`` (:func:`sapd.run_report.report_module`), its curves from this run's
+    ``metrics.csv`` and, for a resumed run, that of the run it resumes."""
+    report_cfg = cfg.get("report") or {}
+    csv_loggers = [lg for lg in loggers if isinstance(lg, CSVLogger)]
+    for lg in csv_loggers:
+        lg.save()  # rows still buffered reach metrics.csv
+    csv_files = [Path(lg.log_dir) / "metrics.csv" for lg in csv_loggers]
+    if cfg.get("ckpt_path"):  # a resumed run: its curves start with those of the run it resumes
+        earlier = run_report.find_metrics_csv(Path(cfg.ckpt_path).parent.parent)
+        csv_files = [f for f in earlier if f.resolve() not in {c.resolve() for c in csv_files}][-1:] + csv_files
+    run_report.report_module(
+        output_dir,
+        module,
+        datamodule.val_dataset,
+        size_divisor=getattr(datamodule, "size_divisor", 128),
+        metrics_files=csv_files,
+        score_thresh=float(report_cfg.get("score_thresh", SCORE_THRESH)),
+        num_images=int(report_cfg.get("num_images", 8)),
+        class_table=bool(report_cfg.get("class_table", False)),
+        title=f"{cfg.get('task_name', 'train')}, {cfg.data.get('name', 'val')}",
+    )
 
 
 @hydra_app("sapd.train", "train", NonFiniteLossError)

@@ -45,7 +45,7 @@ from PIL import Image, ImageDraw
 from sapd.app import hydra_app
 from sapd.data import DataError
 from sapd.errors import check_run_config
-from sapd.logs import configure_logging
+from sapd.logging_setup import configure_logging
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from sapd.errors import check_run_config
 from sapd.export.check import verify
 from sapd.export.graph import ExportableSAPD, export_onnx, export_torchscript
 from sapd.export.runtime import ExportError
-from sapd.logs import configure_logging
+from sapd.logging_setup import configure_logging
 from sapd.utils import set_threads
 
 log = logging.getLogger(__name__)

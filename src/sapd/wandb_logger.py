@@ -1,4 +1,4 @@
-"""Loggers: Weights & Biases offline unless the user is logged in; a resumed run continues its wandb run."""
+"""The Weights & Biases logger: offline unless the user is logged in; a resumed run continues its wandb run."""
 
 from __future__ import annotations
 
