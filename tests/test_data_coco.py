@@ -437,7 +437,7 @@ def test_perfect_predictions_score_ap_1_despite_impossible_boxes(quirky):
 
 
 def test_annotations_of_unknown_images_are_counted(quirky):
-    from sapd.data.datamodule import format_counts
+    from sapd.data.data_counts import format_counts
 
     ann_file, img_dir = quirky
 

@@ -109,7 +109,7 @@ def test_hydra_configs_instantiate(synthetic_root, monkeypatch):
 def test_synthetic_cache_folder_comes_from_the_paths_config(tmp_path, monkeypatch):
     """$SAPD_DATA_DIR is read by conf/paths (paths.data_dir) and reaches the data module as cache_dir."""
     from conftest import compose_config
-    from sapd.data.synthetic import SyntheticParams
+    from sapd.data.synthetic_drawing import SyntheticParams
 
     monkeypatch.setenv("SAPD_DATA_DIR", str(tmp_path / "elsewhere"))
     cfg = compose_config("train", ["data.synthetic.num_train=3"], tmp_path)

@@ -18,6 +18,7 @@ from torchvision.ops import box_iou
 from sapd.data import DataError
 from sapd.data import synthetic as syn
 from sapd.data.coco import COCODetection
+from sapd.data.synthetic_drawing import VAL_ID_OFFSET, SyntheticParams, rle_encode
 from sapd.paths import initialize_configs
 
 TINY = {"num_train": 6, "num_val": 3, "min_side": 64, "max_side": 96, "max_objects": 6, "min_object_size": 6}
@@ -47,7 +48,7 @@ def test_process_pool_gives_the_same_set(tmp_path):
 
 def test_coco_layout_and_reuse(tmp_path):
     root = syn.make_synthetic_coco(tmp_path / "s", **TINY)
-    for split, n, first in (("train", 6, 1), ("val", 3, syn.VAL_ID_OFFSET + 1)):
+    for split, n, first in (("train", 6, 1), ("val", 3, VAL_ID_OFFSET + 1)):
         ds = json.loads((root / "annotations" / f"instances_{split}.json").read_text())
         assert [im["id"] for im in ds["images"]] == list(range(first, first + n))
         for im in ds["images"]:
@@ -93,11 +94,11 @@ def test_refuses_a_foreign_folder_and_bad_parameters(tmp_path):
 
 def test_default_root_is_the_cache_folder_and_hash(monkeypatch, tmp_path):
     monkeypatch.setenv("SAPD_DATA_DIR", str(tmp_path / "ignored"))  # the paths config reads it, not Python
-    a, b = syn.default_root(syn.SyntheticParams(), tmp_path), syn.default_root(syn.SyntheticParams(seed=1), tmp_path)
+    a, b = syn.default_root(SyntheticParams(), tmp_path), syn.default_root(SyntheticParams(seed=1), tmp_path)
     assert a.parent == tmp_path and a.name.startswith("synthetic-") and a != b
-    assert syn.default_root(syn.SyntheticParams()) == Path("~/.cache/sapd").expanduser() / a.name
+    assert syn.default_root(SyntheticParams()) == Path("~/.cache/sapd").expanduser() / a.name
     root = syn.make_synthetic_coco(cache_dir=tmp_path / "cache", **TINY)
-    assert root == syn.default_root(syn.SyntheticParams(**TINY), tmp_path / "cache") and root.is_dir()
+    assert root == syn.default_root(SyntheticParams(**TINY), tmp_path / "cache") and root.is_dir()
     assert not (tmp_path / "ignored").exists()
 
 
@@ -114,7 +115,7 @@ SMALL_OVERRIDES = [f"data.synthetic.{k}={v}" for k, v in TINY.items()]
 def test_cli_draws_the_training_set_and_prints_its_folder(tmp_path, capsys, caplog):
     cfg = _synthetic_config(*SMALL_OVERRIDES)
     # no out=: the folder training reads, under paths.data_dir ($SAPD_DATA_DIR, set by conftest)
-    expected = syn.default_root(syn.SyntheticParams(**TINY), os.environ["SAPD_DATA_DIR"])
+    expected = syn.default_root(SyntheticParams(**TINY), os.environ["SAPD_DATA_DIR"])
     assert cfg.data.cache_dir == os.environ["SAPD_DATA_DIR"] and cfg.out is None
     syn.main(cfg)
     assert capsys.readouterr().out.strip() == str(expected)
@@ -134,7 +135,7 @@ def test_rle_encode_round_trips_through_pycocotools():
     for first in (False, True):
         m = rng.uniform(size=(13, 17)) < 0.3
         m[0, 0] = first
-        rle = mask_utils.frPyObjects(syn.rle_encode(m), 13, 17)
+        rle = mask_utils.frPyObjects(rle_encode(m), 13, 17)
         assert np.array_equal(mask_utils.decode(rle).astype(bool), m)
 
 

@@ -1,7 +1,8 @@
 """A small drawn data set with COCO 2017's own quirks, in COCO's file layout (``benchmarks/rehearse.py``).
 
-``make_coco_like(root, num_train=..., num_val=...)`` draws images with :mod:`sapd.data.synthetic`'s
-drawing (shapes, textures, clutter, occlusion, crowd clusters) and writes them as COCO 2017 is laid out::
+``make_coco_like(root, num_train=..., num_val=...)`` draws images with
+:mod:`sapd.data.synthetic_drawing` (shapes, textures, clutter, occlusion, crowd clusters) and writes them
+as COCO 2017 is laid out::
 
     root/annotations/instances_train2017.json   root/train2017/000000000001.jpg ...
     root/annotations/instances_val2017.json     root/val2017/000000100001.jpg ...
@@ -38,15 +39,15 @@ import numpy as np
 from PIL import Image
 
 from sapd.data import DataError
-from sapd.data.synthetic import CATEGORIES as SHAPES
-from sapd.data.synthetic import VAL_ID_OFFSET, SyntheticParams, _render_image
+from sapd.data.synthetic_drawing import CATEGORIES as SHAPES
+from sapd.data.synthetic_drawing import VAL_ID_OFFSET, SyntheticParams, render_image
 
 GENERATOR_VERSION = 1
 MARKER = "coco_like.json"
 SPLIT_FILES = {"train": ("annotations/instances_train2017.json", "train2017"),
                "val": ("annotations/instances_val2017.json", "val2017")}  # fmt: skip
 EXIF_ORIENTATION = 0x0112  # the EXIF tag; 6: rotate 90 degrees clockwise on display, 8: counter-clockwise
-# drawn shape id (sapd.data.synthetic.CATEGORIES) -> the COCO category it is annotated as
+# drawn shape id (sapd.data.synthetic_drawing.CATEGORIES) -> the COCO category it is annotated as
 SHAPE_TO_COCO = {1: 37, 3: 72, 4: 38, 7: 1, 10: 60, 13: 90, 18: 55, 21: 34}
 
 
@@ -132,7 +133,7 @@ def _draw_image(p: CocoLikeParams, split: str, index: int, image_id: int, role: 
         crowd_frac=1.0 if role == "all_crowd" else p.crowd_frac,
         jpeg_quality=p.jpeg_quality,
     )
-    image, anns = _render_image((asdict(base), split, index, image_id, str(out_dir)))
+    image, anns = render_image((asdict(base), split, index, image_id, str(out_dir)))
     h, w = image["height"], image["width"]
     rng = np.random.default_rng([p.seed, 7, index, image_id])
     anns = [{**a, "category_id": SHAPE_TO_COCO[a["category_id"]]} for a in anns]

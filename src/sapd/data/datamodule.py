@@ -10,83 +10,19 @@ COCO layout under ``root`` (the default file names; each may be overridden)::
 from __future__ import annotations
 
 import copy
-import gc
-import logging
-import math
 import os
-import random
-from collections import Counter
 from collections.abc import Mapping, Sequence
-from functools import partial
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, SequentialSampler
 
 from sapd.data import DataError
-from sapd.data.coco import COCODetection, read_annotations
-from sapd.data.samplers import (
-    AspectRatioBatchSampler,
-    EpochRandomSampler,
-    InferenceSampler,
-    TrainBatchSampler,
-    aspect_ratio_groups,
-)
-from sapd.data.transforms import build_transforms, collate, eval_size
-
-log = logging.getLogger(__name__)
-
-MAX_SKIP_WARNINGS = 10  # skipped images logged one by one, per split; the others are counted
-MAX_SKIPPED_LISTED = 100  # skipped image ids (with their reason) in data_counts(), per split
-
-
-def format_counts(split: str, ann_file: str | Path, stats: Mapping[str, int]) -> str:
-    """One line of :attr:`COCODetection.stats <sapd.data.coco.COCODetection>`: what was read and dropped."""
-    s = stats
-    return (
-        f"{split} ({ann_file}): {s['images']} images ({s['no_annotations']} without annotations, "
-        f"{s['empty_images']} without a training box, {s['dropped_empty']} of these dropped), "
-        f"{s['annotations']} annotations: {s['boxes']} training boxes, {s['crowd']} crowd, "
-        f"{s['degenerate_boxes']} degenerate dropped ({s['zero_size_boxes']} with w or h <= 0, also not evaluated; "
-        f"{s['outside_boxes']} outside the image; {s['tiny_boxes']} under min_box_size after clipping), "
-        f"{s['non_finite_boxes']} with NaN or infinite values dropped, "
-        f"{s['unknown_category']} of an unknown category id skipped, "
-        f"{s['unknown_image']} of an unknown image id skipped"
-    )
-
-
-class RecordingDataLoader(DataLoader):
-    """A ``DataLoader`` that passes each batch's skipped-image records (``targets.skipped``, see
-    :func:`~sapd.data.transforms.collate`) to ``on_skipped(split, records)`` in the main process, as
-    the batch leaves the loader.
-
-    Reading them there, and not in a Lightning hook, keeps them under every precision: for ``16-true``,
-    ``bf16-true`` and ``64-true`` Lightning converts the batch (``convert_input``) before any hook sees
-    it, and the conversion rebuilds the target list without them. The batch itself passes unchanged.
-    """
-
-    def __init__(self, *args, split: str = "train", on_skipped=None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.split, self.on_skipped = split, on_skipped
-
-    def __iter__(self):
-        for batch in super().__iter__():
-            targets = batch[1] if isinstance(batch, tuple | list) and len(batch) == 2 else None
-            skipped = getattr(targets, "skipped", None)
-            if skipped and self.on_skipped is not None:
-                self.on_skipped(self.split, skipped)
-            yield batch
-
-
-def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed numpy and ``random`` from the worker's torch seed
-    (which the DataLoader derives from its generator), as PyTorch's reproducibility notes advise."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)  # noqa: NPY002 -- the legacy global RNG is what third-party code uses
-    random.seed(seed)
-
+from sapd.data.annotations import read_annotations
+from sapd.data.coco import COCODetection
+from sapd.data.data_counts import DataCountsMixin
+from sapd.data.loaders import LoadersMixin
+from sapd.data.transforms import build_transforms, eval_size
 
 COCO_FILES = {
     "train": ("annotations/instances_train2017.json", "train2017"),
@@ -95,7 +31,7 @@ COCO_FILES = {
 }
 
 
-class COCODataModule(L.LightningDataModule):
+class COCODataModule(LoadersMixin, DataCountsMixin, L.LightningDataModule):
     """COCO-format detection data for training, validation and test.
 
     Args:
@@ -132,6 +68,9 @@ class COCODataModule(L.LightningDataModule):
             image folder and ``root`` (False: such a file name is refused in one line).
         limit_val_images: evaluate on the first n val images only (None: all).
         seed: seeds the training shuffle (None: Lightning's / torch's global seed decides).
+
+    The loaders are built by :class:`~sapd.data.loaders.LoadersMixin`; the counts and the skipped
+    images are kept by :class:`~sapd.data.data_counts.DataCountsMixin`.
     """
 
     def __init__(
@@ -196,9 +135,6 @@ class COCODataModule(L.LightningDataModule):
         self.val_dataset: COCODetection | None = None
         self.test_dataset: COCODetection | None = None
         self._categories: list[dict] | None = None
-        self.skipped_images: dict[str, dict[int | None, str]] = {}  # split -> {image id: reason}
-        self._pass_skipped: dict[str, Counter] = {}  # split -> reasons of this pass (epoch) so far
-        self._pass_batches: dict[str, int] = {}  # split -> batches of this pass so far
 
     # -- paths and classes -----------------------------------------------------------------------
 
@@ -251,9 +187,9 @@ class COCODataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Builds the data sets of ``stage`` (once each), logging one line of counts per split
-        (:func:`format_counts`; a warning when boxes or annotations were dropped). A training set
-        left without any training box after filtering is refused: one DataError line naming the
-        annotation file and the counts."""
+        (:func:`~sapd.data.data_counts.format_counts`; a warning when boxes or annotations were
+        dropped). A training set left without any training box after filtering is refused: one
+        DataError line naming the annotation file and the counts."""
         if stage in (None, "fit") and self.train_dataset is None:
             train = self._dataset("train", train=True, drop_empty=self.drop_empty)
             self._log_counts("train", train)
@@ -286,116 +222,6 @@ class COCODataModule(L.LightningDataModule):
                 f"train and val annotation files have different categories: "
                 f"{self.train_dataset.label_to_cat_id} vs {self.val_dataset.label_to_cat_id}"
             )
-
-    def _eval_shards(self) -> tuple[int, int] | None:
-        """(number of processes, rank) that split validation / test, None outside a distributed run.
-
-        Read from the trainer's strategy (the data-parallel processes Lightning would shard for).
-        """
-        trainer = getattr(self, "trainer", None)
-        kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
-        if not kwargs or int(kwargs.get("num_replicas", 1)) <= 1:
-            return None
-        return int(kwargs["num_replicas"]), int(kwargs["rank"])
-
-    # -- counts: what was read, dropped and skipped ---------------------------------------------
-
-    @staticmethod
-    def _log_counts(split: str, dataset: COCODetection) -> None:
-        """One line per split when its data set is built: a warning when boxes or annotations were dropped."""
-        s = dataset.stats
-        dropped = s["degenerate_boxes"] or s["unknown_category"] or s["non_finite_boxes"] or s["unknown_image"]
-        line = format_counts(split, dataset.ann_file, s)
-        if s["unknown_category"]:
-            line += f" (ids {sorted(map(str, dataset.unknown_category_ids))[:10]})"
-        log.log(logging.WARNING if dropped else logging.INFO, "%s", line)
-
-    def data_counts(self) -> dict[str, dict]:
-        """``{"train": {...}, "val": {...}, "test": {...}}`` for the splits built so far: the data
-        set's ``stats`` (see :class:`~sapd.data.coco.COCODetection`) plus, from the batches seen in
-        this process, ``skipped_images`` (distinct images), ``skipped_reasons`` ({reason: images})
-        and ``skipped`` ({image id: reason}, the first 100 by id). Plain ints / strs (json-ready)."""
-        out: dict[str, dict] = {}
-        for split, dataset in (("train", self.train_dataset), ("val", self.val_dataset), ("test", self.test_dataset)):
-            if dataset is None:
-                continue
-            skipped = self.skipped_images.get(split, {})
-            listed = sorted(skipped.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))[:MAX_SKIPPED_LISTED]
-            out[split] = {
-                **{k: int(v) for k, v in dataset.stats.items()},
-                "skipped_images": len(skipped),
-                "skipped_reasons": dict(Counter(skipped.values())),
-                "skipped": {str(image_id): reason for image_id, reason in listed},
-            }
-        return out
-
-    def record_skipped(self, split: str, skipped: Sequence) -> None:
-        """Records the :class:`~sapd.data.io.SkippedImage` items a batch of ``split`` dropped; logs each
-        image the first time it is skipped, for the first ``MAX_SKIP_WARNINGS`` images of the split."""
-        seen = self.skipped_images.setdefault(split, {})
-        this_pass = self._pass_skipped.setdefault(split, Counter())
-        for item in skipped:
-            this_pass[item.reason] += 1
-            if item.image_id in seen:
-                continue  # skipped again in a later epoch: logged already
-            seen[item.image_id] = item.reason
-            if len(seen) <= MAX_SKIP_WARNINGS:
-                log.warning("%s: skipped image id %s (%s): %s", split, item.image_id, item.reason, item.message)
-                if len(seen) == MAX_SKIP_WARNINGS:
-                    log.warning("%s: further skipped images are counted, not logged one by one", split)
-
-    def end_pass(self, split: str) -> None:
-        """Logs the images skipped in the pass (epoch) over ``split`` that ends, if any, and starts a new one."""
-        reasons = self._pass_skipped.pop(split, Counter())
-        self._pass_batches.pop(split, None)
-        if reasons:
-            trainer = self.trainer
-            epoch = f"epoch {trainer.current_epoch}, " if trainer is not None else ""
-            detail = ", ".join(f"{n} {reason}" for reason, n in sorted(reasons.items()))
-            log.warning(
-                "%s%s: %d image(s) skipped (%s), not trained on or evaluated (data.skip_bad_images=true); "
-                "%d distinct image(s) skipped so far",
-                epoch, split, sum(reasons.values()), detail, len(self.skipped_images.get(split, {})),
-            )  # fmt: skip
-
-    def _running_split(self) -> str | None:
-        trainer = self.trainer
-        if trainer is None:
-            return None
-        if trainer.training:
-            return "train"
-        if trainer.sanity_checking or trainer.validating:
-            return "val"
-        return "test" if trainer.testing else None
-
-    def _pass_length(self, split: str, dataloader_idx: int) -> float:
-        """Batches in the current pass over ``split`` (limits included); inf when unknown."""
-        trainer = self.trainer
-        try:
-            if split == "train":
-                return trainer.num_training_batches
-            if trainer.sanity_checking:
-                return trainer.num_sanity_val_batches[dataloader_idx]
-            return (trainer.num_val_batches if split == "val" else trainer.num_test_batches)[dataloader_idx]
-        except (AttributeError, IndexError, TypeError):
-            return math.inf
-
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        """Counts the batches of the running pass over a split, to log its skipped images (which
-        :class:`RecordingDataLoader` recorded as the batch left the loader) once the pass ends."""
-        split = self._running_split()
-        if split is None:
-            return batch
-        self._pass_batches[split] = self._pass_batches.get(split, 0) + 1
-        if self._pass_batches[split] >= self._pass_length(split, dataloader_idx):
-            self.end_pass(split)
-        return batch
-
-    def teardown(self, stage: str) -> None:
-        for split in list(self._pass_skipped):  # a pass cut short (max_steps, interruption)
-            self.end_pass(split)
-        self._pass_batches.clear()
-        super().teardown(stage)
 
     @property
     def train_seed(self) -> int:
@@ -435,72 +261,6 @@ class COCODataModule(L.LightningDataModule):
             self._resume = {"epoch": int(position["epoch"]), "batches": int(position["batches"])}
             self._pass_batches["train"] = self._resume["batches"]
 
-    def _train_batching(self, dataset: COCODetection, batch_size: int) -> dict:
-        """``batch_sampler`` of the training loader: :class:`TrainBatchSampler` over an
-        :class:`EpochRandomSampler` (order and augmentation a function of the seed, epoch and index)."""
-        resume, self._resume = self._resume or {}, None  # a resumed run's first loader only
-        if resume.get("batches"):
-            log.info("training data resumes at epoch %d after its first %d batches", resume["epoch"], resume["batches"])
-        groups = np.zeros(len(dataset), dtype=np.int64)
-        if self.aspect_ratio_groups > 1:
-            groups = aspect_ratio_groups(dataset.aspect_ratios, self.aspect_ratio_groups)
-        sampler = EpochRandomSampler(dataset, self.train_seed, epoch=resume.get("epoch", 0))
-        batches = TrainBatchSampler(
-            sampler, batch_size, False, groups, self.train_seed, resume.get("epoch"), resume.get("batches", 0)
-        )
-        return {"batch_sampler": batches}
-
-    def _loader(self, dataset: COCODetection | None, *, train: bool, name: str) -> DataLoader:
-        if dataset is None:
-            raise DataError(f"{name}_dataloader() called before setup() built the {name} set")
-        generator = None
-        if train:  # the workers' base seed too (numpy / random in third-party code, seed_worker)
-            generator = torch.Generator().manual_seed(self.train_seed)
-        batch_size = self.batch_size if train else self.val_batch_size
-        shards = None if train else self._eval_shards()
-        if train:
-            batching = self._train_batching(dataset, batch_size)
-        elif shards is not None:
-            # validation / test of a distributed run: every process a share of the images, none repeated
-            # (Lightning's padding DistributedSampler would score some twice); batches as below, per share
-            groups = None
-            if self.aspect_ratio_groups > 1:
-                groups = aspect_ratio_groups(dataset.aspect_ratios, self.aspect_ratio_groups)
-            sampler = InferenceSampler(dataset, *shards, group_ids=groups, batch_size=batch_size)
-            batching = {"sampler": sampler, "batch_size": batch_size, "drop_last": False}
-        elif self.aspect_ratio_groups > 1:
-            groups = aspect_ratio_groups(dataset.aspect_ratios, self.aspect_ratio_groups)
-            batching = {"batch_sampler": AspectRatioBatchSampler(SequentialSampler(dataset), batch_size, False, groups)}
-        else:
-            batching = {"batch_size": batch_size, "shuffle": False, "drop_last": False}
-        if self.num_workers > 0:
-            # the workers are forked and share this process's pages until they write to them; a garbage
-            # collection in a worker writes into the header of every object it tracks, and so copies each
-            # page holding one: objects frozen here are out of its reach (Python's gc.freeze docs)
-            gc.collect()
-            gc.freeze()
-        return RecordingDataLoader(
-            dataset,
-            split=name,
-            on_skipped=self.record_skipped,
-            **batching,
-            num_workers=self.num_workers,
-            persistent_workers=self.persistent_workers,
-            pin_memory=self.pin_memory,
-            collate_fn=partial(collate, size_divisor=self.size_divisor),
-            worker_init_fn=seed_worker,
-            generator=generator,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, train=True, name="train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, train=False, name="val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, train=False, name="test")
-
 
 class SyntheticCOCODataModule(COCODataModule):
     """The embedded default: :func:`sapd.data.synthetic.make_synthetic_coco` drawn once in
@@ -519,7 +279,8 @@ class SyntheticCOCODataModule(COCODataModule):
         name: str = "synthetic",
         **kwargs,
     ) -> None:
-        from sapd.data.synthetic import SyntheticParams, default_root
+        from sapd.data.synthetic import default_root
+        from sapd.data.synthetic_drawing import SyntheticParams
 
         self.synthetic = dict(synthetic or {})
         try:

@@ -205,7 +205,7 @@ class BatchTargets(list):
     :class:`~sapd.data.io.SkippedImage` records of the images :func:`collate` dropped. ``copy.copy``
     (the DataLoader's pin-memory thread) keeps ``skipped``; rebuilding the list (Lightning's precision
     conversion, moving the batch to a device) does not, so it is read as the batch leaves the loader:
-    :class:`~sapd.data.datamodule.RecordingDataLoader`."""
+    :class:`~sapd.data.loaders.RecordingDataLoader`."""
 
     def __init__(self, targets=(), skipped=()) -> None:
         super().__init__(targets)
