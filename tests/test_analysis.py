@@ -1,4 +1,4 @@
-"""sapd.analysis: the statistics behind the pictures, and the pictures from a checkpoint."""
+"""sapd.analysis: the statistics behind the pictures (sapd.diagnostics.soft_weights), the pictures of a checkpoint."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from PIL import Image
 
-from sapd.analysis import SIZE_NAMES, default_out, main, size_bin, weight_statistics
+from sapd.analysis import main
 from sapd.checkpoint import load_module
+from sapd.diagnostics.soft_weights import SIZE_NAMES, default_out, size_bin, weight_statistics
 from sapd.paths import initialize_configs
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sapd import error_analysis as ea
-from sapd import run_report
+from sapd.diagnostics import error_analysis as ea
+from sapd.diagnostics import report_folder
 from sapd.module import SAPDLitModule
 
 # Two classes: "a" (id 1) and "b" (id 2). Objects A (a, medium), B (a, large), C (b, medium),
@@ -103,10 +103,10 @@ def test_coco_from_states_gives_the_same_analysis_as_the_results_entries():
 
 
 def test_report_writes_the_error_files(tmp_path):
-    written = run_report.write_report(tmp_path, evaluation=(GT, RESULTS), title="hand-built")
+    written = report_folder.write_report(tmp_path, evaluation=(GT, RESULTS), title="hand-built")
     names = {ea.ERRORS_CSV, ea.ERRORS_PNG, ea.CONFUSION_CSV, ea.CONFUSION_PNG, ea.CALIBRATION_CSV, ea.CALIBRATION_PNG}
     assert set(written) == names
-    report = tmp_path / run_report.REPORT_DIR
+    report = tmp_path / report_folder.REPORT_DIR
     with open(report / ea.ERRORS_CSV, newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == list(ea.ERRORS_COLUMNS)
@@ -146,7 +146,7 @@ def test_module_keeps_its_evaluation_for_the_report(tmp_path):
     ]
     module.evaluator.metric.update(preds, targets)
     module.evaluator.finish("val", step=0)
-    gt, results = run_report.evaluation_of(module)
+    gt, results = report_folder.evaluation_of(module)
     analysis = ea.analyse(gt, results)
     assert analysis.confusion.tolist() == [[1, 0, 1], [1, 1, 0], [2, 0, 0]]
     assert np.isclose(analysis.delta_ap("all")["Cls"], (1 - 51 / 101) / 2)
@@ -166,7 +166,7 @@ def test_half_precision_states_of_a_mixed_precision_run_are_read():
     """Under bf16-mixed the metric's states can be bfloat16, which NumPy cannot hold."""
     import torch
 
-    from sapd.error_analysis import _numpy
+    from sapd.diagnostics.error_analysis import _numpy
 
     values = _numpy([torch.tensor([0.5, 0.25], dtype=torch.bfloat16), torch.tensor([1.0], dtype=torch.float16)])
     assert [v.dtype.name for v in values] == ["float32", "float32"]

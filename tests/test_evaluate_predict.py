@@ -19,10 +19,10 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from conftest import TINY, compose_config
-from sapd import error_analysis as ea
-from sapd import run_report
 from sapd.api import Detector
 from sapd.checkpoint import CheckpointError, load_module
+from sapd.diagnostics import class_ap, training_curves
+from sapd.diagnostics import error_analysis as ea
 from sapd.evaluate import evaluate
 from sapd.evaluation import coco_results, eval_targets
 from sapd.module import SAPDLitModule
@@ -65,10 +65,10 @@ def test_evaluate_writes_the_report(trained, tmp_path, capsys):
     report = tmp_path / "report"
     # the training curves are the checkpoint's run's (its csv/version_*/metrics.csv)
     assert {p.name for p in report.iterdir()} == {
-        run_report.CLASS_CSV,
-        run_report.CLASS_PNG,
-        run_report.PR_PNG,
-        run_report.CURVES_PNG,
+        class_ap.CLASS_CSV,
+        class_ap.CLASS_PNG,
+        class_ap.PR_PNG,
+        training_curves.CURVES_PNG,
         "val_images.png",
         *(ea.ERRORS_CSV, ea.ERRORS_PNG, ea.CONFUSION_CSV, ea.CONFUSION_PNG, ea.CALIBRATION_CSV, ea.CALIBRATION_PNG),
     }
@@ -77,9 +77,9 @@ def test_evaluate_writes_the_report(trained, tmp_path, capsys):
     with open(report / ea.ERRORS_CSV, newline="") as fh:
         ap50 = next(float(r["AP50"]) for r in csv.DictReader(fh) if r["size"] == "all")
     assert ap50 == pytest.approx(table["map_50"], abs=1e-5) and set(errors) == set(ea.SIZES)
-    with open(report / run_report.CLASS_CSV, newline="") as fh:
+    with open(report / class_ap.CLASS_CSV, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == list(run_report.CSV_COLUMNS) and len(rows) == datamodule.num_classes
+    assert list(rows[0]) == list(class_ap.CSV_COLUMNS) and len(rows) == datamodule.num_classes
     with_gt = [float(r["AP"]) for r in rows if r["AP"] != ""]
     assert len(with_gt) == sum(int(r["num_gt"]) > 0 for r in rows)
     assert sum(with_gt) / len(with_gt) == pytest.approx(table["map"], abs=1e-5)  # the csv rounds to 1e-6

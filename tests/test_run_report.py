@@ -1,4 +1,4 @@
-"""The run report: per-class AP and PR curves from COCOeval's arrays, training curves from metrics.csv."""
+"""The run report (sapd.diagnostics): per-class AP and PR curves from COCOeval's arrays, training curves."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from torchmetrics.detection import MeanAveragePrecision
 
-from sapd import run_report
-from sapd.evaluation import COCOEvaluator
+from sapd.diagnostics import class_ap, report_folder, training_curves
+from sapd.evaluation import ClassMetrics, COCOEvaluator
 from sapd.module import SAPDLitModule
 
 NUM_CLASSES = 6
@@ -48,7 +48,7 @@ def random_eval_set(seed: int = 0, num_images: int = 40):
     return preds, targets
 
 
-def evaluated_module(preds, targets) -> tuple[SAPDLitModule, dict[str, float], run_report.ClassMetrics]:
+def evaluated_module(preds, targets) -> tuple[SAPDLitModule, dict[str, float], ClassMetrics]:
     module = SAPDLitModule(net=torch.nn.Identity(), label_to_cat_id=[10 + k for k in range(NUM_CLASSES)])
     module.evaluator.metric.update(preds, targets)
     evaluation, _ = module.evaluator.finish("val", step=0)
@@ -105,7 +105,7 @@ def test_pr_curves_are_non_increasing_and_end_at_the_largest_recall():
     values = reference.compute()
     recall_at_50 = dict(zip(values["classes"].tolist(), values["recall"][0, :, 0, -1].tolist()))
     for label in range(NUM_CLASSES):
-        recall, precision = run_report.pr_curve(per_class, label)
+        recall, precision = class_ap.pr_curve(per_class, label)
         if not bool(per_class.has_gt[label]):
             assert len(recall) == 0
             continue
@@ -129,7 +129,7 @@ def test_pr_curve_of_a_hand_computed_case():
     evaluator = COCOEvaluator([1])
     evaluator.metric.update([det], [gt])
     per_class = evaluator.score()[1]
-    recall, precision = run_report.pr_curve(per_class, 0)
+    recall, precision = class_ap.pr_curve(per_class, 0)
     assert recall[-1] == 1.0
     np.testing.assert_allclose(precision[recall <= 0.5], 1.0)
     np.testing.assert_allclose(precision[recall > 0.5], 2 / 3, atol=1e-6)
@@ -141,16 +141,16 @@ def test_class_csv_and_console_table(tmp_path):
     preds, targets = random_eval_set()
     module, _, per_class = evaluated_module(preds, targets)
     names = [f"shape{k}" for k in range(NUM_CLASSES)]
-    rows = run_report.class_rows(per_class, names, module.label_to_cat_id)
-    path = run_report.write_class_csv(rows, tmp_path / "class_ap.csv")
+    rows = class_ap.class_rows(per_class, names, module.label_to_cat_id)
+    path = class_ap.write_class_csv(rows, tmp_path / "class_ap.csv")
     with open(path, newline="") as fh:
         read = list(csv.DictReader(fh))
-    assert list(read[0]) == list(run_report.CSV_COLUMNS)
+    assert list(read[0]) == list(class_ap.CSV_COLUMNS)
     assert [r["label"] for r in read] == [str(k) for k in range(NUM_CLASSES)]
     assert [r["category_id"] for r in read] == [str(10 + k) for k in range(NUM_CLASSES)]
     assert read[4]["AP"] == "" and read[4]["num_gt"] == "0"  # class 4: no ground truth
     assert float(read[0]["AP"]) == pytest.approx(float(per_class.ap[0]), abs=1e-6)
-    table = run_report.format_class_table(rows, title="Per-class AP (%)")
+    table = class_ap.format_class_table(rows, title="Per-class AP (%)")
     lines = table.splitlines()
     assert len(lines) == 2 + NUM_CLASSES and "shape4" in lines[6] and lines[6].split()[2] == "n/a"
 
@@ -179,8 +179,8 @@ def test_training_curves_from_hand_made_metrics_csv(tmp_path):
             {"epoch": 1, "step": 19, "train/total_step": 1.9, "train/cls": 1.4},  # resumed from step 10 below
         ],
     )
-    assert run_report.find_metrics_csv(tmp_path / "run") == [first]
-    series = run_report.read_metrics([first])
+    assert training_curves.find_metrics_csv(tmp_path / "run") == [first]
+    series = training_curves.read_metrics([first])
     steps, epochs, values = series["train/total_step"]
     assert steps.tolist() == [0, 9, 19] and epochs.tolist() == [0, 0, 1] and values.tolist() == [3.0, 2.0, 1.9]
     assert series["val/map"][2].tolist() == [0.1] and series["lr-AdamW/pg1"][0].tolist() == [0, 9]
@@ -193,12 +193,12 @@ def test_training_curves_from_hand_made_metrics_csv(tmp_path):
             {"epoch": 1, "step": 19, "val/loss": 2.0, "val/map": 0.3},
         ],
     )
-    joined = run_report.read_metrics([first, second])
+    joined = training_curves.read_metrics([first, second])
     assert joined["train/total_step"][0].tolist() == [0, 9, 10]
     assert joined["train/total_step"][2].tolist() == [3.0, 2.0, 1.8]
     assert joined["val/map"][1].tolist() == [0, 1] and joined["val/map"][2].tolist() == [0.1, 0.3]
 
-    png = run_report.plot_training_curves(joined, tmp_path / "curves.png", "hand-made run")
+    png = training_curves.plot_training_curves(joined, tmp_path / "curves.png", "hand-made run")
     with Image.open(png) as image:
         assert image.width > 800 and image.height > 300
 
@@ -206,11 +206,11 @@ def test_training_curves_from_hand_made_metrics_csv(tmp_path):
 def test_write_report_writes_the_parts_it_has_inputs_for(tmp_path):
     preds, targets = random_eval_set()
     module, _, per_class = evaluated_module(preds, targets)
-    written = run_report.write_report(tmp_path, class_metrics=per_class, label_to_cat_id=module.label_to_cat_id)
-    assert set(written) == {run_report.CLASS_CSV, run_report.CLASS_PNG, run_report.PR_PNG}
+    written = report_folder.write_report(tmp_path, class_metrics=per_class, label_to_cat_id=module.label_to_cat_id)
+    assert set(written) == {class_ap.CLASS_CSV, class_ap.CLASS_PNG, class_ap.PR_PNG}
     assert all(p.parent == tmp_path / "report" and p.stat().st_size > 0 for p in written.values())
     # more classes than one axes holds: a grid of small plots
-    big = run_report.ClassMetrics(
+    big = ClassMetrics(
         ap=per_class.ap.repeat(3),
         ap50=per_class.ap50.repeat(3),
         ap75=per_class.ap75.repeat(3),
@@ -219,8 +219,8 @@ def test_write_report_writes_the_parts_it_has_inputs_for(tmp_path):
         recall50=per_class.recall50.repeat(3),
         rec_thresholds=per_class.rec_thresholds,
     )
-    assert int(big.has_gt.sum()) > run_report.SINGLE_AXES_MAX_CLASSES
-    run_report.plot_pr_curves(big, tmp_path / "grid.png", "many classes")
+    assert int(big.has_gt.sum()) > class_ap.SINGLE_AXES_MAX_CLASSES
+    class_ap.plot_pr_curves(big, tmp_path / "grid.png", "many classes")
     assert (tmp_path / "grid.png").stat().st_size > 0
-    assert run_report.write_report(tmp_path / "empty") == {}
+    assert report_folder.write_report(tmp_path / "empty") == {}
     assert not math.isnan(big.mean_ap())

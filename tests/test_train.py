@@ -13,10 +13,10 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from conftest import TINY, TO_SYNTHETIC, compose_config
-from sapd import error_analysis as ea
-from sapd import run_report
 from sapd.callbacks import PhaseSwitch
 from sapd.checkpoint import saved_step
+from sapd.diagnostics import class_ap, detections, training_curves
+from sapd.diagnostics import error_analysis as ea
 from sapd.evaluation import Evaluation
 from sapd.train import best_is_current, train
 
@@ -149,18 +149,18 @@ def test_training_leaves_a_report_with_logger_none(train_cfg, capsys):
     assert summary["phase_switch_epoch"] == 1  # the switch epoch in use, stored with the run
     datamodule, module = objects["datamodule"], objects["module"]
     (metrics_csv,) = out.glob("csv/version_*/metrics.csv")
-    series = run_report.read_metrics([metrics_csv])
+    series = training_curves.read_metrics([metrics_csv])
     assert {"train/total_step", "val/map"} <= set(series) and any(k.startswith("lr-") for k in series)
     report = out / "report"
-    pictures = {run_report.CLASS_PNG, run_report.PR_PNG, run_report.CURVES_PNG, run_report.IMAGES_PNG}
+    pictures = {class_ap.CLASS_PNG, class_ap.PR_PNG, training_curves.CURVES_PNG, detections.IMAGES_PNG}
     errors = {ea.ERRORS_CSV, ea.ERRORS_PNG, ea.CONFUSION_CSV, ea.CONFUSION_PNG, ea.CALIBRATION_CSV, ea.CALIBRATION_PNG}
-    assert {p.name for p in report.iterdir()} == pictures | errors | {run_report.CLASS_CSV}
+    assert {p.name for p in report.iterdir()} == pictures | errors | {class_ap.CLASS_CSV}
     for name in pictures:
         with Image.open(report / name) as image:
             assert image.width >= 600 and image.height >= 300, name
-    with open(report / run_report.CLASS_CSV, newline="") as fh:
+    with open(report / class_ap.CLASS_CSV, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == list(run_report.CSV_COLUMNS)
+    assert list(rows[0]) == list(class_ap.CSV_COLUMNS)
     assert [r["name"] for r in rows] == list(datamodule.class_names)
     assert [int(r["category_id"]) for r in rows] == list(datamodule.label_to_cat_id)
     anns = datamodule.val_dataset.coco.dataset["annotations"]

@@ -1,9 +1,9 @@
-"""Drawing detections on an image (sapd.visualize)."""
+"""Drawing detections on an image (sapd.diagnostics.detections)."""
 
 import torch
 from PIL import Image
 
-from sapd.visualize import colour, draw_detections
+from sapd.diagnostics.detections import colour, draw_detections
 
 
 def test_detections_are_drawn_in_their_class_colour_and_true_boxes_in_white():

@@ -71,7 +71,7 @@ class Detections:
         image_size: ``(height, width)`` of the original image.
 
     ``result["boxes"]`` reads a field as from a dict (so a result can be passed where sapd takes a
-    detection dict, e.g. :func:`sapd.visualize.draw_detections`); ``result[:5]`` or
+    detection dict, e.g. :func:`sapd.diagnostics.detections.draw_detections`); ``result[:5]`` or
     ``result[result.scores > 0.5]`` selects detections; :meth:`to_records` gives JSON-ready rows.
     """
 
@@ -364,6 +364,6 @@ class Detector:
     def draw(self, image: ImageInput, result: Detections) -> Image.Image:
         """``image`` (any input kind, upright RGB) with the boxes of ``result`` drawn and labelled."""
         from sapd.data.io import to_rgb
-        from sapd.visualize import draw_detections
+        from sapd.diagnostics.detections import draw_detections
 
         return draw_detections(to_rgb(to_pil(image)), result, self.names)

@@ -18,7 +18,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sapd import run_report
+from sapd import diagnostics
 from sapd.api import SCORE_THRESH
 from sapd.app import hydra_app
 from sapd.callbacks import nothing_scored
@@ -100,12 +100,12 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     report_cfg = cfg.get("report") or {}
     if report_cfg.get("enabled", True) and trainer.is_global_zero:
         ckpt = Path(cfg.ckpt_path)
-        run_report.report_module(
+        diagnostics.report_module(
             cfg.paths.output_dir,
             module,
             datamodule.val_dataset if cfg.split == "val" else datamodule.test_dataset,
             size_divisor=getattr(datamodule, "size_divisor", 128),
-            metrics_files=run_report.find_metrics_csv(ckpt.parent.parent)[-1:],  # the training run's curves
+            metrics_files=diagnostics.find_metrics_csv(ckpt.parent.parent)[-1:],  # the training run's curves
             score_thresh=float(report_cfg.get("score_thresh", SCORE_THRESH)),
             num_images=int(report_cfg.get("num_images", 8)),
             class_table=bool(report_cfg.get("class_table", False)),

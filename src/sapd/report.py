@@ -38,7 +38,7 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sapd.app import hydra_app
-from sapd.error_analysis import ERROR_TYPES, ERRORS_CSV, read_errors_csv
+from sapd.diagnostics.error_analysis import ERROR_TYPES, ERRORS_CSV, read_errors_csv
 from sapd.errors import check_run_config
 from sapd.logging_setup import configure_logging
 from sapd.models.criterion import paper_setting

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig
 
-from sapd import run_report
+from sapd import diagnostics
 from sapd.api import SCORE_THRESH
 from sapd.app import hydra_app
 from sapd.build import build_backbone, build_module
@@ -333,7 +333,7 @@ def _write_run_report(
     loggers: list[Logger],
     output_dir: Path,
 ) -> None:
-    """The run's ``report/`` (:func:`sapd.run_report.report_module`), its curves from this run's
+    """The run's ``report/`` (:func:`sapd.diagnostics.report_module`), its curves from this run's
     ``metrics.csv`` and, for a resumed run, that of the run it resumes."""
     report_cfg = cfg.get("report") or {}
     csv_loggers = [lg for lg in loggers if isinstance(lg, CSVLogger)]
@@ -341,9 +341,9 @@ def _write_run_report(
         lg.save()  # rows still buffered reach metrics.csv
     csv_files = [Path(lg.log_dir) / "metrics.csv" for lg in csv_loggers]
     if cfg.get("ckpt_path"):  # a resumed run: its curves start with those of the run it resumes
-        earlier = run_report.find_metrics_csv(Path(cfg.ckpt_path).parent.parent)
+        earlier = diagnostics.find_metrics_csv(Path(cfg.ckpt_path).parent.parent)
         csv_files = [f for f in earlier if f.resolve() not in {c.resolve() for c in csv_files}][-1:] + csv_files
-    run_report.report_module(
+    diagnostics.report_module(
         output_dir,
         module,
         datamodule.val_dataset,

@@ -78,7 +78,7 @@ class DetectionImages(L.Callback):
         loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
         if not loggers:
             return
-        from sapd.visualize import draw_detections, unnormalize
+        from sapd.diagnostics.detections import draw_detections, unnormalize
 
         images, targets = batch
         pictures = []
