@@ -17,17 +17,11 @@ from omegaconf import OmegaConf
 
 import sapd
 from sapd.paths import initialize_configs
-from sapd.report import (
-    decisions,
-    find_summaries,
-    folders,
-    goals,
-    group_runs,
-    main,
-    markdown_table,
-    pooled_std,
-    report,
-)
+from sapd.report.command import folders, main, report
+from sapd.report.comparison import pooled_std
+from sapd.report.decision_rule import decisions, goals
+from sapd.report.summaries import find_summaries
+from sapd.report.table import group_runs, markdown_table
 
 SWITCHES = {"soft_weight_norm": "none", "valid_region": "cell_overlap", "eta": 1.0, "topk": 3}
 ABLATIONS = {"FSAF": (False, False), "+SW": (True, False), "+SW+SS": (True, True)}
@@ -306,7 +300,7 @@ def write_recorded(folder, n, ablation, seed, ap, commit=COMMIT, data=SYNTHETIC,
 
 
 def test_t_quantiles_and_seeds_needed_match_the_tables():
-    from sapd.paired import seeds_needed, t_cdf, t_quantile
+    from sapd.report.seed_statistics import seeds_needed, t_cdf, t_quantile
 
     # Student's t table (two-sided 5 %: 12.706, 4.303, 2.776, 2.228; one-sided 20 % at 7 dof: 0.896)
     for dof, p, value in (
