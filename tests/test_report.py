@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import statistics
 import subprocess
 import sys
@@ -413,3 +414,79 @@ def test_the_run_summary_records_its_commit_and_data():
     assert other["synthetic"]["seed"] == 1 and {k: v for k, v in other.items() if k != "synthetic"} == {
         k: v for k, v in base.items() if k != "synthetic"
     }
+
+
+def drawn_detections(folder: Path, images: int = 30) -> tuple[Path, Path, Path]:
+    """A COCO annotation file of ``images`` images (two objects each, every size) and two result sets
+    drawn on it: A's boxes shifted off their objects at random, B's on them. Returns (gt, A, B)."""
+    rng = random.Random(0)
+    categories = [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]
+    gt: dict[str, list] = {"images": [], "annotations": [], "categories": categories}
+    a, b = [], []
+    for image_id in range(1, images + 1):
+        gt["images"].append({"id": image_id, "width": 256, "height": 256, "file_name": f"{image_id}.png"})
+        for category, side in ((3, rng.uniform(10, 28)), (7, rng.uniform(40, 150))):
+            box = [rng.uniform(0, 100), rng.uniform(0, 100), side, side * rng.uniform(0.8, 1.2)]
+            ann = {"image_id": image_id, "category_id": category, "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, **ann})
+            b.append({"image_id": image_id, "category_id": category, "bbox": box, "score": rng.uniform(0.5, 1)})
+            shifted = [box[0] + rng.uniform(-0.5, 0.5) * box[2], box[1], box[2], box[3]]
+            a.append({"image_id": image_id, "category_id": category, "bbox": shifted, "score": rng.uniform(0.5, 1)})
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "instances_val.json", folder / "a.json", folder / "b.json"
+    for path, content in zip(paths, (gt, a, b)):
+        path.write_text(json.dumps(content))
+    return paths
+
+
+def bootstrap_rows(text: str) -> dict[str, list[str]]:
+    rows = [line[2:-2].split(" | ") for line in text.splitlines() if line.startswith("| AP")]
+    return {cells[0]: cells[1:] for cells in rows}
+
+
+def test_compare_prints_the_image_bootstrap_of_two_detection_sets(tmp_path, capsys):
+    gt, a, b = drawn_detections(tmp_path)
+    evaluation = tmp_path / "evaluate_b"  # B given as the run folder of python -m sapd.evaluate
+    evaluation.mkdir()
+    (evaluation / "results_val.json").write_text(b.read_text())
+    main(report_config(f"compare=[{a},{evaluation}]", f"annotations={gt}"))
+    out = capsys.readouterr().out
+    assert out.startswith(f"Image bootstrap of B - A on the 30 images of {gt} (AP points; 1000 draws")
+    assert f"B: {evaluation / 'results_val.json'}" in out and "not training noise across seeds" in out
+    rows = bootstrap_rows(out)
+    assert list(rows) == ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    gain = float(rows["AP"][0])
+    lo, hi = (float(v) for v in rows["AP"][1].strip("[]").split(", "))
+    assert 0 < lo < gain < hi  # B's boxes lie on the objects: better, beyond the image noise
+    assert rows["APl"][0] != "-" and rows["APs"][0] != "-"
+    # B against a copy of itself: no difference, an interval of width 0
+    (tmp_path / "b_again.json").write_text(b.read_text())
+    main(report_config(f"compare=[{b},{tmp_path / 'b_again.json'}]", f"annotations={gt}"))
+    assert bootstrap_rows(capsys.readouterr().out)["AP"] == ["+0.0", "[+0.0, +0.0]"]
+
+
+def test_compare_refuses_bad_input_in_one_line(tmp_path, capsys, caplog):
+    gt, a, b = drawn_detections(tmp_path)
+    elsewhere = tmp_path / "elsewhere.json"  # detections of another data set: images the annotations lack
+    elsewhere.write_text(json.dumps([{"image_id": 999, "category_id": 3, "bbox": [0, 0, 9, 9], "score": 0.9}]))
+    (tmp_path / "no_results").mkdir()
+    (tmp_path / "odd.json").write_text(json.dumps({"not": "detections"}))
+    for overrides, message in (
+        ([f"compare=[{a}]", f"annotations={gt}"], "compare must be a list of two results files"),
+        ([f"compare=[{a},{b}]"], "compare needs annotations=FILE"),
+        ([f"compare=[{a},{b}]", f"annotations={a}"], "is not a COCO annotation file"),
+        ([f"compare=[{a},{tmp_path / 'missing.json'}]", f"annotations={gt}"], "missing.json does not exist"),
+        ([f"compare=[{a},{tmp_path / 'no_results'}]", f"annotations={gt}"], "holds no results_val.json"),
+        ([f"compare=[{a},{elsewhere}]", f"annotations={gt}"], "images that the annotations do not have (image_id 999"),
+        ([f"compare=[{a},{tmp_path / 'odd.json'}]", f"annotations={gt}"], "is not a COCO results json"),
+        ([f"compare=[{a},{a}]", f"annotations={gt}"], "twice"),
+        ([f"compare=[{a},{b}]", f"annotations={gt}", f"dirs={tmp_path}"], "not both"),
+        ([f"dirs={tmp_path}", f"annotations={gt}"], "annotations= goes with compare="),
+    ):
+        caplog.clear()
+        with pytest.raises(SystemExit) as exit_info:
+            main(report_config(*overrides))
+        assert exit_info.value.code == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0], (overrides, errors)
+    assert capsys.readouterr().out == ""

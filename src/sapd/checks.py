@@ -324,6 +324,11 @@ SETTINGS: dict[str, Rule] = {
     # --- the tools (conf/analysis.yaml, report.yaml, synthetic.yaml)
     "batches": integer(1),
     "decide": flag(),
+    "compare": Rule(
+        "a list of two results files or evaluation folders, compare='[A,B]'",
+        lambda v: isinstance(v, (list, tuple, ListConfig)) and len(v) == 2 and all(isinstance(p, str) and p for p in v),
+        "no comparison",
+    ),
     "same_commit": flag(),
     "workers": integer(1, null="up to 2"),
 }
@@ -340,6 +345,7 @@ FREE = (
     "results_file",
     "out",
     "dirs",
+    "annotations",
     "reference",
     "logger",
     "data.name",

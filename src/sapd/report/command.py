@@ -1,6 +1,7 @@
 """The ``sapd.report`` command: ``python -m sapd.report dirs=DIR [decide=true]`` (``conf/report.yaml``):
 the table of the runs under the folders, the paired differences, and with ``decide=true`` the
-decision rule and the goal lines.
+decision rule and the goal lines; or, with ``compare='[A,B]' annotations=FILE``, two detection sets
+compared on the same images (:mod:`sapd.report.image_bootstrap`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sapd.app import hydra_app
-from sapd.errors import check_run_config
+from sapd.errors import ConfigError, check_run_config
 from sapd.logs import configure_logging
 from sapd.report.comparison import paired_table, unpaired_note
 from sapd.report.decision_rule import SS_MARGIN, decisions, goals
+from sapd.report.image_bootstrap import image_bootstrap
 from sapd.report.summaries import SUMMARY_FILE, find_summaries
 from sapd.report.table import group_runs, markdown_table
 
@@ -62,9 +64,19 @@ def folders(dirs: Any) -> list[str]:
 
 @hydra_app("sapd.report", "report", FileNotFoundError, ValueError)
 def main(cfg: DictConfig) -> None:
-    """Prints the table (stdout); a missing folder, no runs or a bad ``dirs`` is one line on stderr, exit code 2."""
+    """Prints the table (stdout), or with ``compare`` the image bootstrap of two detection sets; a missing
+    folder or file, no runs, or a bad ``dirs`` or ``compare`` is one line on stderr, exit code 2."""
     configure_logging()
-    if OmegaConf.is_missing(cfg, "dirs"):
+    if cfg.get("compare") is not None:
+        if not OmegaConf.is_missing(cfg, "dirs") and cfg.dirs is not None:
+            raise ConfigError("give dirs= (a table of seeded runs) or compare= (two detection sets), not both")
+        check_run_config(cfg)
+        a, b = cfg.compare  # two texts: checked against SETTINGS["compare"]
+        print(image_bootstrap(a, b, cfg.get("annotations")))
+        return
+    if cfg.get("annotations") is not None:
+        raise ConfigError("annotations= goes with compare='[A,B]' (two detection sets); give both, or neither")
+    if OmegaConf.is_missing(cfg, "dirs") or cfg.dirs is None:
         raise FileNotFoundError("give the folders to tabulate: python -m sapd.report dirs=results/table2_screen")
     check_run_config(cfg)
     text = report(
