@@ -18,5 +18,7 @@ and SAPD the peer detectors, by more than the seed noise). One idea a module:
 - :mod:`sapd.report.comparison`: two rows compared (paired by seed, or by means and pooled std), and
   the table of paired differences;
 - :mod:`sapd.report.decision_rule`: the decision rule and the goal;
+- :mod:`sapd.report.image_bootstrap`: two detection sets of one seed each compared on the same
+  images (``compare='[A,B]' annotations=FILE``);
 - :mod:`sapd.report.command`: the command (``conf/report.yaml``, refusals, the printed text).
 """
