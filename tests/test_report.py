@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import statistics
 import subprocess
 import sys
@@ -17,17 +18,11 @@ from omegaconf import OmegaConf
 
 import sapd
 from sapd.paths import initialize_configs
-from sapd.report import (
-    decisions,
-    find_summaries,
-    folders,
-    goals,
-    group_runs,
-    main,
-    markdown_table,
-    pooled_std,
-    report,
-)
+from sapd.report.command import folders, main, report
+from sapd.report.comparison import pooled_std
+from sapd.report.decision_rule import decisions, goals
+from sapd.report.summaries import find_summaries
+from sapd.report.table import group_runs, markdown_table
 
 SWITCHES = {"soft_weight_norm": "none", "valid_region": "cell_overlap", "eta": 1.0, "topk": 3}
 ABLATIONS = {"FSAF": (False, False), "+SW": (True, False), "+SW+SS": (True, True)}
@@ -306,7 +301,7 @@ def write_recorded(folder, n, ablation, seed, ap, commit=COMMIT, data=SYNTHETIC,
 
 
 def test_t_quantiles_and_seeds_needed_match_the_tables():
-    from sapd.paired import seeds_needed, t_cdf, t_quantile
+    from sapd.report.seed_statistics import seeds_needed, t_cdf, t_quantile
 
     # Student's t table (two-sided 5 %: 12.706, 4.303, 2.776, 2.228; one-sided 20 % at 7 dof: 0.896)
     for dof, p, value in (
@@ -419,3 +414,79 @@ def test_the_run_summary_records_its_commit_and_data():
     assert other["synthetic"]["seed"] == 1 and {k: v for k, v in other.items() if k != "synthetic"} == {
         k: v for k, v in base.items() if k != "synthetic"
     }
+
+
+def drawn_detections(folder: Path, images: int = 30) -> tuple[Path, Path, Path]:
+    """A COCO annotation file of ``images`` images (two objects each, every size) and two result sets
+    drawn on it: A's boxes shifted off their objects at random, B's on them. Returns (gt, A, B)."""
+    rng = random.Random(0)
+    categories = [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]
+    gt: dict[str, list] = {"images": [], "annotations": [], "categories": categories}
+    a, b = [], []
+    for image_id in range(1, images + 1):
+        gt["images"].append({"id": image_id, "width": 256, "height": 256, "file_name": f"{image_id}.png"})
+        for category, side in ((3, rng.uniform(10, 28)), (7, rng.uniform(40, 150))):
+            box = [rng.uniform(0, 100), rng.uniform(0, 100), side, side * rng.uniform(0.8, 1.2)]
+            ann = {"image_id": image_id, "category_id": category, "bbox": box, "area": box[2] * box[3], "iscrowd": 0}
+            gt["annotations"].append({"id": len(gt["annotations"]) + 1, **ann})
+            b.append({"image_id": image_id, "category_id": category, "bbox": box, "score": rng.uniform(0.5, 1)})
+            shifted = [box[0] + rng.uniform(-0.5, 0.5) * box[2], box[1], box[2], box[3]]
+            a.append({"image_id": image_id, "category_id": category, "bbox": shifted, "score": rng.uniform(0.5, 1)})
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = folder / "instances_val.json", folder / "a.json", folder / "b.json"
+    for path, content in zip(paths, (gt, a, b)):
+        path.write_text(json.dumps(content))
+    return paths
+
+
+def bootstrap_rows(text: str) -> dict[str, list[str]]:
+    rows = [line[2:-2].split(" | ") for line in text.splitlines() if line.startswith("| AP")]
+    return {cells[0]: cells[1:] for cells in rows}
+
+
+def test_compare_prints_the_image_bootstrap_of_two_detection_sets(tmp_path, capsys):
+    gt, a, b = drawn_detections(tmp_path)
+    evaluation = tmp_path / "evaluate_b"  # B given as the run folder of python -m sapd.evaluate
+    evaluation.mkdir()
+    (evaluation / "results_val.json").write_text(b.read_text())
+    main(report_config(f"compare=[{a},{evaluation}]", f"annotations={gt}"))
+    out = capsys.readouterr().out
+    assert out.startswith(f"Image bootstrap of B - A on the 30 images of {gt} (AP points; 1000 draws")
+    assert f"B: {evaluation / 'results_val.json'}" in out and "not training noise across seeds" in out
+    rows = bootstrap_rows(out)
+    assert list(rows) == ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    gain = float(rows["AP"][0])
+    lo, hi = (float(v) for v in rows["AP"][1].strip("[]").split(", "))
+    assert 0 < lo < gain < hi  # B's boxes lie on the objects: better, beyond the image noise
+    assert rows["APl"][0] != "-" and rows["APs"][0] != "-"
+    # B against a copy of itself: no difference, an interval of width 0
+    (tmp_path / "b_again.json").write_text(b.read_text())
+    main(report_config(f"compare=[{b},{tmp_path / 'b_again.json'}]", f"annotations={gt}"))
+    assert bootstrap_rows(capsys.readouterr().out)["AP"] == ["+0.0", "[+0.0, +0.0]"]
+
+
+def test_compare_refuses_bad_input_in_one_line(tmp_path, capsys, caplog):
+    gt, a, b = drawn_detections(tmp_path)
+    elsewhere = tmp_path / "elsewhere.json"  # detections of another data set: images the annotations lack
+    elsewhere.write_text(json.dumps([{"image_id": 999, "category_id": 3, "bbox": [0, 0, 9, 9], "score": 0.9}]))
+    (tmp_path / "no_results").mkdir()
+    (tmp_path / "odd.json").write_text(json.dumps({"not": "detections"}))
+    for overrides, message in (
+        ([f"compare=[{a}]", f"annotations={gt}"], "compare must be a list of two results files"),
+        ([f"compare=[{a},{b}]"], "compare needs annotations=FILE"),
+        ([f"compare=[{a},{b}]", f"annotations={a}"], "is not a COCO annotation file"),
+        ([f"compare=[{a},{tmp_path / 'missing.json'}]", f"annotations={gt}"], "missing.json does not exist"),
+        ([f"compare=[{a},{tmp_path / 'no_results'}]", f"annotations={gt}"], "holds no results_val.json"),
+        ([f"compare=[{a},{elsewhere}]", f"annotations={gt}"], "images that the annotations do not have (image_id 999"),
+        ([f"compare=[{a},{tmp_path / 'odd.json'}]", f"annotations={gt}"], "is not a COCO results json"),
+        ([f"compare=[{a},{a}]", f"annotations={gt}"], "twice"),
+        ([f"compare=[{a},{b}]", f"annotations={gt}", f"dirs={tmp_path}"], "not both"),
+        ([f"dirs={tmp_path}", f"annotations={gt}"], "annotations= goes with compare="),
+    ):
+        caplog.clear()
+        with pytest.raises(SystemExit) as exit_info:
+            main(report_config(*overrides))
+        assert exit_info.value.code == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(errors) == 1 and message in errors[0] and "\n" not in errors[0], (overrides, errors)
+    assert capsys.readouterr().out == ""

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from omegaconf import ListConfig
+
 from sapd.checks.kinds import batches, device, devices, milestones, sizes
 from sapd.models.criterion import SAPDCriterion
 from sapd.models.setting_rules import Rule, field_rules, flag, integer, is_int, number, one_of
@@ -163,6 +165,11 @@ SETTINGS: dict[str, Rule] = {
     # --- the tools (conf/analysis.yaml, report.yaml, synthetic.yaml)
     "batches": integer(1),
     "decide": flag(),
+    "compare": Rule(
+        "a list of two results files or evaluation folders, compare='[A,B]'",
+        lambda v: isinstance(v, (list, tuple, ListConfig)) and len(v) == 2 and all(isinstance(p, str) and p for p in v),
+        "no comparison",
+    ),
     "same_commit": flag(),
     "workers": integer(1, null="up to 2"),
 }
@@ -179,6 +186,7 @@ FREE = (
     "results_file",
     "out",
     "dirs",
+    "annotations",
     "reference",
     "logger",
     "data.name",

@@ -1,4 +1,4 @@
-"""Paired-seed statistics for :mod:`sapd.report` (docs/statistics.md).
+"""Paired-seed statistics for :mod:`sapd.report.comparison` (docs/statistics.md).
 
 Two settings trained with the same seed see the same data order and, where their models are built
 in the same order, start from the same weights, so the per-seed difference removes the noise the two
