@@ -5,6 +5,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.sapd-installed
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# Test processes (pytest-xdist, one file per process): one per core, at most 4; TEST_WORKERS=0 runs in one process
+TEST_WORKERS ?= $(shell $(PYTHON) -c "import os; print(min(4, len(os.sched_getaffinity(0))))")
+XDIST = $(if $(filter 0 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 export HF_HUB_OFFLINE ?= 1
 export WANDB_SILENT ?= true
 
@@ -28,10 +31,10 @@ train: $(STAMP) ## Train the embedded default: synthetic COCO set, small backbon
 	$(PY) -m sapd.train $(ARGS)
 
 test: $(STAMP) ## Run the whole test suite (tests/ and the notebooks)
-	$(PY) -m pytest -q --nbmake tests notebooks $(ARGS)
+	$(PY) -m pytest -q $(XDIST) --nbmake tests notebooks $(ARGS)
 
 test-fast: $(STAMP) ## Run the tests that are not marked slow
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(ARGS)
 
 lint: $(STAMP) ## Ruff lint and format check
 	$(PY) -m ruff check src tests notebooks benchmarks
