@@ -25,7 +25,8 @@ from sapd.report.summaries import ERROR_KEY, error_key, is_sapd
 from sapd.report.table import Row, context_columns, sibling_variant
 
 # Error types and object sizes the paired table also compares per size: soft selection acts on objects
-# over 32 px (medium: 32-96 px, large: over 96 px), where it should cut missed and poorly placed boxes.
+# over 32 px (COCO's medium, area 32² to 96², and large), where its effect on missed and poorly placed
+# objects is read (results/README.md).
 SIZED_ERRORS = ("Loc", "Miss")
 SIZED_SIZES = ("medium", "large")
 # What the paired table compares: AP, AP75, the AP50 each TIDE error type costs (report/errors.csv),
