@@ -21,7 +21,7 @@ from sapd.paths import initialize_configs
 from sapd.report.command import folders, main, report
 from sapd.report.comparison import pooled_std
 from sapd.report.decision_rule import decisions, goals
-from sapd.report.summaries import find_summaries
+from sapd.report.summaries import find_summaries, run_value
 from sapd.report.table import group_runs, markdown_table
 
 SWITCHES = {"soft_weight_norm": "none", "valid_region": "cell_overlap", "eta": 1.0, "topk": 3}
@@ -286,8 +286,8 @@ SYNTHETIC = {"name": "synthetic", "synthetic": {"seed": 0, "num_train": 2000}}
 
 
 def write_recorded(folder, n, ablation, seed, ap, commit=COMMIT, data=SYNTHETIC, errors=None, extra=(), **switches):
-    """A run whose summary records its commit and data (``errors``: its report/errors.csv, dAP by type;
-    ``extra``: more summary keys)."""
+    """A run whose summary records its commit and data (``errors``: its report/errors.csv, dAP by type
+    on all objects, or by ``type@size`` on one size; ``extra``: more summary keys)."""
     write_run(folder, n, ablation, seed, ap, **switches)
     path = folder / str(n) / "summary.json"
     run = json.loads(path.read_text())
@@ -296,7 +296,8 @@ def write_recorded(folder, n, ablation, seed, ap, commit=COMMIT, data=SYNTHETIC,
     if errors is not None:
         (folder / str(n) / "report").mkdir()
         lines = ["size,error,description,dAP,count,AP50"]
-        lines += [f"all,{e},x,{v / 100:.6f},1,0.5" for e, v in errors.items()]
+        sized = ((*(key.split("@") if "@" in key else (key, "all")), v) for key, v in errors.items())
+        lines += [f"{size},{e},x,{v / 100:.6f},1,0.5" for e, size, v in sized]
         (folder / str(n) / "report" / "errors.csv").write_text("\n".join(lines) + "\n")
 
 
@@ -336,6 +337,81 @@ def test_paired_differences_of_rows_on_one_commit(tmp_path):
     # the TIDE error types from the runs' errors.csv: +0.5 classification, -1.0 localisation each seed
     assert "| dAP Cls | 3 | +0.5 (s0), +0.5 (s1), +0.5 (s2) | +0.5 ± 0.0 | [+0.5, +0.5] | 2 |" in text
     assert "| dAP Loc | 3 | -1.0 (s0), -1.0 (s1), -1.0 (s2) |" in text
+
+
+def comparison_lines(text):
+    """The paired table's lines of ``text`` (B - A first)."""
+    return [x for x in text.splitlines() if " - " in x.split(" | ")[0] and x.startswith("| +SW")]
+
+
+def sized_ablation_runs(folder, with_errors=("FSAF", "+SW", "+SW+SS")):
+    """FSAF, +SW and +SW+SS on 3 shared seeds of one commit; the runs of ``with_errors`` have an
+    errors.csv with all-size and medium/large localisation and missed dAPs (AP50 points)."""
+    table = {
+        "FSAF": ([45.0, 46.0, 47.0], [3.0, 3.0, 3.0], [4.0, 4.0, 4.0], [5.0, 5.0, 5.0], [6.0, 6.0, 6.0]),
+        "+SW": ([46.0, 47.0, 48.0], [2.0, 2.0, 2.0], [1.5, 1.5, 1.5], [4.0, 4.0, 4.0], [3.0, 2.5, 4.0]),
+        "+SW+SS": ([47.0, 49.0, 48.0], [1.5, 1.0, 1.2], [1.0, 1.0, 1.0], [3.0, 3.5, 2.0], [2.0, 2.0, 2.5]),
+    }
+    n = 0
+    for ablation, (aps, loc_m, loc_l, miss_m, miss_l) in table.items():
+        for seed in range(3):
+            errors = {"Loc": 7.0, "Miss": 8.0 + seed, "Loc@small": 9.0}
+            errors.update({"Loc@medium": loc_m[seed], "Loc@large": loc_l[seed]})
+            errors.update({"Miss@medium": miss_m[seed], "Miss@large": miss_l[seed]})
+            write_recorded(folder, n, ablation, seed, aps[seed], errors=errors if ablation in with_errors else None)
+            n += 1
+
+
+def test_a_run_keeps_the_errors_of_every_object_size(tmp_path):
+    sized_ablation_runs(tmp_path)
+    run = next(r for r in find_summaries([tmp_path]) if r["path"].endswith("/4"))  # +SW, seed 1
+    assert run_value(run, "dAP_Loc") == pytest.approx(7.0) and run_value(run, "dAP_Miss") == pytest.approx(9.0)
+    assert run_value(run, "dAP_Loc@medium") == pytest.approx(2.0) and run_value(run, "dAP_Loc@small") == 9.0
+    assert run_value(run, "dAP_Miss@large") == pytest.approx(2.5)
+    assert math.isnan(run_value(run, "dAP_Cls@large"))  # not in its errors.csv
+
+
+def test_paired_table_compares_sizes_and_soft_selection_against_soft_weighting(tmp_path):
+    """Localisation and missed errors on medium and large objects, and +SW+SS - +SW (soft selection
+    alone), each seed by seed, after the comparisons against FSAF."""
+    sized_ablation_runs(tmp_path)
+    lines = comparison_lines(report([tmp_path]))
+    comparisons = [x.split(" | ")[0] for x in lines]
+    # no AP75 in these summaries, and no all-size type but Loc and Miss in their errors.csv: no line
+    metrics = ["AP", "dAP Loc", "dAP Miss"]
+    metrics += ["dAP Loc, medium", "dAP Loc, large", "dAP Miss, medium", "dAP Miss, large"]
+    assert comparisons == ["| +SW - FSAF"] * 7 + ["| +SW+SS - FSAF"] * 7 + ["| +SW+SS - +SW"] * 7
+    assert [x.split(" | ")[5] for x in lines] == metrics * 3
+    by_line = {(x.split(" | ")[0], x.split(" | ")[5]): x for x in lines}
+    # +SW+SS - +SW: AP 47-46, 49-47, 48-48
+    assert "| 3 | +1.0 (s0), +2.0 (s1), +0.0 (s2) | +1.0 ± 1.0 |" in by_line["| +SW+SS - +SW", "AP"]
+    # missed errors on large objects: 2.0-3.0, 2.0-2.5, 2.5-4.0 = -1.0, -0.5, -1.5: mean -1.0, sd 0.5,
+    # 95 % CI -1.0 ± 4.303 * 0.5 / sqrt(3) = [-2.2, +0.2], 5 seeds for 1 point at sd 0.5
+    line = by_line["| +SW+SS - +SW", "dAP Miss, large"]
+    assert "| 3 | -1.0 (s0), -0.5 (s1), -1.5 (s2) | -1.0 ± 0.5 | [-2.2, +0.2] | 5 |" in line
+    # localisation on medium objects: 1.5-2.0, 1.0-2.0, 1.2-2.0
+    diffs = [-0.5, -1.0, -0.8]
+    mean, sd = statistics.fmean(diffs), statistics.stdev(diffs)
+    half = 4.303 * sd / math.sqrt(3)
+    line = by_line["| +SW+SS - +SW", "dAP Loc, medium"]
+    assert f"| -0.5 (s0), -1.0 (s1), -0.8 (s2) | {mean:+.1f} ± {sd:.1f} |" in line
+    assert f"| [{mean - half:+.1f}, {mean + half:+.1f}] |" in line
+    assert "| -0.5 (s0), -0.5 (s1), -0.5 (s2) | -0.5 ± 0.0 |" in by_line["| +SW+SS - +SW", "dAP Loc, large"]
+    assert "| -1.0 (s0), -0.5 (s1), -2.0 (s2) |" in by_line["| +SW+SS - +SW", "dAP Miss, medium"]
+    # against FSAF too: missed on medium objects, +SW+SS 3.0, 3.5, 2.0 against FSAF's 5.0
+    assert "| -2.0 (s0), -1.5 (s1), -3.0 (s2) |" in by_line["| +SW+SS - FSAF", "dAP Miss, medium"]
+    assert "| -2.5 (s0), -2.5 (s1), -2.5 (s2) | -2.5 ± 0.0 |" in by_line["| +SW - FSAF", "dAP Loc, large"]
+
+
+def test_paired_table_without_errors_csv_has_no_error_lines(tmp_path):
+    """FSAF runs without report/errors.csv: their comparisons keep AP and have no dAP line;
+    +SW+SS - +SW, whose runs have one, keeps all of them."""
+    sized_ablation_runs(tmp_path, with_errors=("+SW", "+SW+SS"))
+    lines = comparison_lines(report([tmp_path], decide=True))
+    against_fsaf = [x.split(" | ")[5] for x in lines if " - FSAF" in x.split(" | ")[0]]
+    assert against_fsaf == ["AP", "AP"]
+    assert "| dAP Miss, large | 3 | -1.0 (s0), -0.5 (s1), -1.5 (s2) |" in lines[-1]
+    assert len([x for x in lines if x.startswith("| +SW+SS - +SW")]) == 7
 
 
 def test_runs_of_other_commits_data_or_budgets_are_never_pooled_or_paired(tmp_path):

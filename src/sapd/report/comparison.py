@@ -2,8 +2,9 @@
 
 Rows of one commit, data set and budget that share seeds are compared seed by seed
 (:mod:`sapd.report.seed_statistics`): :func:`paired_table` lists, below the table, the per-seed
-differences of each setting against its FSAF row, for AP, AP75 and each TIDE error type (the runs'
-``report/errors.csv``), with their mean ± sd, 95 % t-interval and the paired seeds that a 1-point
+differences of each setting against its FSAF row, and of +SW+SS against its +SW row, for AP, AP75,
+each TIDE error type (the runs' ``report/errors.csv``) and the localisation and missed errors on
+medium and large objects, with their mean ± sd, 95 % t-interval and the paired seeds that a 1-point
 effect needs. :func:`gap` is what the decision rule and the goal (:mod:`sapd.report.decision_rule`)
 work on: the paired differences when there are at least 2, else the difference of the means against
 the rows' pooled standard deviation. Summaries without a commit (written before commits were
@@ -20,11 +21,22 @@ from dataclasses import dataclass
 
 from sapd.diagnostics.error_analysis import ERROR_TYPES
 from sapd.report.seed_statistics import EFFECT, Paired, format_signed, pair
-from sapd.report.summaries import ERROR_KEY, is_sapd
+from sapd.report.summaries import ERROR_KEY, error_key, is_sapd
 from sapd.report.table import Row, context_columns, sibling_variant
 
-# What the paired table compares: AP, AP75 and the AP50 each TIDE error type costs (report/errors.csv)
-PAIRED_METRICS = (("AP", "map"), ("AP75", "map_75"), *((f"dAP {e}", ERROR_KEY + e) for e in ERROR_TYPES))
+# Error types and object sizes the paired table also compares per size: soft selection acts on objects
+# over 32 px (COCO's medium, area 32² to 96², and large), where its effect on missed and poorly placed
+# objects is read (results/README.md).
+SIZED_ERRORS = ("Loc", "Miss")
+SIZED_SIZES = ("medium", "large")
+# What the paired table compares: AP, AP75, the AP50 each TIDE error type costs (report/errors.csv),
+# then SIZED_ERRORS on SIZED_SIZES
+PAIRED_METRICS = (
+    ("AP", "map"),
+    ("AP75", "map_75"),
+    *((f"dAP {e}", ERROR_KEY + e) for e in ERROR_TYPES),
+    *((f"dAP {e}, {size}", ERROR_KEY + error_key(e, size)) for e in SIZED_ERRORS for size in SIZED_SIZES),
+)
 
 
 def pooled_std(a: Row, b: Row, key: str = "map") -> float:
@@ -95,12 +107,30 @@ def _fmt_signed(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:+.1f}"
 
 
-def paired_table(rows: Sequence[Row], same_commit: bool = False) -> str:
-    """Each SAPD setting against its FSAF row (same commit, data and budget), seed by seed: one line per
-    metric (AP, AP75, the dAP50 of each TIDE error type: negative = fewer such errors) with the
-    differences, their mean ± sd, the 95 % t-interval and the paired seeds a 1-point effect needs
-    (80 % power, 5 % two-sided). Empty when no two rows pair."""
+def comparisons(rows: Sequence[Row]) -> list[tuple[Row, Row]]:
+    """The (A, B) pairs of rows the paired table compares: each SAPD setting B against its FSAF row
+    (same group and variant), then each +SW+SS row against its +SW row."""
     by_key = {(r.group, r.variant, r.name): r for r in rows}
+    sapd_rows = [r for r in rows if is_sapd(r.runs[0].get("model", {}))]
+    out = []
+    for row in sapd_rows:
+        fsaf = by_key.get((row.group, sibling_variant(row, soft_weight=False, soft_select=False), "FSAF"))
+        if row.name != "FSAF" and fsaf is not None:
+            out.append((fsaf, row))
+    for row in sapd_rows:
+        sw = by_key.get((row.group, sibling_variant(row, soft_weight=True, soft_select=False), "+SW"))
+        if row.name == "+SW+SS" and sw is not None:
+            out.append((sw, row))
+    return out
+
+
+def paired_table(rows: Sequence[Row], same_commit: bool = False) -> str:
+    """Each SAPD setting against its FSAF row, then each +SW+SS row against its +SW row (same commit,
+    data and budget), seed by seed: one line per metric (:data:`PAIRED_METRICS`: AP, AP75, the dAP50 of
+    each TIDE error type, then of localisation and missed errors on medium and large objects; a
+    negative dAP difference = fewer such errors) with the differences, their mean ± sd, the 95 %
+    t-interval and the paired seeds a 1-point effect needs (80 % power, 5 % two-sided). Empty when no
+    two rows pair."""
     show_data, show_commit = context_columns(rows)
     context = ["data"] * show_data + ["commit"] * show_commit
     head = [
@@ -116,20 +146,15 @@ def paired_table(rows: Sequence[Row], same_commit: bool = False) -> str:
         f"seeds for {EFFECT:.0f} point",
     ]
     lines = []
-    for row in rows:
-        if not is_sapd(row.runs[0].get("model", {})) or row.name == "FSAF":
-            continue
-        fsaf = by_key.get((row.group, sibling_variant(row, soft_weight=False, soft_select=False), "FSAF"))
-        if fsaf is None:
-            continue
+    for base, row in comparisons(rows):
         for metric, key in PAIRED_METRICS:
-            diffs = paired(fsaf, row, key, same_commit)
+            diffs = paired(base, row, key, same_commit)
             if diffs is None:
                 continue
             lo, hi = diffs.interval()
             need = diffs.seeds_needed()
             cells = [
-                f"{row.name} - FSAF",
+                f"{row.name} - {base.name}",
                 row.variant,
                 row.budget,
                 *([row.data] if show_data else []),

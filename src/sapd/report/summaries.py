@@ -24,8 +24,10 @@ SUMMARY_FILE = "summary.json"
 # The paper's setting of each switch (sapd.models.SAPDCriterion's defaults); a row's variant is the
 # list of switches that differ from these.
 PAPER_SETTING: dict[str, Any] = paper_setting()
-# A run's value of an error type: "dAP_<error>", the AP50 that TIDE error type costs (report/errors.csv)
+# A run's value of an error type: "dAP_<error>", the AP50 that TIDE error type costs (report/errors.csv),
+# on all objects; "dAP_<error>@<size>" on the objects of one of its other sizes (small, medium, large)
 ERROR_KEY = "dAP_"
+SIZE_MARK = "@"
 DEFAULT_DATA = "default"  # the data label of a summary that records none (nor a data override)
 # The variant column of a detector other than SAPD (model=fcos): no SAPD switch applies to it.
 PEER_VARIANT = "-"
@@ -38,9 +40,19 @@ UNUSED = {
 }
 
 
+def error_key(error: str, size: str = "all") -> str:
+    """The key of ``error``'s dAP on objects of ``size`` in a run's ``errors``: ``Loc``, ``Loc@medium``."""
+    return error if size == "all" else f"{error}{SIZE_MARK}{size}"
+
+
+def errors_by_key(by_size: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``{error_key: dAP}`` of every size and error type of an errors.csv (:func:`read_errors_csv`)."""
+    return {error_key(error, size): value for size, errors in by_size.items() for error, value in errors.items()}
+
+
 def run_value(run: dict[str, Any], key: str) -> float:
-    """A run's value of ``key`` in % (a COCO key of ``metrics``, or ``dAP_<error>`` from its errors.csv);
-    NaN if it has none."""
+    """A run's value of ``key`` in % (a COCO key of ``metrics``, or ``dAP_<error>`` /
+    ``dAP_<error>@<size>`` from its errors.csv); NaN if it has none."""
     if key.startswith(ERROR_KEY):
         value = float(run.get("errors", {}).get(key.removeprefix(ERROR_KEY), math.nan))
         return 100 * value
@@ -76,7 +88,8 @@ def data_key_and_label(run: dict[str, Any]) -> tuple[str, str]:
 
 def find_summaries(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
     """Every ``summary.json`` under ``paths`` (files or folders), each with its ``path`` added, and
-    ``errors`` (``{error type: dAP}``, all sizes) when its run's ``report/errors.csv`` exists."""
+    ``errors`` (``{error type: dAP}`` on all objects, ``{error type@size: dAP}`` per object size) when its
+    run's ``report/errors.csv`` exists."""
     runs = []
     for root in paths:
         root = Path(root)
@@ -91,7 +104,7 @@ def find_summaries(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
             run["path"] = str(f.parent)
             errors = f.parent / "report" / ERRORS_CSV
             if errors.is_file():
-                run["errors"] = read_errors_csv(errors).get("all", {})
+                run["errors"] = errors_by_key(read_errors_csv(errors))
             runs.append(run)
     return runs
 
