@@ -24,7 +24,7 @@ from conftest import compose_config
 from sapd.app import flatten
 from sapd.checks import FREE, FREE_TREES, SETTINGS, check_settings
 from sapd.errors import ConfigError, check_run_config
-from sapd.models import SAPDCriterion
+from sapd.models import PostProcess, SAPDCriterion
 from sapd.paths import initialize_configs
 from sapd.train import main as train_main
 
@@ -195,6 +195,25 @@ def test_the_criterions_ranges_are_declared_once_and_refused_alike(key, value):
         check_settings(OmegaConf.create({"model": {"criterion": {key: value}}}))
     assert str(built.value) == str(checked.value)
     assert str(checked.value).startswith(f"model.criterion.{key} must be ")
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("score_thresh", 1.0), ("score_thresh", -0.1), ("nms_thresh", 0.0), ("pre_nms_topk", 0), ("max_detections", 2.5)],
+)
+def test_the_postprocess_ranges_are_declared_once_and_refused_alike(key, value):
+    """model.postprocess.* likewise: the rules on PostProcess's fields, and the per-call threshold's."""
+    postprocess_keys = {k for k in SETTINGS if k.startswith("model.postprocess.")}
+    assert postprocess_keys == {f"model.postprocess.{f.name}" for f in dataclasses.fields(PostProcess)}
+    with pytest.raises(ValueError) as built:
+        PostProcess(**{key: value})
+    with pytest.raises(ConfigError) as checked:
+        check_settings(OmegaConf.create({"model": {"postprocess": {key: value}}}))
+    assert str(built.value) == str(checked.value)
+    if key == "score_thresh":
+        with pytest.raises(ValueError) as per_call:
+            PostProcess().thresh(value)
+        assert str(per_call.value) == str(checked.value)
 
 
 def test_hydra_messages_become_one_line():

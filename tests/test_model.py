@@ -387,7 +387,7 @@ def test_criterion_and_postprocess_are_objects_the_detector_uses():
         lambda: post.replace(score_thresh=1.5),
         lambda: model.postprocess(outputs, [(30, 40)], score_thresh=-0.1),
     ):
-        with pytest.raises(ValueError, match=r"model.postprocess.score_thresh must be in \[0, 1\)"):
+        with pytest.raises(ValueError, match=r"model.postprocess.score_thresh must be a finite number in \[0, 1\)"):
             bad()
     # z is the detector's: the decoded box of the P4 point scales with it
     model.z = 8.0

@@ -11,11 +11,13 @@ is named when it is opened).
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from omegaconf import ListConfig
 
 from sapd.checks.kinds import batches, device, devices, milestones, sizes
 from sapd.models.criterion import SAPDCriterion
+from sapd.models.postprocess import SCORE_THRESH_RULE, PostProcess
 from sapd.models.setting_rules import Rule, field_rules, flag, integer, is_int, number, one_of
 
 SEED_MAX = 2**32 - 1  # numpy's and Lightning's seed range: [0, 2**32 - 1]
@@ -108,10 +110,7 @@ SETTINGS: dict[str, Rule] = {
     "model.center_sampling_radius": number(0),  # FCOS
     # the criterion's own rules, declared once on its fields (SAPDCriterion checks them when built)
     **{f"model.criterion.{name}": rule for name, rule in field_rules(SAPDCriterion).items()},
-    "model.postprocess.score_thresh": number(0, 1, high_open=True),
-    "model.postprocess.pre_nms_topk": integer(1),
-    "model.postprocess.nms_thresh": number(0, 1, low_open=True),
-    "model.postprocess.max_detections": integer(1),
+    **{f"model.postprocess.{name}": rule for name, rule in field_rules(PostProcess).items()},
     # --- optimisation (conf/optim/*.yaml)
     "optim.optimizer.lr": POSITIVE,
     "optim.optimizer.weight_decay": number(0),
@@ -156,7 +155,7 @@ SETTINGS: dict[str, Rule] = {
     "callbacks.detection_images.num_images": integer(0),
     # --- evaluate, predict, export (conf/eval.yaml, predict.yaml, export.yaml)
     "split": one_of("val", "test"),
-    "score_thresh": number(0, 1, high_open=True, null="the model's own, model.postprocess.score_thresh"),
+    "score_thresh": replace(SCORE_THRESH_RULE, null="the model's own, model.postprocess.score_thresh"),
     "batch_size": integer(1, null="the checkpoint's data.val_batch_size"),
     "device": device(),
     "format": Rule("onnx or torchscript", lambda v: isinstance(v, str) and v.lower() in ("onnx", "torchscript")),

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, nms
 
+from sapd.models.setting_rules import check_fields, integer, number
+
 
 def has_area(boxes: Tensor) -> Tensor:
     """BoolTensor[...]: which boxes ``[..., 4]`` (x1, y1, x2, y2) have a width and a height. Clipping leaves
@@ -185,6 +187,21 @@ def unpad(
     return results
 
 
+# What a score threshold accepts: model.postprocess.score_thresh, and the per-call threshold.
+SCORE_THRESH_RULE = number(0, 1, high_open=True)
+
+
+def check_score_thresh(value: float) -> float:
+    """``value`` when it is a score threshold in [0, 1); else one ``ValueError`` naming the setting."""
+    try:
+        number = float(value)  # a numpy or 0-d tensor threshold too
+    except (TypeError, ValueError):
+        number = None
+    if isinstance(value, bool) or not SCORE_THRESH_RULE.allows(number):
+        raise ValueError(SCORE_THRESH_RULE.refusal("model.postprocess.score_thresh", value))
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class PostProcess:
     """The settings of post-processing (config node ``model.postprocess``) and the SAPD decoding with them.
@@ -197,18 +214,14 @@ class PostProcess:
         max_detections: detections kept per image (100).
     """
 
-    score_thresh: float = 0.05
-    pre_nms_topk: int = 1000
-    nms_thresh: float = 0.5
-    max_detections: int = 100
+    # each field's rule: checked when built, and read into the commands' table (sapd.checks.SETTINGS)
+    score_thresh: float = dataclasses.field(default=0.05, metadata={"rule": SCORE_THRESH_RULE})
+    pre_nms_topk: int = dataclasses.field(default=1000, metadata={"rule": integer(1)})
+    nms_thresh: float = dataclasses.field(default=0.5, metadata={"rule": number(0, 1, low_open=True)})
+    max_detections: int = dataclasses.field(default=100, metadata={"rule": integer(1)})
 
     def __post_init__(self) -> None:
-        check_score_thresh(self.score_thresh)
-        if not 0.0 < float(self.nms_thresh) <= 1.0:
-            raise ValueError(f"model.postprocess.nms_thresh must be in (0, 1]; got {self.nms_thresh!r}")
-        for key in ("pre_nms_topk", "max_detections"):
-            if int(getattr(self, key)) < 1:
-                raise ValueError(f"model.postprocess.{key} must be >= 1; got {getattr(self, key)!r}")
+        check_fields(self, "model.postprocess")
 
     def replace(self, **changes: Any) -> PostProcess:
         """A copy with ``changes`` (checked as the constructor checks them)."""
@@ -267,10 +280,3 @@ def postprocess_detections(*args: Any, z: float = 4.0, **settings: Any) -> list[
     strides, image_sizes[, scale_factors]``, ``z``) and its settings as keywords (``score_thresh``,
     ``pre_nms_topk``, ``nms_thresh``, ``max_detections``; their defaults: 0.05, 1000, 0.5, 100)."""
     return PostProcess(**settings)(*args, z=z)
-
-
-def check_score_thresh(value: float) -> float:
-    """``value`` when it is a score threshold in [0, 1); else one ``ValueError`` naming the setting."""
-    if not 0.0 <= float(value) < 1.0:
-        raise ValueError(f"model.postprocess.score_thresh must be in [0, 1); got {value!r}")
-    return value
