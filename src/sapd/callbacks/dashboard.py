@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-LEVEL_NAMES = ("P3", "P4", "P5", "P6", "P7")
+from sapd.models.anchor_points import level_name
 
 
 class SelectionHistogram(L.Callback):
@@ -40,9 +40,7 @@ class SelectionHistogram(L.Callback):
                 import wandb
 
                 data = {
-                    f"train/selection_weight_{LEVEL_NAMES[i] if i < len(LEVEL_NAMES) else i}": wandb.Histogram(
-                        probs[:, i].numpy()
-                    )
+                    f"train/selection_weight_{level_name(i)}": wandb.Histogram(probs[:, i].numpy())
                     for i in range(probs.shape[1])
                 }
                 logger.experiment.log({**data, "trainer/global_step": trainer.global_step})

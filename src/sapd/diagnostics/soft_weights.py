@@ -31,11 +31,11 @@ from torch import Tensor
 from sapd.checkpoint import load_module
 from sapd.diagnostics.detections import unnormalize
 from sapd.errors import UserError
+from sapd.models.anchor_points import level_name
 from sapd.models.criterion import SAPDCriterion
 
 SIZE_EDGES = (0.0, 8.0, 16.0, 32.0, 64.0, 128.0, float("inf"))
 SIZE_NAMES = ("< 8", "8-16", "16-32", "32-64", "64-128", "> 128")
-LEVEL_NAMES = ("P3", "P4", "P5", "P6", "P7")
 ROWS = {"FSAF": (False, False, 1), "+SW": (True, False, 1), "+SW+SS": (True, True, 2)}  # sw, ss, phase
 SETTINGS = [(v, n) for v in ("cell_overlap", "centre") for n in ("none", "level_max")]
 
@@ -212,7 +212,7 @@ def _plot_selection(mean: Tensor, counts: Tensor, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     bottom = torch.zeros(len(SIZE_NAMES))
     for lvl in range(mean.shape[1]):
-        ax.bar(SIZE_NAMES, mean[:, lvl], bottom=bottom, label=LEVEL_NAMES[lvl])
+        ax.bar(SIZE_NAMES, mean[:, lvl], bottom=bottom, label=level_name(lvl))
         bottom += mean[:, lvl]
     for i, n in enumerate(counts.tolist()):
         ax.text(i, 1.01, f"n={int(n)}", ha="center", fontsize=8)
@@ -258,7 +258,7 @@ def _plot_examples(examples: list, class_names: Sequence[str] | None, path: Path
             xs = torch.arange(num_levels) + (k - (len(order) - 1) / 2) * width
             bars.bar(xs, probs[i].tolist(), width, color=colours[k], label=f"{k + 1}: {name}, {side:.0f} px")
         ax.set_axis_off()
-        bars.set_xticks(range(num_levels), LEVEL_NAMES[:num_levels])
+        bars.set_xticks(range(num_levels), [level_name(i) for i in range(num_levels)])
         bars.set_ylim(0, 1)
         bars.set_ylabel("w_l^B" if col == 0 else "")
         bars.legend(fontsize=7, loc="upper right")

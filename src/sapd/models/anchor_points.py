@@ -32,6 +32,11 @@ MIN_POS_IOF = 0.01
 VALID_REGIONS = ("cell_overlap", "centre")
 
 
+def level_name(level: int) -> str:
+    """The name of pyramid level ``level`` (0 = the finest, stride 8): ``P3``, ``P4``, ..."""
+    return f"P{level + 3}"
+
+
 def level_strides(num_levels: int = 5, first_stride: int = 8) -> list[int]:
     """Strides ``s_l = 2^l`` of levels P3.. (§3.1): ``[8, 16, 32, 64, 128]`` for 5 levels."""
     return [first_stride * 2**i for i in range(num_levels)]
