@@ -4,7 +4,7 @@ annotations=FILE``.
 Each of A and B is a COCO results json, or the run folder of ``python -m sapd.evaluate`` that holds
 one (its ``results_val.json``); ``annotations`` is the COCO annotation file both were scored on.
 Prints B - A of AP, AP50, AP75, APs, APm, APl with hotcoco's image-bootstrap 95 % interval
-(:func:`sapd.error_analysis.bootstrap_compare`: the images are drawn with replacement, both detection
+(:func:`sapd.diagnostics.error_analysis.bootstrap_compare`: the images are drawn with replacement, both detection
 sets scored on each draw). That interval covers evaluation-sample noise, not training noise across
 seeds (docs/statistics.md).
 """
