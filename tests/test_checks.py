@@ -170,6 +170,19 @@ def test_the_opset_range_is_the_exporters():
     assert not rule.allows(low - 1) and not rule.allows(high + 1) and not rule.allows("abc")
 
 
+def _refused_alike(cls, node: str, key: str, value) -> str:
+    """The line that refuses ``model.<node>.<key>=value``: the keys of ``model.<node>.*`` in the table are
+    ``cls``'s fields, and ``cls`` built alone refuses the value with the command's config check's line."""
+    keys = {k for k in SETTINGS if k.startswith(f"model.{node}.")}
+    assert keys == {f"model.{node}.{f.name}" for f in dataclasses.fields(cls)}
+    with pytest.raises(ValueError) as built:
+        cls(**{key: value})
+    with pytest.raises(ConfigError) as checked:
+        check_settings(OmegaConf.create({"model": {node: {key: value}}}))
+    assert str(built.value) == str(checked.value)
+    return str(checked.value)
+
+
 @pytest.mark.parametrize(
     ("key", "value"),
     [
@@ -187,14 +200,8 @@ def test_the_opset_range_is_the_exporters():
 def test_the_criterions_ranges_are_declared_once_and_refused_alike(key, value):
     """model.criterion.* in the table are the rules on SAPDCriterion's fields: a value the command
     refuses, the class built alone (library use) refuses with the same line."""
-    criterion_keys = {k for k in SETTINGS if k.startswith("model.criterion.")}
-    assert criterion_keys == {f"model.criterion.{f.name}" for f in dataclasses.fields(SAPDCriterion)}
-    with pytest.raises(ValueError) as built:
-        SAPDCriterion(**{key: value})
-    with pytest.raises(ConfigError) as checked:
-        check_settings(OmegaConf.create({"model": {"criterion": {key: value}}}))
-    assert str(built.value) == str(checked.value)
-    assert str(checked.value).startswith(f"model.criterion.{key} must be ")
+    line = _refused_alike(SAPDCriterion, "criterion", key, value)
+    assert line.startswith(f"model.criterion.{key} must be ")
 
 
 @pytest.mark.parametrize(
@@ -203,17 +210,11 @@ def test_the_criterions_ranges_are_declared_once_and_refused_alike(key, value):
 )
 def test_the_postprocess_ranges_are_declared_once_and_refused_alike(key, value):
     """model.postprocess.* likewise: the rules on PostProcess's fields, and the per-call threshold's."""
-    postprocess_keys = {k for k in SETTINGS if k.startswith("model.postprocess.")}
-    assert postprocess_keys == {f"model.postprocess.{f.name}" for f in dataclasses.fields(PostProcess)}
-    with pytest.raises(ValueError) as built:
-        PostProcess(**{key: value})
-    with pytest.raises(ConfigError) as checked:
-        check_settings(OmegaConf.create({"model": {"postprocess": {key: value}}}))
-    assert str(built.value) == str(checked.value)
+    line = _refused_alike(PostProcess, "postprocess", key, value)
     if key == "score_thresh":
         with pytest.raises(ValueError) as per_call:
             PostProcess().thresh(value)
-        assert str(per_call.value) == str(checked.value)
+        assert str(per_call.value) == line
 
 
 def test_hydra_messages_become_one_line():
