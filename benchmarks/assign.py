@@ -24,7 +24,7 @@ from sapd.models.anchor_points import level_strides
 
 from .cli import lists_to_tuples, option, parse
 from .configs import sapd_config
-from .measure import measure_extra_memory, time_call
+from .measure import frozen_heap, measure_extra_memory, time_call
 from .workloads import padded_size, random_targets
 
 PROG = "python -m benchmarks suite=assign"
@@ -157,22 +157,23 @@ def run(cfg: AssignConfig) -> list[dict]:
     part = build_loss_part(cfg)
     size = padded_size((cfg.height, cfg.width), cfg.pad)
     out = head_outputs(cfg.images, size, cfg.classes, cfg.channels, part.strides, device, cfg.seed)
-    rows = []
     biggest = max(cfg.instances)
-    # Largest case first so that its memory is measured before smaller cases have run.
-    for n in sorted(cfg.instances, reverse=True):
-        gen = torch.Generator().manual_seed(cfg.seed + n)
-        targets = random_targets(cfg.images, n, (cfg.height, cfg.width), cfg.classes, gen)
-        targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
-        row: dict = {"instances": n}
-        if n == biggest:
-            mem = measure_extra_memory(loss_step(part, out, targets, 1), device)
-            row["peak_extra_mib"] = mem["extra_bytes"] / 2**20
-        for phase in (1, 2):
-            case = measure_case(part, out, targets, phase, repeats=cfg.repeats, device=device)
-            row[f"phase{phase}_ms"] = case["ms"]
-            row["num_pos"], row["num_unassigned"] = case["num_pos"], case["num_unassigned"]
-        rows.append(row)
+    rows = []
+    with frozen_heap():
+        # Largest case first so that its memory is measured before smaller cases have run.
+        for n in sorted(cfg.instances, reverse=True):
+            gen = torch.Generator().manual_seed(cfg.seed + n)
+            targets = random_targets(cfg.images, n, (cfg.height, cfg.width), cfg.classes, gen)
+            targets = [{k: v.to(device) for k, v in t.items()} for t in targets]
+            row: dict = {"instances": n}
+            if n == biggest:
+                mem = measure_extra_memory(loss_step(part, out, targets, 1), device)
+                row["peak_extra_mib"] = mem["extra_bytes"] / 2**20
+            for phase in (1, 2):
+                case = measure_case(part, out, targets, phase, repeats=cfg.repeats, device=device)
+                row[f"phase{phase}_ms"] = case["ms"]
+                row["num_pos"], row["num_unassigned"] = case["num_pos"], case["num_unassigned"]
+            rows.append(row)
     return sorted(rows, key=lambda r: r["instances"])
 
 

@@ -35,6 +35,7 @@ import torch  # OMP_WAIT_POLICY is set before this by the package (benchmarks/__
 from .cli import parse
 from .configs import REPO_ROOT
 from .measure import (
+    frozen_heap,
     log,
     machine_info,
     measure_extra_memory,
@@ -165,7 +166,8 @@ def run(cfg: BenchConfig, command: str = PROG) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.set_flush_denormal(True)  # denormals would slow some models at random; same for all
     try:
-        return _run(cfg, command)
+        with frozen_heap():
+            return _run(cfg, command)
     finally:
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)
