@@ -39,14 +39,14 @@ def report(
     pairs = paired_table(rows, same_commit)
     if pairs:
         text += "\n\nPaired differences (B - A per seed, same commit, data and budget; AP points, "
-        text += "dAP = AP50 lost to that error type; sapd.report.paired_table):\n" + pairs
+        text += "dAP = AP50 lost to that error type; sapd.report.comparison.paired_table):\n" + pairs
     note = unpaired_note(rows, same_commit)
     if note:
         text += "\n\n" + note
     if decide:
-        text += "\n\nDecision rule (sapd.report.decisions):\n"
+        text += "\n\nDecision rule (sapd.report.decision_rule.decisions):\n"
         text += decisions(rows, reference=reference, same_commit=same_commit) or "- no variant with a +SW+SS row"
-        text += f"\n\nGoal (sapd.report.goals): +SW >= FSAF and +SW+SS >= FSAF + {SS_MARGIN:.1f} AP,"
+        text += f"\n\nGoal (sapd.report.decision_rule.goals): +SW >= FSAF and +SW+SS >= FSAF + {SS_MARGIN:.1f} AP,"
         text += " each gap > the pooled std" + (" (paired seeds: its 95 % CI above 0)" if pairs else "")
         text += "; +SW+SS >= every peer detector:\n"
         text += goals(rows, same_commit=same_commit) or "- no +SW+SS row"
