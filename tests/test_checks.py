@@ -22,8 +22,8 @@ from omegaconf import OmegaConf, open_dict
 
 from conftest import compose_config
 from sapd.app import flatten
-from sapd.checks import FREE, FREE_TREES, SETTINGS, check_settings
-from sapd.errors import ConfigError, check_run_config
+from sapd.checks import FREE, FREE_TREES, SETTINGS, check_config, check_settings
+from sapd.errors import ConfigError
 from sapd.models import PostProcess, SAPDCriterion
 from sapd.paths import initialize_configs
 from sapd.train import main as train_main
@@ -110,7 +110,7 @@ def test_a_setting_out_of_range_is_one_line_naming_the_key(tmp_path, config, ove
     else:
         cfg = compose_config(config, overrides, tmp_path)
     with pytest.raises(ConfigError) as info:
-        check_run_config(cfg)
+        check_config(cfg)
     message = str(info.value)
     assert message.startswith(key) and "\n" not in message, message
 
@@ -135,10 +135,8 @@ def test_a_results_file_that_cannot_be_written_is_refused_before_the_evaluation(
     for path, why in cases:
         cfg = compose_config("eval", ["ckpt_path=x.ckpt", f"results_file={path}"], tmp_path)
         with pytest.raises(ConfigError, match=f"results_file={path}.*{why}"):
-            check_run_config(cfg)
-    check_run_config(
-        compose_config("eval", ["ckpt_path=x.ckpt", f"results_file={tmp_path / 'new' / 'r.json'}"], tmp_path)
-    )
+            check_config(cfg)
+    check_config(compose_config("eval", ["ckpt_path=x.ckpt", f"results_file={tmp_path / 'new' / 'r.json'}"], tmp_path))
 
 
 def test_every_setting_of_every_config_has_a_rule():

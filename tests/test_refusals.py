@@ -20,7 +20,8 @@ from omegaconf import OmegaConf
 from conftest import compose_config
 from sapd.callbacks import PhaseSwitch
 from sapd.checkpoint import AtomicCheckpointIO, CheckpointError, check_checkpoint_file, read_checkpoint
-from sapd.errors import ConfigError, UserError, check_run_config, one_line, refusals
+from sapd.checks import check_config
+from sapd.errors import ConfigError, UserError, one_line, refusals
 from sapd.paths import writable_dir
 from sapd.train import main as train_main
 
@@ -52,7 +53,7 @@ def _errors(caplog) -> list[str]:
 def test_config_is_checked_before_anything_is_built(tmp_path, override, message):
     cfg = compose_config("train", [override], tmp_path)
     with pytest.raises(ConfigError) as info:
-        check_run_config(cfg)
+        check_config(cfg)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
@@ -61,7 +62,7 @@ def test_the_default_and_every_experiment_pass_the_checks(tmp_path, monkeypatch)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
     for name in [None, *sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))]:
-        check_run_config(compose_config("train", [f"experiment={name}"] if name else [], tmp_path))
+        check_config(compose_config("train", [f"experiment={name}"] if name else [], tmp_path))
 
 
 def test_train_refuses_in_one_line_before_reading_data(tmp_path, caplog, monkeypatch):

@@ -8,8 +8,8 @@ import logging
 from omegaconf import DictConfig, OmegaConf
 
 from sapd.app import hydra_app
+from sapd.checks import check_config
 from sapd.diagnostics.soft_weights import AnalysisError, analyse, default_out
-from sapd.errors import check_run_config
 from sapd.logging_setup import configure_logging
 
 log = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ def main(cfg: DictConfig) -> None:
     configure_logging()
     if OmegaConf.is_missing(cfg, "ckpt_path"):
         raise AnalysisError("give the checkpoint to analyse: python -m sapd.analysis ckpt_path=PATH")
-    check_run_config(cfg)
+    check_config(cfg)
     paths = analyse(cfg.ckpt_path, cfg.out or default_out(cfg.ckpt_path), int(cfg.batches))
     for path in paths:
         log.info("wrote %s", path)

@@ -11,8 +11,8 @@ no traceback; in a ``-m`` sweep the job is recorded as refused and the sweep goe
 all. Anything else (a bug) keeps its traceback. :mod:`sapd.app` does the same for Hydra's own
 refusals (an unknown key or group option, ...).
 
-:func:`check_run_config` is the start-up check of a command's config (:mod:`sapd.checks`): it runs
-before any data or model is built, so a wrong value costs a second, not a data-set scan.
+:func:`sapd.checks.check_config` is the start-up check of a command's config: it runs before any
+data or model is built, so a wrong value costs a second, not a data-set scan.
 """
 
 from __future__ import annotations
@@ -156,12 +156,3 @@ def refusals(app: str, *also: type[BaseException]) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
-
-
-def check_run_config(cfg: Any) -> None:
-    """Start-up checks of a command's config, before any data or model is built: every setting against
-    its range (:data:`sapd.checks.SETTINGS`), values left missing, the model's constructors, a GPU
-    trainer without a GPU. Raises :class:`ConfigError` naming the key and the allowed values."""
-    from sapd.checks import check_config
-
-    check_config(cfg)

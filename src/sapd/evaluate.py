@@ -23,8 +23,9 @@ from sapd.api import SCORE_THRESH
 from sapd.app import hydra_app
 from sapd.callbacks import nothing_scored
 from sapd.checkpoint import load_module
+from sapd.checks import check_config
 from sapd.data import DataError
-from sapd.errors import ConfigError, check_run_config
+from sapd.errors import ConfigError
 from sapd.logging_setup import configure_logging
 from sapd.utils import format_coco_table, instantiate_group, set_threads
 
@@ -64,7 +65,7 @@ def data_keys_added(argv: list[str]) -> list[str]:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Runs the checkpoint over ``cfg.split`` and returns the COCO table (empty for test-dev)."""
-    check_run_config(cfg)  # ckpt_path given, score_thresh, batch_size, ...: one line before any work
+    check_config(cfg)  # ckpt_path given, score_thresh, batch_size, ...: one line before any work
     set_threads(cfg.get("num_threads"))
     if cfg.split not in ("val", "test"):
         raise ConfigError(f"split must be 'val' or 'test', not {cfg.split!r}")

@@ -30,9 +30,10 @@ from sapd.api import Detector, resolve_device, run_eval_size
 from sapd.app import hydra_app
 from sapd.atomic import replacing, write_text
 from sapd.checkpoint import CheckpointError
+from sapd.checks import check_config
 from sapd.data import DataError
 from sapd.data.io import read_image
-from sapd.errors import UserError, check_run_config
+from sapd.errors import UserError
 from sapd.logging_setup import configure_logging
 from sapd.utils import set_threads
 
@@ -110,7 +111,7 @@ def predict(cfg: DictConfig) -> dict[str, Any]:
         FileNotFoundError: no input; PredictError: a refused output, a bad ``batch_size`` or
         ``score_thresh``, or no readable image at all; CheckpointError: a bad checkpoint.
     """
-    check_run_config(cfg)  # score_thresh, batch_size, device, ...: one line before any work
+    check_config(cfg)  # score_thresh, batch_size, device, ...: one line before any work
     set_threads(cfg.get("num_threads"))
     input_path = Path(str(cfg.input))
     files = list_images(input_path)

@@ -27,7 +27,8 @@ from sapd.app import hydra_app
 from sapd.build import build_backbone, build_module
 from sapd.callbacks import InterruptCheckpoint, LearningCheck, PhaseSwitch
 from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file, check_resume, saved_step
-from sapd.errors import ConfigError, check_run_config
+from sapd.checks import check_config
+from sapd.errors import ConfigError
 from sapd.evaluation import Evaluation
 from sapd.logging_setup import configure_logging
 from sapd.models.criterion import reported_keys
@@ -124,7 +125,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
         the final metrics (``val/map`` etc.) and the objects built (datamodule, module, trainer).
     """
     start = time.time()
-    check_run_config(cfg)  # a wrong value costs a second, not a data-set scan
+    check_config(cfg)  # a wrong value costs a second, not a data-set scan
     # always on (callbacks=none too): a run that learns nothing stops before a best checkpoint is kept
     try:
         learning_check = LearningCheck(**(cfg.get("learning_check") or {}))

@@ -31,6 +31,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from sapd.app import hydra_app
+from sapd.checks import check_config
 from sapd.data import DataError
 from sapd.data.synthetic_drawing import (
     CATEGORIES,
@@ -40,7 +41,6 @@ from sapd.data.synthetic_drawing import (
     SyntheticParams,
     render_image,
 )
-from sapd.errors import check_run_config
 from sapd.logging_setup import configure_logging
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ def draw(cfg: DictConfig) -> Path:
 def main(cfg: DictConfig) -> None:
     """``python -m sapd.data.synthetic [out=DIR] [data.synthetic.KEY=VALUE ...]``: prints the set's folder."""
     configure_logging()
-    check_run_config(cfg)
+    check_config(cfg)
     root = draw(cfg)
     print(root)
 

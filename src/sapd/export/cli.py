@@ -18,8 +18,8 @@ from sapd.api import run_eval_size
 from sapd.app import hydra_app
 from sapd.atomic import same_file, write_text
 from sapd.checkpoint import load_module
+from sapd.checks import check_config
 from sapd.data import transforms
-from sapd.errors import check_run_config
 from sapd.export.check import verify
 from sapd.export.graph import ExportableSAPD, export_onnx, export_torchscript
 from sapd.export.runtime import ExportError
@@ -103,7 +103,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
         raise ExportError(f"format must be one of {', '.join(FORMATS)}, got {cfg.get('format')!r}")
     if OmegaConf.is_missing(cfg, "ckpt_path") or not cfg.get("ckpt_path"):
         raise ExportError("give the checkpoint to export: python -m sapd.export ckpt_path=PATH format=onnx")
-    check_run_config(cfg)  # opset, num_threads, ...: one line before any work
+    check_config(cfg)  # opset, num_threads, ...: one line before any work
     if fmt == "torchscript" and cfg.get("opset") is not None:
         raise ExportError("opset applies to format=onnx only")
     output = Path(cfg.output) if cfg.get("output") else default_output(cfg.ckpt_path, fmt)

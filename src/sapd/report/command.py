@@ -13,7 +13,8 @@ from typing import Any
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sapd.app import hydra_app
-from sapd.errors import ConfigError, check_run_config
+from sapd.checks import check_config
+from sapd.errors import ConfigError
 from sapd.logging_setup import configure_logging
 from sapd.report.comparison import paired_table, unpaired_note
 from sapd.report.decision_rule import SS_MARGIN, decisions, goals
@@ -70,7 +71,7 @@ def main(cfg: DictConfig) -> None:
     if cfg.get("compare") is not None:
         if not OmegaConf.is_missing(cfg, "dirs") and cfg.dirs is not None:
             raise ConfigError("give dirs= (a table of seeded runs) or compare= (two detection sets), not both")
-        check_run_config(cfg)
+        check_config(cfg)
         a, b = cfg.compare  # two texts: checked against SETTINGS["compare"]
         print(image_bootstrap(a, b, cfg.get("annotations")))
         return
@@ -78,7 +79,7 @@ def main(cfg: DictConfig) -> None:
         raise ConfigError("annotations= goes with compare='[A,B]' (two detection sets); give both, or neither")
     if OmegaConf.is_missing(cfg, "dirs") or cfg.dirs is None:
         raise FileNotFoundError("give the folders to tabulate: python -m sapd.report dirs=results/table2_screen")
-    check_run_config(cfg)
+    check_config(cfg)
     text = report(
         folders(cfg.dirs),
         decide=bool(cfg.decide),
