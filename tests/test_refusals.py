@@ -167,16 +167,21 @@ def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch)
 
 SAVER = textwrap.dedent(
     """
-    import sys, torch
+    import os, sys, torch
     from sapd.checkpoint import AtomicCheckpointIO
-    io, path = AtomicCheckpointIO(), sys.argv[1]
-    state = {"w": torch.randn(4_000_000)}  # 16 MB: a save takes a while
-    print("ready", flush=True)
-    step = 0
-    while True:
-        step += 1
-        state["step"] = step
-        io.save_checkpoint(state, path)
+    path = sys.argv[1]
+    for line in sys.stdin:  # a fresh saving process per line, forked: torch and sapd are imported once
+        pid = os.fork()
+        if pid == 0:
+            io, state = AtomicCheckpointIO(), {"w": torch.randn(4_000_000)}  # 16 MB: a save takes a while
+            step = 0
+            while True:
+                step += 1
+                state["step"] = step
+                io.save_checkpoint(state, path)
+        print(pid, flush=True)
+        os.waitpid(pid, 0)  # until the test kills it
+        print("reaped", flush=True)
     """
 )
 
@@ -191,17 +196,25 @@ def test_sigkill_during_saves_never_leaves_a_broken_checkpoint():
 
     with tempfile.TemporaryDirectory(dir=base) as folder:
         path = Path(folder) / "last.ckpt"
+        host = subprocess.Popen(
+            [sys.executable, "-c", SAVER, str(path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
         steps = []
-        for delay in (0.05, 0.2, 0.45, 0.8):
-            proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], stdout=subprocess.PIPE, text=True)
-            assert proc.stdout.readline().strip() == "ready"
-            deadline = time.time() + 60
-            while not path.exists() and time.time() < deadline:
-                time.sleep(0.01)
-            time.sleep(delay)
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
-            steps.append(torch.load(path, weights_only=False)["step"])  # whole, whatever the moment
+        try:
+            for delay in (0.05, 0.2, 0.45, 0.8):
+                host.stdin.write("save\n")
+                host.stdin.flush()
+                saver = int(host.stdout.readline())
+                deadline = time.time() + 60
+                while not path.exists() and time.time() < deadline:
+                    time.sleep(0.01)
+                time.sleep(delay)
+                os.kill(saver, signal.SIGKILL)
+                assert host.stdout.readline().strip() == "reaped"
+                steps.append(torch.load(path, weights_only=False)["step"])  # whole, whatever the moment
+        finally:
+            host.stdin.close()
+            assert host.wait(timeout=60) == 0
         assert all(s >= 1 for s in steps)
 
 
