@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -81,17 +83,35 @@ TINY = [
 TO_SYNTHETIC = ["data=synthetic", "model.backbone.frozen_stages=-1", "model.backbone.norm_eval=false"]
 
 
+@contextlib.contextmanager
+def _session_env(name: str, value: str) -> Iterator[None]:
+    """Sets the environment variable ``name`` for the session (and the processes its tests start)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _data_cache(tmp_path_factory) -> Path:
     """Synthetic sets are drawn into a session folder, never into the user's cache."""
     path = tmp_path_factory.mktemp("sapd-data")
-    old = os.environ.get("SAPD_DATA_DIR")
-    os.environ["SAPD_DATA_DIR"] = str(path)
-    yield path
-    if old is None:
-        os.environ.pop("SAPD_DATA_DIR", None)
-    else:
-        os.environ["SAPD_DATA_DIR"] = old
+    with _session_env("SAPD_DATA_DIR", str(path)):
+        yield path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temporary_files(tmp_path_factory) -> Iterator[None]:
+    """The processes the tests start keep their temporary files (wandb's media and artifact folders, the
+    checkpoint writers') in the session folder, which pytest rotates: a process a test kills cannot
+    remove its own, and they would pile up in the system's temporary folder."""
+    with _session_env("TMPDIR", str(tmp_path_factory.mktemp("tmp"))):
+        yield
 
 
 def compose_config(name: str, overrides: list[str], output_dir: Path) -> DictConfig:
