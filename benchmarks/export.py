@@ -35,7 +35,7 @@ from sapd import export as sapd_export
 
 from .cli import lists_to_tuples, option, parse
 from .configs import compose_config, sapd_overrides
-from .measure import frozen_heap, log, machine_info, run_interleaved, summarize
+from .measure import log, machine_info, run_interleaved, summarize
 from .report import _clean
 from .workloads import padded_size
 
@@ -152,7 +152,7 @@ def run(cfg: ExportBenchConfig, command: str = PROG) -> dict:
             "machine": machine_info("cpu"),
             "models": {},
         }
-        with tempfile.TemporaryDirectory() as tmp, frozen_heap():
+        with tempfile.TemporaryDirectory() as tmp:  # run_interleaved freezes the heap while it times
             for name in cfg.models:
                 results["models"][name] = measure_model(name, cfg, Path(tmp))
         return results

@@ -99,7 +99,10 @@ def run_interleaved(
         return _interleave(tasks, reps, warmup, device, label)
 
 
-def _interleave(tasks: Mapping[str, Task], reps: int, warmup: int, device, label: str) -> dict[str, list[float]]:
+def _interleave(
+    tasks: Mapping[str, Task], reps: int, warmup: int, device: torch.device | str, label: str
+) -> dict[str, list[float]]:
+    """The rounds of :func:`run_interleaved`."""
     names = list(tasks)
     samples: dict[str, list[float]] = {name: [] for name in names}
     for rnd in range(warmup + reps):

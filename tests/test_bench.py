@@ -375,7 +375,6 @@ def test_frozen_heap_nests_and_hands_the_objects_back():
     with frozen_heap():
         frozen = gc.get_freeze_count()
         assert frozen > 1000  # this process's modules, torch's and pytest's objects
-        made = [[i] for i in range(100)]  # noqa: F841 - objects made inside the block are not frozen
         with frozen_heap():
             assert gc.get_freeze_count() == frozen  # an inner block freezes nothing more
         assert gc.get_freeze_count() == frozen

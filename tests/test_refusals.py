@@ -170,7 +170,7 @@ SAVER = textwrap.dedent(
     import os, sys, torch
     from sapd.checkpoint import AtomicCheckpointIO
     path = sys.argv[1]
-    for line in sys.stdin:  # a fresh saving process per line, forked: torch and sapd are imported once
+    for _ in sys.stdin:  # a fresh saving process per line, forked: torch and sapd are imported once
         pid = os.fork()
         if pid == 0:
             io, state = AtomicCheckpointIO(), {"w": torch.randn(4_000_000)}  # 16 MB: a save takes a while

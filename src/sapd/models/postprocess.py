@@ -194,10 +194,10 @@ SCORE_THRESH_RULE = number(0, 1, high_open=True)
 def check_score_thresh(value: float) -> float:
     """``value`` when it is a score threshold in [0, 1); else one ``ValueError`` naming the setting."""
     try:
-        number = float(value)  # a numpy or 0-d tensor threshold too
+        as_float = float(value)  # a numpy or 0-d tensor threshold too
     except (TypeError, ValueError):
-        number = None
-    if isinstance(value, bool) or not SCORE_THRESH_RULE.allows(number):
+        as_float = None
+    if isinstance(value, bool) or not SCORE_THRESH_RULE.allows(as_float):
         raise ValueError(SCORE_THRESH_RULE.refusal("model.postprocess.score_thresh", value))
     return value
 
