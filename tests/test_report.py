@@ -20,7 +20,7 @@ import sapd
 from sapd.paths import initialize_configs
 from sapd.report.command import folders, main, report
 from sapd.report.comparison import pooled_std
-from sapd.report.decision_rule import decisions, goals
+from sapd.report.decision_rule import decisions, goals, paired_decisions
 from sapd.report.summaries import find_summaries, run_value
 from sapd.report.table import group_runs, markdown_table
 
@@ -335,8 +335,38 @@ def test_paired_differences_of_rows_on_one_commit(tmp_path):
     assert "| 3 | +0.7 (s0), +1.7 (s1), -0.1 (s2) |" in line
     assert f"| {mean:+.1f} ± {sd:.1f} | [{mean - half:+.1f}, {mean + half:+.1f}] | 9 |" in line
     # the TIDE error types from the runs' errors.csv: +0.5 classification, -1.0 localisation each seed
-    assert "| dAP Cls | 3 | +0.5 (s0), +0.5 (s1), +0.5 (s2) | +0.5 ± 0.0 | [+0.5, +0.5] | 2 |" in text
-    assert "| dAP Loc | 3 | -1.0 (s0), -1.0 (s1), -1.0 (s2) |" in text
+    assert "| dAP Cls | 3 | +0.5 (s0), +0.5 (s1), +0.5 (s2) | +0.5 ± 0.0 | [+0.5, +0.5] | 2 | more errors |" in text
+    assert "| dAP Loc | 3 | -1.0 (s0), -1.0 (s1), -1.0 (s2) |" in text and "| fewer errors |" in text
+    assert line.endswith("| 9 | open |")  # the AP interval spans 0
+    rule = report([tmp_path], decide=True).split("Paired rule")[1].splitlines()[1]
+    assert rule.startswith(f"- +SW+SS - FSAF (paper, 8 ep, synthetic (seed 0), 0123456789ab): AP {mean:+.1f} over 3 ")
+    assert rule.endswith("-> open: a 1.0-AP effect needs 9 paired seeds at this spread")
+
+
+def test_paired_rule_reads_the_interval_of_each_comparison(tmp_path):
+    """+SW beats FSAF by more than 1 AP (lower end above +1), +SW+SS beats FSAF by less, so +SW is better
+    than +SW+SS; with 2 shared seeds the rule waits; the table reads each interval the same way."""
+    fsaf, sw, soft = [45.0, 47.0, 46.0], [46.5, 48.6, 47.7], [45.5, 47.6, 46.5]
+    for seed in range(3):
+        for n, (ablation, ap) in enumerate((("FSAF", fsaf), ("+SW", sw), ("+SW+SS", soft))):
+            write_recorded(tmp_path, 3 * seed + n, ablation, seed, ap[seed])
+    rows = group_runs(find_summaries([tmp_path]))
+    lines = paired_decisions(rows).splitlines()
+    assert [x.split(" (")[0] for x in lines] == ["- +SW - FSAF", "- +SW+SS - FSAF", "- +SW+SS - +SW"]
+
+    def ci(b, a):  # mean and 95 % t-interval of b - a: t(0.975, 2) = 4.303
+        d = [y - x for x, y in zip(a, b)]
+        mean, half = statistics.fmean(d), 4.303 * statistics.stdev(d) / math.sqrt(3)
+        return f"AP {mean:+.1f} over 3 paired seeds, 95 % CI [{mean - half:+.1f}, {mean + half:+.1f}]"
+
+    assert lines[0].endswith(f"{ci(sw, fsaf)} -> +SW beats FSAF by more than 1.0 AP")  # [+1.4, +1.8]
+    low = statistics.fmean([0.5, 0.6, 0.5]) - 4.303 * statistics.stdev([0.5, 0.6, 0.5]) / math.sqrt(3)
+    assert lines[1].endswith(f"{ci(soft, fsaf)} -> +SW+SS beats FSAF, not by more than 1.0 AP (lower end {low:+.1f})")
+    assert lines[2].endswith(f"{ci(soft, sw)} -> +SW is better")  # [-1.4, -0.8]
+    readings = [x.split(" | ")[-1] for x in comparison_lines(report([tmp_path]))]
+    assert readings == ["higher by > 1 |", "higher |", "lower |"]
+    waits = paired_decisions(rows, min_seeds=4).splitlines()[0]
+    assert waits.endswith("-> undecided: the rule needs >= 4 paired seeds")
 
 
 def comparison_lines(text):

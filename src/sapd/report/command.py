@@ -1,6 +1,6 @@
 """The ``sapd.report`` command: ``python -m sapd.report dirs=DIR [decide=true]`` (``conf/report.yaml``):
 the table of the runs under the folders, the paired differences, and with ``decide=true`` the
-decision rule and the goal lines; or, with ``compare='[A,B]' annotations=FILE``, two detection sets
+paired rule, the decision rule and the goal lines; or, with ``compare='[A,B]' annotations=FILE``, two detection sets
 compared on the same images (:mod:`sapd.report.image_bootstrap`).
 """
 
@@ -17,8 +17,9 @@ from sapd.checks import check_config
 from sapd.errors import ConfigError
 from sapd.logging_setup import configure_logging
 from sapd.report.comparison import paired_table, unpaired_note
-from sapd.report.decision_rule import SS_MARGIN, decisions, goals
+from sapd.report.decision_rule import SS_MARGIN, decisions, goals, paired_decisions
 from sapd.report.image_bootstrap import image_bootstrap
+from sapd.report.seed_statistics import EFFECT
 from sapd.report.summaries import SUMMARY_FILE, find_summaries
 from sapd.report.table import group_runs, markdown_table
 
@@ -27,9 +28,9 @@ def report(
     paths: Sequence[str | Path], decide: bool = False, reference: str = "paper", same_commit: bool = False
 ) -> str:
     """The markdown table of the runs under ``paths``, the paired differences of rows that share seeds
-    on one commit (:func:`paired_table`); with ``decide`` the decision rule (against the ``reference``
-    variant's +SW+SS row) and the goal lines below it. ``same_commit``: summaries without a recorded
-    commit count as one commit."""
+    on one commit (:func:`paired_table`); with ``decide`` the paired rule on those comparisons, the
+    decision rule (against the ``reference`` variant's +SW+SS row) and the goal lines below it.
+    ``same_commit``: summaries without a recorded commit count as one commit."""
     runs = find_summaries(paths)
     if not runs:
         raise FileNotFoundError(
@@ -44,6 +45,11 @@ def report(
     note = unpaired_note(rows, same_commit)
     if note:
         text += "\n\n" + note
+    if decide and pairs:
+        text += "\n\nPaired rule (sapd.report.decision_rule.paired_decisions): B beats A when the 95 % CI of the "
+        text += f"paired AP differences lies above 0, by more than {EFFECT:.1f} AP when its lower end is above "
+        text += f"+{EFFECT:.1f}; A is better when it lies below 0; otherwise open:\n"
+        text += paired_decisions(rows, same_commit=same_commit) or "- no comparison with 2 or more paired seeds"
     if decide:
         text += "\n\nDecision rule (sapd.report.decision_rule.decisions):\n"
         text += decisions(rows, reference=reference, same_commit=same_commit) or "- no variant with a +SW+SS row"

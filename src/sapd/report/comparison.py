@@ -124,13 +124,28 @@ def comparisons(rows: Sequence[Row]) -> list[tuple[Row, Row]]:
     return out
 
 
+def reading(metric: str, diffs: Paired) -> str:
+    """What the 95 % t-interval of ``diffs`` (B - A) says: for AP and AP75 "higher" (above 0; "higher by
+    > 1" with its lower end above +EFFECT), "lower" (below 0) or "open" (it spans 0); for a dAP, where a
+    negative difference is fewer errors of that type, "fewer errors", "more errors" or "open". "-" with
+    fewer than 2 differences."""
+    lo, hi = diffs.interval()
+    if math.isnan(lo):
+        return "-"
+    if metric.startswith("dAP"):
+        return "fewer errors" if hi < 0 else "more errors" if lo > 0 else "open"
+    if lo > EFFECT:
+        return f"higher by > {EFFECT:.0f}"
+    return "higher" if lo > 0 else "lower" if hi < 0 else "open"
+
+
 def paired_table(rows: Sequence[Row], same_commit: bool = False) -> str:
     """Each SAPD setting against its FSAF row, then each +SW+SS row against its +SW row (same commit,
     data and budget), seed by seed: one line per metric (:data:`PAIRED_METRICS`: AP, AP75, the dAP50 of
     each TIDE error type, then of localisation and missed errors on medium and large objects; a
     negative dAP difference = fewer such errors) with the differences, their mean ± sd, the 95 %
-    t-interval and the paired seeds a 1-point effect needs (80 % power, 5 % two-sided). Empty when no
-    two rows pair."""
+    t-interval, the paired seeds a 1-point effect needs (80 % power, 5 % two-sided) and what the
+    interval says (:func:`reading`). Empty when no two rows pair."""
     show_data, show_commit = context_columns(rows)
     context = ["data"] * show_data + ["commit"] * show_commit
     head = [
@@ -144,6 +159,7 @@ def paired_table(rows: Sequence[Row], same_commit: bool = False) -> str:
         "mean ± sd",
         "95 % CI",
         f"seeds for {EFFECT:.0f} point",
+        "the CI says",
     ]
     lines = []
     for base, row in comparisons(rows):
@@ -165,6 +181,7 @@ def paired_table(rows: Sequence[Row], same_commit: bool = False) -> str:
                 _fmt_signed(diffs.mean) + ("" if math.isnan(diffs.sd) else f" ± {diffs.sd:.1f}"),
                 "-" if math.isnan(lo) else f"[{lo:+.1f}, {hi:+.1f}]",
                 "-" if need is None else str(need),
+                reading(metric, diffs),
             ]
             lines.append("| " + " | ".join(cells) + " |")
     if not lines:

@@ -1,8 +1,9 @@
-"""The decision rule and the goal (``decide=true``), fixed before the experiments.
+"""The decision rule, the paired rule and the goal (``decide=true``), fixed before the experiments.
 
 :func:`decisions`: does a variant replace the default (its +SW+SS row beats the reference's by more
 than the seed noise and is not below its FSAF row). :func:`goals`: do the soft techniques beat FSAF,
-and SAPD the peer detectors, by more than the seed noise. Both compare rows of one commit, data set
+and SAPD the peer detectors, by more than the seed noise. :func:`paired_decisions`: the rule of the
+paired protocol (results/README.md) on each comparison of the paired table. All compare rows of one commit, data set
 and budget only, through :func:`sapd.report.comparison.gap` (paired seeds where the rows share them).
 """
 
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sapd.report.comparison import gap
+from sapd.report.comparison import comparisons, gap, paired
+from sapd.report.seed_statistics import EFFECT
 from sapd.report.summaries import DEFAULT_DATA, PEER_VARIANT
 from sapd.report.table import Row, sibling_variant
 
@@ -78,6 +80,36 @@ def decisions(
             lines.append(text + f" -> undecided: the rule needs >= {min_seeds} seeds per row ({seeds})")
             continue
         lines.append(text + (" -> becomes the default" if adopt else " -> not adopted"))
+    return "\n".join(lines)
+
+
+def paired_decisions(rows: Sequence[Row], min_seeds: int = MIN_SEEDS, same_commit: bool = False) -> str:
+    """The paired protocol's rule on the AP of each comparison of the paired table (B - A, same commit,
+    data and budget, :func:`sapd.report.comparison.comparisons`): B beats A when the 95 % t-interval of
+    the mean per-seed difference lies above 0, by more than :data:`EFFECT` AP when its lower end is above
+    +EFFECT; A is better when it lies below 0; otherwise the question is open and the line gives the
+    paired seeds an EFFECT-AP effect needs at the measured spread. Under ``min_seeds`` shared seeds the
+    line says "undecided". Empty when no two rows pair."""
+    lines = []
+    for base, row in comparisons(rows):
+        diffs = paired(base, row, "map", same_commit)
+        if diffs is None or diffs.n < 2:
+            continue
+        lo, hi = diffs.interval()
+        b, a = row.name, base.name
+        text = f"- {b} - {a} ({row.variant}, {_where(row)}): AP {diffs.mean:+.1f} over {diffs.n} paired seeds, "
+        text += f"95 % CI [{lo:+.1f}, {hi:+.1f}] -> "
+        if diffs.n < min_seeds:
+            verdict = f"undecided: the rule needs >= {min_seeds} paired seeds"
+        elif lo > EFFECT:
+            verdict = f"{b} beats {a} by more than {EFFECT:.1f} AP"
+        elif lo > 0:
+            verdict = f"{b} beats {a}, not by more than {EFFECT:.1f} AP (lower end {lo:+.1f})"
+        elif hi < 0:
+            verdict = f"{a} is better"
+        else:
+            verdict = f"open: a {EFFECT:.1f}-AP effect needs {diffs.seeds_needed()} paired seeds at this spread"
+        lines.append(text + verdict)
     return "\n".join(lines)
 
 
@@ -152,5 +184,6 @@ def goals(rows: Sequence[Row], min_seeds: int = MIN_SEEDS, same_commit: bool = F
         lines.append(head + "; ".join(parts) + f" -> {verdict}")
     if lines and incomplete == len(lines):
         # a screening of +SW+SS variants alone: one line instead of one "undecided" per variant
-        return f"- no +SW+SS setting has its FSAF and +SW rows at its budget ({len(lines)} settings) -> undecided"
+        settings = f"{len(lines)} setting" + "s" * (len(lines) > 1)
+        return f"- no +SW+SS setting has its FSAF and +SW rows at its budget ({settings}) -> undecided"
     return "\n".join(lines)
