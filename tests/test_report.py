@@ -444,6 +444,22 @@ def test_paired_table_without_errors_csv_has_no_error_lines(tmp_path):
     assert len([x for x in lines if x.startswith("| +SW+SS - +SW")]) == 7
 
 
+def test_each_row_has_its_tide_breakdown(tmp_path):
+    """Mean ± std of each error type over the runs with an errors.csv; a row without one is left out."""
+    sized_ablation_runs(tmp_path, with_errors=("+SW", "+SW+SS"))
+    text = report([tmp_path]).split("TIDE errors of each row")[1].split("\n\n")[0]
+    head, _, *lines = text.splitlines()[1:]
+    types = "| Cls | Loc | Both | Dupe | Bkg | Miss | Loc, medium | Loc, large | Miss, medium | Miss, large |"
+    assert head.endswith(f"| n {types}")
+    assert [x.split(" | ")[0] for x in lines] == ["| +SW", "| +SW+SS"]  # FSAF's runs have no errors.csv
+    # +SW: Loc 7 on every seed, Miss 8, 9, 10, Loc on medium objects 2, Miss on large ones 3.0, 2.5, 4.0
+    sw = "| 3 | - | 7.0 ± 0.0 | - | - | - | 9.0 ± 1.0 | 2.0 ± 0.0 | 1.5 ± 0.0 | 4.0 ± 0.0 | 3.2 ± 0.8 |"
+    assert lines[0].endswith(sw)
+    for f in tmp_path.rglob("errors.csv"):
+        f.unlink()
+    assert "TIDE errors" not in report([tmp_path])
+
+
 def test_runs_of_other_commits_data_or_budgets_are_never_pooled_or_paired(tmp_path):
     other = {"sha": "f" * 40, "dirty": False}
     coco = {"name": "coco", "root": "data/coco"}

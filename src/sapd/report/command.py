@@ -1,5 +1,5 @@
 """The ``sapd.report`` command: ``python -m sapd.report dirs=DIR [decide=true]`` (``conf/report.yaml``):
-the table of the runs under the folders, the paired differences, and with ``decide=true`` the
+the table of the runs under the folders, their TIDE breakdown, the paired differences, and with ``decide=true`` the
 paired rule, the decision rule and the goal lines; or, with ``compare='[A,B]' annotations=FILE``, two detection sets
 compared on the same images (:mod:`sapd.report.image_bootstrap`).
 """
@@ -16,18 +16,19 @@ from sapd.app import hydra_app
 from sapd.checks import check_config
 from sapd.errors import ConfigError
 from sapd.logging_setup import configure_logging
-from sapd.report.comparison import paired_table, unpaired_note
+from sapd.report.comparison import ERROR_METRICS, paired_table, unpaired_note
 from sapd.report.decision_rule import SS_MARGIN, decisions, goals, paired_decisions
 from sapd.report.image_bootstrap import image_bootstrap
 from sapd.report.seed_statistics import EFFECT
 from sapd.report.summaries import SUMMARY_FILE, find_summaries
-from sapd.report.table import group_runs, markdown_table
+from sapd.report.table import errors_table, group_runs, markdown_table
 
 
 def report(
     paths: Sequence[str | Path], decide: bool = False, reference: str = "paper", same_commit: bool = False
 ) -> str:
-    """The markdown table of the runs under ``paths``, the paired differences of rows that share seeds
+    """The markdown table of the runs under ``paths``, the TIDE breakdown of each row whose runs have
+    ``report/errors.csv`` (:func:`errors_table`), the paired differences of rows that share seeds
     on one commit (:func:`paired_table`); with ``decide`` the paired rule on those comparisons, the
     decision rule (against the ``reference`` variant's +SW+SS row) and the goal lines below it.
     ``same_commit``: summaries without a recorded commit count as one commit."""
@@ -38,6 +39,11 @@ def report(
         )
     rows = group_runs(runs)
     text = markdown_table(rows)
+    errors = errors_table(rows, ERROR_METRICS)
+    if errors:
+        text += "\n\nTIDE errors of each row (AP50 points lost to each error type, on all objects, then localisation "
+        text += "and missed on medium and large objects; mean ± std over the runs with report/errors.csv; "
+        text += "sapd.report.table.errors_table):\n" + errors
     pairs = paired_table(rows, same_commit)
     if pairs:
         text += "\n\nPaired differences (B - A per seed, same commit, data and budget; AP points, "

@@ -38,6 +38,8 @@ PAIRED_METRICS = (
     *((f"dAP {e}, {size}", ERROR_KEY + error_key(e, size)) for e in SIZED_ERRORS for size in SIZED_SIZES),
 )
 
+ERROR_METRICS = tuple((m, key) for m, key in PAIRED_METRICS if key.startswith(ERROR_KEY))  # the dAP ones
+
 
 def pooled_std(a: Row, b: Row, key: str = "map") -> float:
     """Pooled sample standard deviation of two rows' values (needs >= 2 runs in one of them)."""

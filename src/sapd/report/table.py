@@ -134,6 +134,34 @@ def markdown_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
+def errors_table(rows: Sequence[Row], metrics: Sequence[tuple[str, str]]) -> str:
+    """The TIDE breakdown of each row: for each ``(column, key)`` of ``metrics`` (``dAP_<error>[@<size>]``
+    keys, :func:`sapd.report.summaries.run_value`) the mean ± sample std over the row's runs that have a
+    ``report/errors.csv``, whose number is the ``n`` column. Rows without one are left out; empty when no
+    row has one."""
+    show_data, show_commit = context_columns(rows)
+    context = ["data"] * show_data + ["commit"] * show_commit
+    head = ["row", "variant", "budget", *context, "n", *[m.removeprefix("dAP ") for m, _ in metrics]]
+    lines = []
+    for row in rows:
+        counted = [r for r in row.runs if "errors" in r]
+        if not counted:
+            continue
+        cells = [
+            row.name,
+            row.variant,
+            row.budget,
+            *([row.data] if show_data else []),
+            *([row.commit or "-"] if show_commit else []),
+            str(len(counted)),
+            *[_fmt(*row.mean_std(key)) for _, key in metrics],
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if not lines:
+        return ""
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), *lines])
+
+
 def sibling_variant(row: Row, soft_weight: bool, soft_select: bool) -> str:
     """The variant name of ``row``'s setting with the soft techniques switched as given (e.g. its FSAF
     row: switches that do not matter to FSAF drop out of the name)."""
