@@ -31,7 +31,7 @@ train: $(STAMP) ## Train the embedded default: synthetic COCO set, small backbon
 	$(PY) -m sapd.train $(ARGS)
 
 test: $(STAMP) ## Run the whole test suite (tests/ and the notebooks)
-	$(PY) -m pytest -q $(XDIST) --nbmake tests notebooks $(ARGS)
+	$(PY) -m pytest -q $(XDIST) --durations=15 --nbmake tests notebooks $(ARGS)
 
 test-fast: $(STAMP) ## Run the tests that are not marked slow
 	$(PY) -m pytest -q $(XDIST) -m "not slow" $(ARGS)
