@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from sapd.report.comparison import comparisons, gap, paired
+from sapd.report.comparison import comparisons, gap, paired, reading
 from sapd.report.seed_statistics import EFFECT
 from sapd.report.summaries import DEFAULT_DATA, PEER_VARIANT
 from sapd.report.table import Row, sibling_variant
@@ -99,16 +99,16 @@ def paired_decisions(rows: Sequence[Row], min_seeds: int = MIN_SEEDS, same_commi
         b, a = row.name, base.name
         text = f"- {b} - {a} ({row.variant}, {_where(row)}): AP {diffs.mean:+.1f} over {diffs.n} paired seeds, "
         text += f"95 % CI [{lo:+.1f}, {hi:+.1f}] -> "
+        verdicts = {  # what the interval says (comparison.reading, one home for its thresholds)
+            f"higher by > {EFFECT:.0f}": f"{b} beats {a} by more than {EFFECT:.1f} AP",
+            "higher": f"{b} beats {a}, not by more than {EFFECT:.1f} AP (lower end {lo:+.1f})",
+            "lower": f"{a} is better",
+            "open": f"open: a {EFFECT:.1f}-AP effect needs {diffs.seeds_needed()} paired seeds at this spread",
+        }
         if diffs.n < min_seeds:
             verdict = f"undecided: the rule needs >= {min_seeds} paired seeds"
-        elif lo > EFFECT:
-            verdict = f"{b} beats {a} by more than {EFFECT:.1f} AP"
-        elif lo > 0:
-            verdict = f"{b} beats {a}, not by more than {EFFECT:.1f} AP (lower end {lo:+.1f})"
-        elif hi < 0:
-            verdict = f"{a} is better"
         else:
-            verdict = f"open: a {EFFECT:.1f}-AP effect needs {diffs.seeds_needed()} paired seeds at this spread"
+            verdict = verdicts[reading("AP", diffs)]
         lines.append(text + verdict)
     return "\n".join(lines)
 

@@ -108,6 +108,13 @@ def context_columns(rows: Sequence[Row]) -> tuple[bool, bool]:
     return any(r.data != DEFAULT_DATA for r in rows), any(r.commit is not None for r in rows)
 
 
+def _row_cells(row: Row, show_data: bool, show_commit: bool) -> list[str]:
+    """The cells that name a row: row, variant, budget, and data and commit when the table shows them."""
+    return [row.name, row.variant, row.budget, *([row.data] if show_data else [])] + (
+        [row.commit or "-"] if show_commit else []
+    )
+
+
 def markdown_table(rows: Sequence[Row]) -> str:
     """The rows as one markdown table (AP in %; mean ± sample std over seeds)."""
     show_data, show_commit = context_columns(rows)
@@ -119,11 +126,7 @@ def markdown_table(rows: Sequence[Row]) -> str:
         minutes = [float(r["minutes"]) for r in row.runs if r.get("minutes") is not None]
         steps = [float(r["seconds_per_step"]) for r in row.runs if r.get("seconds_per_step")]
         cells = [
-            row.name,
-            row.variant,
-            row.budget,
-            *([row.data] if show_data else []),
-            *([row.commit or "-"] if show_commit else []),
+            *_row_cells(row, show_data, show_commit),
             str(len(row.runs)),
             *[_fmt(*row.mean_std(key)) for _, key in METRICS],
             per_seed,
@@ -148,11 +151,7 @@ def errors_table(rows: Sequence[Row], metrics: Sequence[tuple[str, str]]) -> str
         if not counted:
             continue
         cells = [
-            row.name,
-            row.variant,
-            row.budget,
-            *([row.data] if show_data else []),
-            *([row.commit or "-"] if show_commit else []),
+            *_row_cells(row, show_data, show_commit),
             str(len(counted)),
             *[_fmt(*row.mean_std(key)) for _, key in metrics],
         ]
