@@ -55,7 +55,9 @@ class TrainStepConfig:
     threads: int = option(0, "torch threads (0: all logical cores)")
     overrides: tuple[str, ...] = option((), "Hydra overrides of conf/ for every case, e.g. [data.batch_size=16]")
     out: str = option("benchmarks/results_train.json", "JSON of the figures (and .md beside it); empty: write nothing")
-    quick: bool = option(False, "a tiny synthetic set in a temporary folder, 2 steps, 1 round (smoke runs)")
+    quick: bool = option(
+        False, "a tiny synthetic set in a temporary folder, batches of 2 at 128 px, 2 steps, 1 round (smoke runs)"
+    )
 
     def __post_init__(self) -> None:
         lists_to_tuples(self)
@@ -67,7 +69,15 @@ class TrainStepConfig:
 
 
 QUICK = {"steps": 2, "warmup": 1, "rounds": 1, "out": ""}
-QUICK_DATA = ("data.synthetic.num_train=24", "data.synthetic.num_val=2", "data.synthetic.max_objects=4")
+# a smoke run's data: a tiny drawn set, and batches of 2 small images instead of the recipe's 8 at 224 px
+QUICK_DATA = (
+    "data.synthetic.num_train=24",
+    "data.synthetic.num_val=2",
+    "data.synthetic.max_objects=4",
+    "data.batch_size=2",
+    "data.min_size=128",
+    "data.max_size=192",
+)
 
 
 class StepClock(L.Callback):
@@ -168,8 +178,13 @@ def run(cfg: TrainStepConfig) -> dict[str, dict]:
 def markdown(results: dict[str, dict], cfg: TrainStepConfig) -> str:
     info = machine_info("cpu")
     base = next(iter(results.values()))["median"]
+    what = (
+        "Smoke run (quick=true: batches of 2 at 128 px, not the recipe's)"
+        if cfg.quick
+        else "Training step of the default recipe"
+    )
     lines = [
-        f"Training step of the default recipe, {info.get('cpu', 'cpu')}, torch {info.get('torch')}, "
+        f"{what}, {info.get('cpu', 'cpu')}, torch {info.get('torch')}, "
         f"{info.get('torch_threads')} threads, load average {info.get('load_average')}; "
         f"{cfg.steps} steps x {cfg.rounds} rounds per case after {cfg.warmup} warm-up",
         "",
