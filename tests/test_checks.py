@@ -400,7 +400,10 @@ def _checkpoint_of(path: Path, cfg, label_to_cat_id: list[int]) -> Path:
 
 
 def test_resume_from_a_checkpoint_of_another_model_or_classes_is_one_line(train_cfg, tmp_path, caplog, monkeypatch):
-    other = _checkpoint_of(tmp_path / "other.ckpt", train_cfg("model.neck.out_channels=32"), [1, 2, 3])
+    # the backbone of the default (TINY's is lcnet_050), so that the first difference is the neck's width
+    other = _checkpoint_of(
+        tmp_path / "other.ckpt", train_cfg("model.backbone.name=resnet10t", "model.neck.out_channels=32"), [1, 2, 3]
+    )
     cfg = compose_config("train", [f"ckpt_path={other}", *_no_coco(tmp_path)], tmp_path)  # 64 channels
     line = _refused(cfg, caplog, monkeypatch)  # before the (missing) COCO folder is read
     assert f"ckpt_path={other} holds another model: model.neck.out_channels is 32 there and 64 here" in line
