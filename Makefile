@@ -20,9 +20,8 @@ help: ## List the targets
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# --no-compile: Python writes the .pyc of a module when it is first imported, so pip need not
-	# compile all ~15,000 files of torch and its CUDA packages (docs/benchmarks.md: install time)
-	$(PY) -m pip install -q --no-compile -e ".[dev,export]" $(TORCH_PINS)
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e ".[dev,export]" $(TORCH_PINS)
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv (if absent) and install sapd with its dev tools; fast when done
