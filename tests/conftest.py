@@ -16,12 +16,31 @@ from omegaconf import DictConfig, open_dict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
-# Threads: OMP_NUM_THREADS where set; else the cores shared out among pytest-xdist's workers (make test
-# runs one worker per core), at most 2. The processes a test starts inherit the same count.
-if not os.environ.get("OMP_NUM_THREADS"):
-    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
-    os.environ["OMP_NUM_THREADS"] = str(max(1, min(2, (os.cpu_count() or 1) // _workers)))
-torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# Threads: OMP_NUM_THREADS where the user set it; else the cores shared out among pytest-xdist's workers
+# (make test runs one worker per core), at most 2. The processes a test starts inherit the same count.
+# More OpenMP threads than free cores spin: a training step of the default model took 2-7.6 s instead of
+# 0.1 s with 2 threads beside another busy process on 2 cores (docs/benchmarks.md). SAPD_TEST_THREADS
+# marks a count set here, so that xdist's workers, which inherit the controller's environment, set their own.
+_SHARED = "SAPD_TEST_THREADS"
+
+
+def _share_threads(workers: int) -> None:
+    os.environ[_SHARED] = "shared"
+    os.environ["OMP_NUM_THREADS"] = str(max(1, min(2, (os.cpu_count() or 1) // workers)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+if not os.environ.get("OMP_NUM_THREADS") or os.environ.get(_SHARED) == "shared":
+    _share_threads(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+else:
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def pytest_configure(config):
+    workerinput = getattr(config, "workerinput", None)  # set in pytest-xdist's workers
+    if workerinput is not None and os.environ.get(_SHARED) == "shared":
+        _share_threads(int(workerinput["workercount"]))
+
 
 from sapd.paths import initialize_configs  # noqa: E402
 
