@@ -18,8 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 # Threads: OMP_NUM_THREADS where the user set it; else the cores shared out among pytest-xdist's workers
 # (make test runs one worker per core), at most 2. The processes a test starts inherit the same count.
-# More OpenMP threads than free cores spin: a training step of the default model took 2-7.6 s instead of
-# 0.1 s with 2 threads beside another busy process on 2 cores (docs/benchmarks.md). SAPD_TEST_THREADS
+# More OpenMP threads than free cores spin: a training step of the default model took up to 7.6 s instead
+# of 0.1 s with 2 threads beside another busy process on 2 cores (docs/benchmarks.md). SAPD_TEST_THREADS
 # marks a count set here, so that xdist's workers, which inherit the controller's environment, set their own.
 _SHARED = "SAPD_TEST_THREADS"
 
