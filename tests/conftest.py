@@ -24,22 +24,15 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 _SHARED = "SAPD_TEST_THREADS"
 
 
-def _share_threads(workers: int) -> None:
+def pytest_configure(config):
+    if os.environ.get("OMP_NUM_THREADS") and os.environ.get(_SHARED) != "shared":  # the user's count
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        return
+    workerinput = getattr(config, "workerinput", None)  # set in pytest-xdist's workers
+    workers = int(workerinput["workercount"]) if workerinput is not None else 1
     os.environ[_SHARED] = "shared"
     os.environ["OMP_NUM_THREADS"] = str(max(1, min(2, (os.cpu_count() or 1) // workers)))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-
-if not os.environ.get("OMP_NUM_THREADS") or os.environ.get(_SHARED) == "shared":
-    _share_threads(int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
-else:
-    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-
-
-def pytest_configure(config):
-    workerinput = getattr(config, "workerinput", None)  # set in pytest-xdist's workers
-    if workerinput is not None and os.environ.get(_SHARED) == "shared":
-        _share_threads(int(workerinput["workercount"]))
 
 
 from sapd.paths import initialize_configs  # noqa: E402

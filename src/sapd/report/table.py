@@ -110,9 +110,12 @@ def context_columns(rows: Sequence[Row]) -> tuple[bool, bool]:
 
 def _row_cells(row: Row, show_data: bool, show_commit: bool) -> list[str]:
     """The cells that name a row: row, variant, budget, and data and commit when the table shows them."""
-    return [row.name, row.variant, row.budget, *([row.data] if show_data else [])] + (
-        [row.commit or "-"] if show_commit else []
-    )
+    cells = [row.name, row.variant, row.budget]
+    if show_data:
+        cells.append(row.data)
+    if show_commit:
+        cells.append(row.commit or "-")
+    return cells
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
