@@ -43,4 +43,7 @@ def main(argv: Sequence[str] | None = None) -> object:
 
 
 if __name__ == "__main__":
+    from sapd.app import quick_exit
+
+    quick_exit()
     main()

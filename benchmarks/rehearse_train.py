@@ -28,6 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 import sapd.train as sapd_train
+from sapd.app import quick_exit
 from sapd.errors import refusals
 from sapd.logging_setup import configure_logging
 from sapd.module import NonFiniteLossError
@@ -104,6 +105,7 @@ class Recorder(L.Callback):
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 @refusals("benchmarks.rehearse_train", NonFiniteLossError)
 def main(cfg: DictConfig) -> None:
+    quick_exit()
     configure_logging()
     out = Path(os.environ["SAPD_REHEARSE_OUT"])
     out.mkdir(parents=True, exist_ok=True)

@@ -400,7 +400,7 @@ def _checkpoint_of(path: Path, cfg, label_to_cat_id: list[int]) -> Path:
 
 
 def test_resume_from_a_checkpoint_of_another_model_or_classes_is_one_line(train_cfg, tmp_path, caplog, monkeypatch):
-    # the backbone of the default (TINY's is lcnet_050), so that the first difference is the neck's width
+    # the backbone of the default (TINY's is test_resnet), so that the first difference is the neck's width
     other = _checkpoint_of(
         tmp_path / "other.ckpt", train_cfg("model.backbone.name=resnet10t", "model.neck.out_channels=32"), [1, 2, 3]
     )

@@ -91,6 +91,7 @@ DRIVER = textwrap.dedent(
     import hydra
 
     from sapd.evaluate import evaluate
+    from sapd.app import quick_exit
     from sapd.logging_setup import configure_logging
     from sapd.module import SAPDLitModule
     from sapd.paths import CONFIG_PATH
@@ -110,6 +111,7 @@ DRIVER = textwrap.dedent(
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
     def main(cfg):
+        quick_exit()
         configure_logging()
         table = evaluate(cfg)
         out = Path(os.environ["SAPD_TEST_OUT"]) / f"rank{os.environ.get('LOCAL_RANK', '0')}.json"
@@ -143,7 +145,7 @@ def run_with_timeout(cmd: list[str], *, cwd: Path, env: dict[str, str], timeout:
 def odd_checkpoint(tmp_path_factory) -> Path:
     """The tiny checkpoint of conftest.train_tiny_checkpoint, trained on a set with NUM_VAL (odd) val images
     and without warm-up, so that its 3 steps learn enough for an AP above 0 (at score_thresh 0): with resnet10t,
-    since TINY's lcnet_050 learns too little in 3 steps for that."""
+    since TINY's test_resnet may learn too little in 3 steps for that."""
     from sapd.train import train
 
     out = tmp_path_factory.mktemp("odd-run")
@@ -221,6 +223,7 @@ TRAIN_DRIVER = textwrap.dedent(
     import hydra
     import torch
 
+    from sapd.app import quick_exit
     from sapd.logging_setup import configure_logging
     from sapd.models import SAPD
     from sapd.paths import CONFIG_PATH
@@ -252,6 +255,7 @@ TRAIN_DRIVER = textwrap.dedent(
 
     @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
     def main(cfg):
+        quick_exit()
         configure_logging()
         _, objects = train(cfg)
         params = [p.detach().double() for p in objects["module"].parameters()]
