@@ -19,11 +19,15 @@ help: ## List the targets
 
 # torch with pip (its CUDA build, ~5.5 GB); the rest with uv, which installs the ~120 other packages in 14 s
 # where pip took 32 s (docs/benchmarks.md). The pins again, so that uv keeps the torch that pip installed.
+# Neither compiles bytecode: Python compiles a module when it is first imported and keeps the .pyc, so only
+# what is used gets compiled (PYTHONDONTWRITEBYTECODE, which would make every process compile again, is
+# not passed on to the commands below).
+unexport PYTHONDONTWRITEBYTECODE
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PINS) uv
-	$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode -e ".[dev,export]" $(TORCH_PINS)
+	$(PY) -m pip install -q --no-compile $(TORCH_PINS) uv
+	$(VENV)/bin/uv pip install -q --python $(PY) -e ".[dev,export]" $(TORCH_PINS)
 	@touch $(STAMP)
 
 install: $(STAMP) ## Create .venv (if absent) and install sapd with its dev tools; fast when done
