@@ -380,6 +380,35 @@ def test_commands_refuse_in_one_line_with_exit_status_2_hydras_own_refusals_too(
     assert [(r["job"], r["overrides"][-1]) for r in rows] == [(0, "data.batch_size=0"), (1, "data.batch_size=-1")]
 
 
+QUICK_EXIT = textwrap.dedent(
+    """
+    import atexit, sys
+    from sapd.app import quick_exit
+
+    class Cycle:
+        def __del__(self):
+            print("freed", flush=True)
+
+    cycle = Cycle()
+    cycle.me = cycle  # freed at exit only by Python's last garbage collection
+    atexit.register(print, "handler ran", flush=True)
+    if sys.argv[1] == "quick":
+        quick_exit()
+    """
+)
+
+
+def test_quick_exit_leaves_the_objects_to_the_system_and_runs_the_exit_handlers():
+    """What each command's process does at exit (sapd.app.quick_exit): the exit handlers run, the objects
+    in reference cycles are not collected one by one."""
+    out = {
+        mode: subprocess.run([sys.executable, "-c", QUICK_EXIT, mode], capture_output=True, text=True, check=True)
+        for mode in ("plain", "quick")
+    }
+    assert out["plain"].stdout.split() == ["handler", "ran", "freed"]
+    assert out["quick"].stdout.split() == ["handler", "ran"] and out["quick"].stderr == ""
+
+
 # ----------------------------------------------------------------------------- resume
 
 

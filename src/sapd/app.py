@@ -145,7 +145,7 @@ def quick_exit() -> None:
     """Makes the interpreter's exit skip freeing the objects of torch, Lightning and the rest one by one.
 
     At exit Python clears every module and collects the reference cycles among their hundreds of thousands of
-    objects: after ``import sapd.train`` that took 1.0-1.3 s of the 5-6 s a refused command lasts (2 cores,
+    objects: after ``import sapd.train`` that took 1.0-1.6 s of the 6-7 s a refused command lasted (2 cores,
     docs/benchmarks.md). :func:`gc.freeze` in an exit handler leaves the objects that exist then to the
     operating system. It frees nothing, so the other exit handlers (logging's flush, wandb's, temporary
     folders) run as before in any order, and objects outside reference cycles are still freed one by one.
