@@ -21,18 +21,15 @@ import signal
 import time
 from pathlib import Path
 
-import hydra
 import lightning as L
 import psutil
 import torch
 from omegaconf import DictConfig
 
 import sapd.train as sapd_train
-from sapd.app import quick_exit
-from sapd.errors import refusals
+from sapd.app import hydra_app
 from sapd.logging_setup import configure_logging
 from sapd.module import NonFiniteLossError
-from sapd.paths import CONFIG_PATH
 
 from .measure import peak_rss_bytes
 
@@ -102,10 +99,8 @@ class Recorder(L.Callback):
             f.write(json.dumps(row) + "\n")
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
-@refusals("benchmarks.rehearse_train", NonFiniteLossError)
+@hydra_app("benchmarks.rehearse_train", "train", NonFiniteLossError)
 def main(cfg: DictConfig) -> None:
-    quick_exit()
     configure_logging()
     out = Path(os.environ["SAPD_REHEARSE_OUT"])
     out.mkdir(parents=True, exist_ok=True)

@@ -25,13 +25,11 @@ _SHARED = "SAPD_TEST_THREADS"
 
 
 def pytest_configure(config):
-    if os.environ.get("OMP_NUM_THREADS") and os.environ.get(_SHARED) != "shared":  # the user's count
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-        return
-    workerinput = getattr(config, "workerinput", None)  # set in pytest-xdist's workers
-    workers = int(workerinput["workercount"]) if workerinput is not None else 1
-    os.environ[_SHARED] = "shared"
-    os.environ["OMP_NUM_THREADS"] = str(max(1, min(2, (os.cpu_count() or 1) // workers)))
+    if not os.environ.get("OMP_NUM_THREADS") or os.environ.get(_SHARED) == "shared":  # not the user's count
+        workerinput = getattr(config, "workerinput", None)  # set in pytest-xdist's workers
+        workers = int(workerinput["workercount"]) if workerinput is not None else 1
+        os.environ[_SHARED] = "shared"
+        os.environ["OMP_NUM_THREADS"] = str(max(1, min(2, (os.cpu_count() or 1) // workers)))
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 

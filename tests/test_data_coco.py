@@ -301,7 +301,7 @@ def test_non_numeric_bbox(quirky):
         COCODetection(ann_file, img_dir)
 
 
-# -- a data set that lies: refused in one line, or dropped and counted (issue 21) ---------------------
+# -- a data set that lies: refused in one line, or dropped and counted -------------------------------
 
 
 def _edit(ann_file: Path, change) -> Path:
@@ -488,7 +488,7 @@ def test_allow_outside_root_is_a_data_setting():
         assert OmegaConf.load(conf / name).allow_outside_root is False, name
 
 
-# -- what stays in memory after parsing (issue 20) ----------------------------------------------------
+# -- what stays in memory after parsing -------------------------------------------------------------
 
 
 def _python_objects(obj, seen=None, depth=0):

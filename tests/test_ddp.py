@@ -90,8 +90,8 @@ DRIVER = textwrap.dedent(
 
     import hydra
 
-    from sapd.evaluate import evaluate
     from sapd.app import quick_exit
+    from sapd.evaluate import evaluate
     from sapd.logging_setup import configure_logging
     from sapd.module import SAPDLitModule
     from sapd.paths import CONFIG_PATH

@@ -1,8 +1,8 @@
 """The training graph does not depend on the data, and the loss is float32 under any autocast.
 
 Under DDP with ``find_unused_parameters=False`` every process must produce a gradient for every trainable
-parameter at every step, or the gradient all-reduce waits forever on the processes that did (issue:
-one process's batch without a training box). These tests check the property on one process, for every
+parameter at every step, or the gradient all-reduce waits forever on the processes that did (for
+example, when one process's batch has no training box). These tests check the property on one process, for every
 model and every kind of batch; tests/test_ddp.py checks it with two gloo processes.
 """
 
