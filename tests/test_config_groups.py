@@ -18,7 +18,8 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from sapd.models.criterion import SAPDCriterion, paper_config
+from sapd.models.criterion import SAPDCriterion
+from sapd.models.settings import paper_config
 from sapd.paths import initialize_configs
 
 ROOT = Path(__file__).resolve().parents[1]

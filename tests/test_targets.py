@@ -21,6 +21,12 @@ STRIDES = [8, 16, 32, 64, 128]
 SIZES_64 = [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]  # a 64 x 64 input
 
 
+def owners(boxes, sizes, strides, epsilon=0.2, box_images=None, num_images=1):
+    """Ownership of every point of ``num_images`` images, as the criterion's assignment step takes it."""
+    num_slots = num_images * sum(h * w for h, w in sizes)
+    return assign_owners(boxes, candidate_pairs(boxes, sizes, strides, epsilon, box_images), num_slots)
+
+
 def test_level_strides():
     assert level_strides() == STRIDES
 
@@ -85,7 +91,7 @@ def test_owner_smallest_area_wins_whatever_the_order():
     big = [0.0, 0.0, 32.0, 32.0]
     small = [8.0, 8.0, 17.0, 17.0]  # B_v = [11.6, 13.4]^2: claims the point (12, 12) on stride 8
     for boxes, small_idx in (([big, small], 1), ([small, big], 0)):
-        owner = assign_owners(torch.tensor(boxes), SIZES_64, STRIDES)
+        owner = owners(torch.tensor(boxes), SIZES_64, STRIDES)
         p = 1 * 8 + 1  # (12, 12) on P3: row 1, column 1
         assert owner[p].item() == small_idx
         assert owner[2 * 8 + 2].item() == 1 - small_idx  # (20, 20): only the big box
@@ -94,10 +100,10 @@ def test_owner_smallest_area_wins_whatever_the_order():
 
 def test_owner_ties_go_to_lowest_index_and_empty_points_are_minus_one():
     box = [0.0, 0.0, 32.0, 32.0]
-    owner = assign_owners(torch.tensor([box, box]), SIZES_64, STRIDES)
+    owner = owners(torch.tensor([box, box]), SIZES_64, STRIDES)
     assert set(owner.tolist()) == {-1, 0}
     assert (owner == 0).sum() == 9
-    assert (assign_owners(torch.zeros(0, 4), SIZES_64, STRIDES) == -1).all()
+    assert (owners(torch.zeros(0, 4), SIZES_64, STRIDES) == -1).all()
 
 
 def test_candidate_pairs_match_dense_rule_random_boxes():
@@ -122,13 +128,13 @@ def test_candidate_pairs_match_dense_rule_random_boxes():
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     masked = torch.where(dense, area[None], torch.full_like(dense, float("inf"), dtype=area.dtype))
     expected = torch.where(dense.any(1), masked.argmin(1), -1)
-    assert torch.equal(assign_owners(boxes, sizes, STRIDES, 0.2), expected)
+    assert torch.equal(owners(boxes, sizes, STRIDES, 0.2), expected)
 
 
 def test_batched_ownership_offsets_points_by_image():
     box = torch.tensor([[0.0, 0.0, 32.0, 32.0]])
-    single = assign_owners(box, SIZES_64, STRIDES)
-    batched = assign_owners(box.repeat(2, 1), SIZES_64, STRIDES, box_images=torch.tensor([1, 0]), num_images=2)
+    single = owners(box, SIZES_64, STRIDES)
+    batched = owners(box.repeat(2, 1), SIZES_64, STRIDES, box_images=torch.tensor([1, 0]), num_images=2)
     p = single.numel()
     assert torch.equal(batched[:p] >= 0, single >= 0) and torch.equal(batched[p:] >= 0, single >= 0)
     assert set(batched[:p][batched[:p] >= 0].tolist()) == {1}
@@ -144,7 +150,7 @@ def test_500_instances_on_800x1333_is_cheap_and_right():
     boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([w, h]))], 1)
     m, p = candidate_pairs(boxes, sizes, STRIDES)
     assert len(m) < 5_000_000  # far below P * M = 22k * 500 dense
-    owner = assign_owners(boxes, sizes, STRIDES)
+    owner = assign_owners(boxes, (m, p), sum(h * w for h, w in sizes))  # the pairs above
     assert (owner >= 0).sum() > 0 and owner.max() < 500
 
 

@@ -6,7 +6,9 @@ first use, so ``import sapd`` stays light.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from sapd.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -17,14 +19,4 @@ _LAZY = {"Detector": "sapd.api", "Detections": "sapd.api"}
 if TYPE_CHECKING:
     from sapd.api import Detections, Detector
 
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        from importlib import import_module
-
-        return getattr(import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'sapd' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -19,7 +19,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sapd import diagnostics
-from sapd.api import SCORE_THRESH
 from sapd.app import hydra_app
 from sapd.callbacks import nothing_scored
 from sapd.checkpoint import load_module
@@ -105,11 +104,9 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
             cfg.paths.output_dir,
             module,
             datamodule.val_dataset if cfg.split == "val" else datamodule.test_dataset,
+            report_cfg,
             size_divisor=getattr(datamodule, "size_divisor", 128),
             metrics_files=diagnostics.find_metrics_csv(ckpt.parent.parent)[-1:],  # the training run's curves
-            score_thresh=float(report_cfg.get("score_thresh", SCORE_THRESH)),
-            num_images=int(report_cfg.get("num_images", 8)),
-            class_table=bool(report_cfg.get("class_table", False)),
             title=f"{ckpt.name}, {getattr(datamodule, 'name', 'data')} {cfg.split}",
             images_file=f"{cfg.split}_images.png",
         )

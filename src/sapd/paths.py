@@ -80,10 +80,10 @@ def config_path(config_name: str | None = None) -> str:
 
 def register_configs() -> None:
     """The config nodes declared in code, for every config folder: ``model/criterion=paper``, the paper's
-    loss setting, made from :class:`sapd.models.SAPDCriterion`'s defaults (its one declaration)."""
+    loss setting, made from the defaults of :class:`sapd.models.settings.CriterionSettings` (their one declaration)."""
     from hydra.core.config_store import ConfigStore
 
-    from sapd.models.criterion import paper_config
+    from sapd.models.settings import paper_config
 
     ConfigStore.instance().store(group="model/criterion", name="paper", node=paper_config())
 

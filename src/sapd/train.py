@@ -22,7 +22,6 @@ from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig
 
 from sapd import diagnostics
-from sapd.api import SCORE_THRESH
 from sapd.app import hydra_app
 from sapd.build import build_backbone, build_module
 from sapd.callbacks import InterruptCheckpoint, LearningCheck, PhaseSwitch
@@ -31,7 +30,7 @@ from sapd.checks import check_config
 from sapd.errors import ConfigError
 from sapd.evaluation import Evaluation
 from sapd.logging_setup import configure_logging
-from sapd.models.criterion import reported_keys
+from sapd.models.settings import reported_keys
 from sapd.module import NonFiniteLossError
 from sapd.provenance import data_identity, source_commit
 from sapd.run_folder import SUMMARY_FILE, claim_run_folder
@@ -348,11 +347,9 @@ def _write_run_report(
         output_dir,
         module,
         datamodule.val_dataset,
+        report_cfg,
         size_divisor=getattr(datamodule, "size_divisor", 128),
         metrics_files=csv_files,
-        score_thresh=float(report_cfg.get("score_thresh", SCORE_THRESH)),
-        num_images=int(report_cfg.get("num_images", 8)),
-        class_table=bool(report_cfg.get("class_table", False)),
         title=f"{cfg.get('task_name', 'train')}, {cfg.data.get('name', 'val')}",
     )
 

@@ -1,4 +1,7 @@
-"""Small helpers shared by the entry points: instantiation, seeding, threads, tables."""
+"""Small helpers shared by the entry points: instantiation, seeding, threads, tables.
+
+torch is imported inside the two helpers that use it, so that sapd.report (which formats tables) runs
+without it."""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -38,6 +40,8 @@ def instantiate_group(cfg: DictConfig | Mapping | None) -> list[Any]:
 def set_threads(num_threads: int | None) -> None:
     """Sets torch's intra-op threads (the CPU default uses every core)."""
     if num_threads:
+        import torch
+
         torch.set_num_threads(int(num_threads))
 
 
@@ -97,6 +101,8 @@ def resolve_precision(precision: Any, accelerator: str = "auto") -> Any:
     """
     if str(precision) != "auto":
         return precision
+    import torch
+
     cuda = torch.cuda.is_available() and accelerator in ("auto", "gpu", "cuda")
     if cuda:
         return "16-mixed"

@@ -3,7 +3,7 @@
 It maps each config key (dotted, as on the command line) to its :class:`~sapd.models.setting_rules.Rule`:
 its kind (integer, number, true/false, one of a list) and range, and what null means where null is
 allowed. The criterion's keys (``model.criterion.*``) are read from the criterion's own fields
-(:class:`~sapd.models.SAPDCriterion`), which check the same rules when built. Keys of :data:`FREE`
+(:class:`~sapd.models.settings.CriterionSettings`), which check the same rules when built. Keys of :data:`FREE`
 (paths, names, class paths) and of :data:`FREE_TREES` are checked where they are used (a missing file
 is named when it is opened).
 """
@@ -16,9 +16,8 @@ from dataclasses import replace
 from omegaconf import ListConfig
 
 from sapd.checks.kinds import batches, device, devices, milestones, sizes
-from sapd.models.criterion import SAPDCriterion
-from sapd.models.postprocess import SCORE_THRESH_RULE, PostProcess
 from sapd.models.setting_rules import Rule, field_rules, flag, integer, is_int, number, one_of
+from sapd.models.settings import SCORE_THRESH_RULE, CriterionSettings, PostProcessSettings
 
 SEED_MAX = 2**32 - 1  # numpy's and Lightning's seed range: [0, 2**32 - 1]
 
@@ -109,8 +108,8 @@ SETTINGS: dict[str, Rule] = {
     "model.num_convs": integer(1),  # FCOS head
     "model.center_sampling_radius": number(0),  # FCOS
     # the criterion's own rules, declared once on its fields (SAPDCriterion checks them when built)
-    **{f"model.criterion.{name}": rule for name, rule in field_rules(SAPDCriterion).items()},
-    **{f"model.postprocess.{name}": rule for name, rule in field_rules(PostProcess).items()},
+    **{f"model.criterion.{name}": rule for name, rule in field_rules(CriterionSettings).items()},
+    **{f"model.postprocess.{name}": rule for name, rule in field_rules(PostProcessSettings).items()},
     # --- optimisation (conf/optim/*.yaml)
     "optim.optimizer.lr": POSITIVE,
     "optim.optimizer.weight_decay": number(0),

@@ -30,7 +30,23 @@ again, on one batch of ``num_images`` images.
 
 from __future__ import annotations
 
-from sapd.diagnostics.report_folder import REPORT_DIR, evaluation_of, report_module, write_report
-from sapd.diagnostics.training_curves import find_metrics_csv
+from typing import TYPE_CHECKING
+
+from sapd.lazy import lazy_exports
+
+# imported on first use, so that sapd.report reads the error types without torch and matplotlib
+_LAZY = {
+    "REPORT_DIR": "sapd.diagnostics.report_folder",
+    "evaluation_of": "sapd.diagnostics.report_folder",
+    "find_metrics_csv": "sapd.diagnostics.training_curves",
+    "report_module": "sapd.diagnostics.report_folder",
+    "write_report": "sapd.diagnostics.report_folder",
+}
 
 __all__ = ["REPORT_DIR", "evaluation_of", "find_metrics_csv", "report_module", "write_report"]
+
+if TYPE_CHECKING:
+    from sapd.diagnostics.report_folder import REPORT_DIR, evaluation_of, report_module, write_report
+    from sapd.diagnostics.training_curves import find_metrics_csv
+
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from sapd.diagnostics.files import write_rows
 
@@ -167,7 +166,7 @@ def _numpy(values: Sequence[Any]) -> list[np.ndarray]:
     for v in values:
         if hasattr(v, "detach"):
             v = v.detach().cpu()
-            if v.is_floating_point() and v.dtype not in (torch.float32, torch.float64):
+            if v.is_floating_point() and v.element_size() < 4:
                 v = v.float()  # bf16 / fp16 states of a mixed-precision run: NumPy has no bfloat16
             v = v.numpy()
         out.append(np.asarray(v))

@@ -133,25 +133,26 @@ def report_module(
     out_dir: str | Path,
     module,
     dataset,
+    settings: Mapping[str, Any] | None = None,
     *,
     size_divisor: int = 128,
     metrics_files: Sequence[str | Path] = (),
-    score_thresh: float = SCORE_THRESH,
-    num_images: int = 8,
     title: str = "",
     images_file: str = IMAGES_PNG,
-    class_table: bool = False,
 ) -> dict[str, Path]:
-    """Writes ``out_dir/report/`` for ``module``'s latest evaluation and, with ``class_table``
-    (``report.class_table``), prints its per-class table on stdout.
+    """Writes ``out_dir/report/`` for ``module``'s latest evaluation and, with ``class_table``, prints
+    its per-class table on stdout.
 
     What ``sapd.train`` (after evaluating the best checkpoint) and ``sapd.evaluate`` call; ``module``
     is a :class:`sapd.module.SAPDLitModule` (its evaluator's latest result, ``class_names``,
-    ``label_to_cat_id``), ``dataset`` the evaluated one (its first ``num_images`` images are drawn).
+    ``label_to_cat_id``), ``dataset`` the evaluated one. ``settings`` is the commands' ``report:``
+    block (conf/run_report): ``score_thresh`` (boxes drawn from this score up), ``num_images`` (the
+    first images of ``dataset`` drawn) and ``class_table``.
     """
+    settings = settings or {}
     latest = module.evaluator.result
     per_class = latest.class_metrics if latest is not None else None
-    if per_class is not None and class_table:  # the command's product: on stdout
+    if per_class is not None and settings.get("class_table", False):  # the command's product: on stdout
         rows = class_rows(per_class, module.class_names, module.label_to_cat_id)
         print("\n" + format_class_table(rows, title=f"Per-class AP (%), {title}" if title else "Per-class AP (%)"))
     return write_report(
@@ -163,8 +164,8 @@ def report_module(
         module=module,
         dataset=dataset,
         size_divisor=size_divisor,
-        score_thresh=score_thresh,
-        num_images=num_images,
+        score_thresh=float(settings.get("score_thresh", SCORE_THRESH)),
+        num_images=int(settings.get("num_images", 8)),
         title=title,
         images_file=images_file,
         evaluation=evaluation_of(module),

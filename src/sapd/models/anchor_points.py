@@ -11,7 +11,8 @@ Every function here is one equation of the paper and can be called on its own:
 - :func:`candidate_pairs` - the "p inside B_v" rule (docs/design.md §3), sparse and vectorised: only
   (box, point) pairs that pass;
   ``valid_region="centre"`` narrows it to the literal reading (the point itself inside B_v).
-- :func:`assign_owners` - the owner instance (or -1) of every point: smallest area wins (docs/design.md §3).
+- :func:`assign_owners` - the owner instance (or -1) of every point among its candidate pairs: smallest
+  area wins (docs/design.md §3).
 - :func:`encode` / :func:`decode` - Eq. 1 and its exact inverse.
 - :func:`soft_weight` - f of Eq. 4.
 """
@@ -24,12 +25,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from sapd.models.settings import VALID_REGIONS
+
 # A point counts as inside B_v when its cell overlaps B_v by more than this fraction of the cell's area
 # (MMDetection ``CenterRegionAssigner(min_pos_iof=0.01)``, the FSAF authors' assigner).
 MIN_POS_IOF = 0.01
-# The two readings of "p inside B_v" (docs/design.md, "Valid region"): the point's cell overlaps B_v
-# (the default, as the FSAF authors' assigner), or the point itself lies inside B_v (the paper's text).
-VALID_REGIONS = ("cell_overlap", "centre")
 
 
 def level_name(level: int) -> str:
@@ -193,29 +193,21 @@ def _centre_points(keep: Tensor, xy: Tensor, group: Tensor, boxes: Tensor, valid
 
 
 @torch.no_grad()
-def assign_owners(
-    boxes: Tensor,
-    level_sizes: Sequence[tuple[int, int]],
-    strides: Sequence[int],
-    epsilon: float = 0.2,
-    box_images: Tensor | None = None,
-    num_images: int = 1,
-    valid_region: str = "cell_overlap",
-) -> Tensor:
-    """Owner instance of every anchor point (docs/design.md §3): among the boxes whose B_v contains the point, the
-    one of smallest area (ties: lowest index); -1 when none. Each point belongs to one level, so this is
-    the per-level ownership of the paper.
+def assign_owners(boxes: Tensor, pairs: tuple[Tensor, Tensor], num_slots: int) -> Tensor:
+    """Owner instance of every anchor point (docs/design.md §3): among the boxes that claim the point in
+    ``pairs`` (:func:`candidate_pairs`), the one of smallest area (ties: lowest index); -1 when none.
+    Each point belongs to one level, so this is the per-level ownership of the paper.
 
     Args:
-        boxes (FloatTensor[M, 4]): x1, y1, x2, y2 (all images of a batch when ``box_images`` is given).
-        box_images (LongTensor[M] or None): image of each box; then the result covers ``num_images * P``.
+        boxes (FloatTensor[M, 4]): x1, y1, x2, y2, the boxes ``pairs`` index.
+        pairs (LongTensor[T], LongTensor[T]): box and point index of each candidate pair.
+        num_slots: the number of points the point indices run over (``num_images * P`` for a batch).
 
     Returns:
-        LongTensor[num_images * P]: index into ``boxes`` or -1.
+        LongTensor[num_slots]: index into ``boxes`` or -1.
     """
-    num_points = sum(h * w for h, w in level_sizes)
-    owner = torch.full((num_images * num_points,), -1, dtype=torch.long, device=boxes.device)
-    box_idx, point_idx = candidate_pairs(boxes, level_sizes, strides, epsilon, box_images, valid_region)
+    box_idx, point_idx = pairs
+    owner = torch.full((num_slots,), -1, dtype=torch.long, device=boxes.device)
     if box_idx.numel() == 0:
         return owner
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])

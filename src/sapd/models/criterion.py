@@ -29,7 +29,7 @@ are a per-point tensor, so nothing loops over instances, points or levels.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,21 +37,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import sigmoid_focal_loss
 
-from sapd.models.anchor_points import (
-    VALID_REGIONS,
-    assign_owners,
-    candidate_pairs,
-    encode,
-    soft_weight,
-)
+from sapd.models.anchor_points import assign_owners, candidate_pairs, encode, soft_weight
 from sapd.models.losses import dense_focal_loss, iou_loss
 from sapd.models.selection import instance_level_losses, select_levels
-from sapd.models.setting_rules import Rule, check_fields, flag, integer, number, one_of
+from sapd.models.settings import CriterionSettings
 from sapd.models.steps import Assignment, Batch, Owners, Positives, Selection, flatten_batch
-
-# The ``report`` metadata of a setting: what a run summary records and sapd.report names a row by.
-ABLATION = "ablation"  # a Table 2 switch (SW, SS): names the row's ablation (FSAF, +SW, ...)
-VARIANT = "variant"  # a value other than the paper's names the row's variant
 
 
 def level_max_normalised(f: Tensor, group: Tensor, num_groups: int) -> Tensor:
@@ -67,62 +57,13 @@ def level_max_normalised(f: Tensor, group: Tensor, num_groups: int) -> Tensor:
     return torch.where(best > 0, f / best.clamp(min=torch.finfo(f.dtype).tiny), torch.ones_like(f))
 
 
-def _setting(default: Any, rule: Rule, report: str | None = None) -> Any:
-    """A field: its default, the values it accepts (checked when built, and by the commands' table of
-    settings, sapd.checks.SETTINGS) and its ``report`` metadata."""
-    return field(default=default, metadata={"rule": rule, "report": report})
-
-
 @dataclass(kw_only=True)
-class SAPDCriterion:
-    """Configuration and computation of the SAPD loss; see the module docstring for the steps.
-
-    The config node ``model.criterion``. The defaults are the paper's setting, declared here only:
-    the config node is made from them (:func:`paper_config`), a run summary records the settings marked
-    ``report`` (:func:`reported_keys`), and sapd.report names a row by those that differ from the
-    paper's (:func:`paper_setting`). The number of classes comes from the logits and the box coding's
-    ``z`` (Eq. 1) from the detector, which shares it with the post-processing.
-
-    Args:
-        soft_weight: SW switch (off: f := 1).
-        soft_select: SS switch (off: FSAF single level whatever the phase).
-        eta: exponent of f in Eq. 4 (>= 0; Table 3).
-        topk: levels per instance in phase 2 (Table 4; 1 to the number of levels).
-        epsilon: shrink factor of B_v, in (0, 1].
-        valid_region: ``"cell_overlap"`` (the FSAF authors' assigner) or ``"centre"`` (the point itself
-            inside B_v, at least the nearest point on each level the instance has); see
-            :func:`~sapd.models.anchor_points.candidate_pairs`.
-        soft_weight_norm: ``"none"`` (Eq. 4 as printed) or ``"level_max"``: f divided by the largest f
-            of the instance's points on that level, so its best point there weighs 1.
-        normaliser: denominator of Eq. 6: ``"weight_sum"`` (the paper: sum of w over positives) or
-            ``"num_pos"`` (the number of positive points, as FSAF / RetinaNet).
-        unselected: ``"negative"`` (paper) or ``"ignore"`` (MMDetection FSAF: weight 0 in the owner's
-            class only) for points owned by an instance not assigned to their level.
-        ignore_epsilon: FSAF ignore region (0.5) or None (off).
-        lambda_select: lambda of Eq. 6.
-        loc_loss: ``"iou"`` or ``"giou"``.
-        focal_alpha, focal_gamma: of the focal loss (Eq. 2).
-    """
-
-    soft_weight: bool = _setting(True, flag(), ABLATION)
-    soft_select: bool = _setting(True, flag(), ABLATION)
-    eta: float = _setting(1.0, number(0), VARIANT)
-    topk: int = _setting(3, integer(1), VARIANT)
-    epsilon: float = _setting(0.2, number(0, 1, low_open=True), VARIANT)
-    valid_region: str = _setting("cell_overlap", one_of(*VALID_REGIONS), VARIANT)
-    soft_weight_norm: str = _setting("none", one_of("none", "level_max"), VARIANT)
-    normaliser: str = _setting("weight_sum", one_of("weight_sum", "num_pos"), VARIANT)
-    unselected: str = _setting("negative", one_of("negative", "ignore"), VARIANT)
-    ignore_epsilon: float | None = _setting(None, number(0, 1, low_open=True, null="no ignore region"), VARIANT)
-    lambda_select: float = _setting(0.1, number(0))
-    loc_loss: str = _setting("iou", one_of("iou", "giou"))
-    focal_alpha: float = _setting(0.25, number(0, 1))
-    focal_gamma: float = _setting(2.0, number(0))
+class SAPDCriterion(CriterionSettings):
+    """The SAPD loss with its settings (:class:`~sapd.models.settings.CriterionSettings`, the config node
+    ``model.criterion``, whose defaults are the paper's); see the module docstring for the steps."""
 
     def __post_init__(self) -> None:
-        check_fields(self, "model.criterion")
-        if self.ignore_epsilon is not None and not self.epsilon < self.ignore_epsilon:
-            raise ValueError(f"model.criterion.ignore_epsilon must be in (epsilon, 1]; got {self.ignore_epsilon!r}")
+        super().__post_init__()
         # the assignment of the latest call (not a setting: no field, so neither compared nor replaced)
         self.last_assignment: Assignment | None = None
 
@@ -183,9 +124,8 @@ class SAPDCriterion:
         """Step 1: the owner of every point of every image (-1: none), and the instance-dependent loss of
         each (instance, level): the mean per-point loss, unweighted (focal summed over classes + IoU; §3.3)."""
         b = batch
-        owner = assign_owners(
-            b.boxes, b.level_sizes, b.strides, self.epsilon, b.box_images, b.num_images, self.valid_region
-        )  # [N*P]
+        pairs = candidate_pairs(b.boxes, b.level_sizes, b.strides, self.epsilon, b.box_images, self.valid_region)
+        owner = assign_owners(b.boxes, pairs, b.num_images * b.num_points)  # [N*P]
         idx = torch.nonzero(owner >= 0).squeeze(1)  # [Q] global point index
         instance = owner[idx]  # [Q]
         p = idx % b.num_points  # [Q] point index within the image
@@ -314,18 +254,3 @@ class SAPDCriterion:
             weight=positives.weight.detach(),
             selection_probs=probs.detach(),
         )
-
-
-def paper_config() -> dict[str, Any]:
-    """The config node ``model.criterion`` of the paper's setting: the target and every default."""
-    return {"_target_": "sapd.models.SAPDCriterion", **{f.name: f.default for f in fields(SAPDCriterion)}}
-
-
-def reported_keys() -> tuple[str, ...]:
-    """The settings a run summary records (flat, beside the model's ``_target_``), in declaration order."""
-    return tuple(f.name for f in fields(SAPDCriterion) if f.metadata.get("report"))
-
-
-def paper_setting() -> dict[str, Any]:
-    """The paper's value of each setting whose other values name a variant in sapd.report."""
-    return {f.name: f.default for f in fields(SAPDCriterion) if f.metadata.get("report") == VARIANT}

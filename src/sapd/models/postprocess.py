@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms, nms
 
-from sapd.models.setting_rules import check_fields, integer, number
+from sapd.models.settings import PostProcessSettings
 
 
 def has_area(boxes: Tensor) -> Tensor:
@@ -187,49 +187,10 @@ def unpad(
     return results
 
 
-# What a score threshold accepts: model.postprocess.score_thresh, and the per-call threshold.
-SCORE_THRESH_RULE = number(0, 1, high_open=True)
-
-
-def check_score_thresh(value: float) -> float:
-    """``value`` when it is a score threshold in [0, 1); else one ``ValueError`` naming the setting."""
-    try:
-        as_float = float(value)  # a numpy or 0-d tensor threshold too
-    except (TypeError, ValueError):
-        as_float = None
-    if isinstance(value, bool) or not SCORE_THRESH_RULE.allows(as_float):
-        raise ValueError(SCORE_THRESH_RULE.refusal("model.postprocess.score_thresh", value))
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
-class PostProcess:
-    """The settings of post-processing (config node ``model.postprocess``) and the SAPD decoding with them.
-    Frozen: a caller that wants other settings passes ``score_thresh`` per call or makes a :meth:`replace` copy.
-
-    Args:
-        score_thresh: keep (point, class) pairs with sigmoid score above it (0.05).
-        pre_nms_topk: at most this many pairs per level before NMS (1000).
-        nms_thresh: IoU of the class-aware NMS (0.5).
-        max_detections: detections kept per image (100).
-    """
-
-    # each field's rule: checked when built, and read into the commands' table (sapd.checks.SETTINGS)
-    score_thresh: float = dataclasses.field(default=0.05, metadata={"rule": SCORE_THRESH_RULE})
-    pre_nms_topk: int = dataclasses.field(default=1000, metadata={"rule": integer(1)})
-    nms_thresh: float = dataclasses.field(default=0.5, metadata={"rule": number(0, 1, low_open=True)})
-    max_detections: int = dataclasses.field(default=100, metadata={"rule": integer(1)})
-
-    def __post_init__(self) -> None:
-        check_fields(self, "model.postprocess")
-
-    def replace(self, **changes: Any) -> PostProcess:
-        """A copy with ``changes`` (checked as the constructor checks them)."""
-        return dataclasses.replace(self, **changes)
-
-    def thresh(self, score_thresh: float | None = None) -> float:
-        """The threshold of one call: ``score_thresh`` when given (checked), else this object's."""
-        return float(self.score_thresh if score_thresh is None else check_score_thresh(score_thresh))
+class PostProcess(PostProcessSettings):
+    """The SAPD decoding with the settings of post-processing (:class:`~sapd.models.settings.PostProcessSettings`,
+    the config node ``model.postprocess``)."""
 
     def __call__(
         self,

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sapd.diagnostics.error_analysis import ERRORS_CSV, read_errors_csv
-from sapd.models.criterion import paper_setting
+from sapd.models.settings import paper_setting
 
 SUMMARY_FILE = "summary.json"
 
