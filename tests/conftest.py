@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,3 +195,48 @@ def train_with(cfg, *extra_callbacks):
         return train_module.train(cfg)
     finally:
         train_module.instantiate_group = original
+
+
+# Commands run as `python -m <module> <args>` runs them (Hydra parses the command line), several in one
+# process so that sapd is imported once; run i's console (stdout and stderr) goes to $OUT/<i>.out.
+COMMANDS = textwrap.dedent(
+    """
+    import importlib, json, os, sys
+    from hydra.core.global_hydra import GlobalHydra
+    results = []
+    for module, args, env in json.loads(sys.argv[1]):
+        GlobalHydra.instance().clear()
+        os.environ.pop("SAPD_CONFIG_DIR", None)
+        os.environ.update(env)
+        sys.argv = [module, *args]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        out = os.open(os.path.join(os.environ["OUT"], f"{len(results)}.out"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        saved = os.dup(1), os.dup(2)
+        os.dup2(out, 1)  # the console: a run's log lines go to stdout (Hydra's job logging), Hydra's to stderr
+        os.dup2(out, 2)
+        try:
+            importlib.import_module(module).main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(out)
+        results.append(code)
+    print(json.dumps(results))
+    """
+)
+
+
+def run_commands(runs: list, out: Path, **env: str) -> list:
+    """Runs each ``(module, args, env)`` of ``runs`` in one new process (:data:`COMMANDS`); returns
+    their exit codes; the console of run ``i`` is in ``out / f"{i}.out"``."""
+    out.mkdir(parents=True, exist_ok=True)
+    argv = [sys.executable, "-c", COMMANDS, json.dumps(runs)]
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "OUT": str(out), **env}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

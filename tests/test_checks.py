@@ -20,7 +20,7 @@ from hydra import compose
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf, open_dict
 
-from conftest import compose_config
+from conftest import compose_config, run_commands
 from sapd.app import flatten
 from sapd.checks import FREE, FREE_TREES, SETTINGS, check_config, check_settings
 from sapd.errors import ConfigError
@@ -300,38 +300,6 @@ def test_a_backbone_name_timm_does_not_know_is_one_line(tmp_path, caplog, monkey
 
 # ----------------------------------------------------------------------------- the commands themselves
 
-DRIVER = textwrap.dedent(
-    """
-    import importlib, json, os, sys
-    from hydra.core.global_hydra import GlobalHydra
-    results = []
-    for module, args, env in json.loads(sys.argv[1]):
-        GlobalHydra.instance().clear()
-        os.environ.pop("SAPD_CONFIG_DIR", None)
-        os.environ.update(env)
-        sys.argv = [module, *args]
-        sys.stdout.flush()
-        sys.stderr.flush()
-        out = os.open(os.path.join(os.environ["OUT"], f"{len(results)}.out"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        saved = os.dup(1), os.dup(2)
-        os.dup2(out, 1)  # the console: a run's log lines go to stdout (Hydra's job logging), Hydra's to stderr
-        os.dup2(out, 2)
-        try:
-            importlib.import_module(module).main()
-            code = 0
-        except SystemExit as exc:
-            code = exc.code
-        finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os.dup2(saved[0], 1)
-            os.dup2(saved[1], 2)
-            os.close(out)
-        results.append(code)
-    print(json.dumps(results))
-    """
-)
-
 
 def test_commands_refuse_in_one_line_with_exit_status_2_hydras_own_refusals_too(tmp_path):
     """The commands as a user runs them (Hydra parses the command line): Hydra's own refusals, a
@@ -354,17 +322,7 @@ def test_commands_refuse_in_one_line_with_exit_status_2_hydras_own_refusals_too(
     ]
     sweep = ("sapd.train", ["-m", logs, "data.batch_size=0,-1"], {}, "2 job(s) of this sweep refused")
     out = tmp_path / "console"
-    out.mkdir()
-    env = {**os.environ, "OUT": str(out), "HYDRA_FULL_ERROR": "0"}
-    proc = subprocess.run(
-        [sys.executable, "-c", DRIVER, json.dumps([c[:3] for c in [*cases, sweep]])],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    codes = json.loads(proc.stdout.strip().splitlines()[-1])
+    codes = run_commands([c[:3] for c in [*cases, sweep]], out, HYDRA_FULL_ERROR="0")
     for i, (module, args, _, message) in enumerate(cases):
         lines = [ln for ln in (out / f"{i}.out").read_text().splitlines() if ln.strip()]
         assert codes[i] == 2 and len(lines) == 1, (module, args, codes[i], lines)

@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from hydra.utils import instantiate
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from conftest import TINY, compose_config
+from conftest import TINY, compose_config, run_commands
 from sapd.api import Detector
 from sapd.checkpoint import CheckpointError, load_module
 from sapd.diagnostics import class_ap, training_curves
@@ -364,19 +362,20 @@ def test_evaluate_takes_the_checkpoints_data_unless_a_data_config_is_chosen(trai
 @pytest.mark.slow
 def test_evaluate_takes_data_keys_without_a_data_config(trained, tmp_path):
     """``python -m sapd.evaluate ckpt_path=... data.KEY=VALUE`` changes the checkpoint's data config;
-    a key it does not have is one line, exit status 2."""
+    a key it does not have is one line, exit status 2. Both as a user runs them (Hydra parses the command
+    line), in one process."""
     ckpt, _ = trained
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     results = tmp_path / "results.json"
-    common = [sys.executable, "-m", "sapd.evaluate", f"ckpt_path={ckpt}", "trainer=cpu", "report.enabled=false"]
-    argv = [*common, f"results_file={results}", "score_thresh=0.0", "data.limit_val_images=2"]
-    done = subprocess.run([*argv, f"hydra.run.dir={tmp_path / 'a'}"], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    common = [f"ckpt_path={ckpt}", "trainer=cpu", "report.enabled=false"]
+    done = [*common, f"results_file={results}", "score_thresh=0.0", "data.limit_val_images=2"]
+    wrong = [*common, "data.val_anns=x.json"]
+    runs = [("sapd.evaluate", [*done, f"hydra.run.dir={tmp_path / 'a'}"], {})]
+    runs.append(("sapd.evaluate", [*wrong, f"hydra.run.dir={tmp_path / 'b'}"], {}))
+    out = tmp_path / "console"
+    codes = run_commands(runs, out, PYTHONPATH=os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]))
+    assert codes[0] == 0, (out / "0.out").read_text()[-3000:]
     assert len({d["image_id"] for d in json.loads(results.read_text())}) == 2
-    wrong = subprocess.run(
-        [*common, "data.val_anns=x.json", f"hydra.run.dir={tmp_path / 'b'}"], env=env, capture_output=True, text=True
-    )
-    text = wrong.stdout + wrong.stderr
+    text = (out / "1.out").read_text()
     lines = [ln for ln in text.splitlines() if "sapd.evaluate:" in ln]
-    assert wrong.returncode == 2 and len(lines) == 1 and "Traceback" not in text, text[-3000:]
+    assert codes[1] == 2 and len(lines) == 1 and "Traceback" not in text, text[-3000:]
     assert "data.val_anns is not a key of the checkpoint's data config" in lines[0]
