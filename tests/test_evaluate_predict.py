@@ -18,7 +18,7 @@ from pycocotools.cocoeval import COCOeval
 
 from conftest import TINY, compose_config, run_commands
 from sapd.api import Detector
-from sapd.checkpoint import CheckpointError, load_module
+from sapd.checkpoint import CheckpointError, load_detector, load_module
 from sapd.diagnostics import class_ap, training_curves
 from sapd.diagnostics import error_analysis as ea
 from sapd.evaluate import evaluate
@@ -308,6 +308,9 @@ def test_checkpoint_of_the_flat_config_layout_loads_with_a_warning(trained, tmp_
     images = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(module(images)["cls_logits"], new(images)["cls_logits"])
+    with caplog.at_level(logging.WARNING, logger="sapd"):
+        detector, _ = load_detector(old)  # the loader without Lightning reads it alike
+    assert detector.net.criterion.eta == 2.0 and detector.net.postprocessor == new.net.postprocessor
 
 
 @pytest.mark.slow
@@ -317,19 +320,26 @@ def test_checkpoint_whose_config_cannot_build_is_one_clear_error(trained, tmp_pa
     ckpt["sapd_config"]["model"]["criterion"]["topk"] = 0
     bad = tmp_path / "bad.ckpt"
     torch.save(ckpt, bad)
-    with pytest.raises(CheckpointError, match=r"cannot rebuild the model of .*bad.ckpt.*model.criterion.topk"):
-        load_module(bad)
+    for load in (load_module, load_detector):
+        with pytest.raises(CheckpointError, match=r"cannot rebuild the model of .*bad.ckpt.*model.criterion.topk"):
+            load(bad)
 
 
 @pytest.mark.slow
 def test_one_builder_for_training_and_loading(trained):
-    """load_module and training build the module through sapd.build.build_module: same classes, same net."""
+    """load_module and training build the module through sapd.build.build_module: same classes, same net;
+    load_detector builds the same net (sapd.build.build_net) with the same weights and classes."""
     ckpt_path, datamodule = trained
     module, run_cfg = load_module(ckpt_path)
     assert module.label_to_cat_id == list(datamodule.label_to_cat_id)
     assert module.class_names == list(datamodule.class_names)
     assert module.optimizer_factory is not None  # the run's optimiser is rebuilt too (fine-tuning from it works)
     assert type(module.net).__name__ == run_cfg.model._target_.rsplit(".", 1)[1]
+    detector, detector_cfg = load_detector(ckpt_path)
+    assert detector_cfg == run_cfg and not detector.net.training
+    assert (detector.label_to_cat_id, detector.class_names) == (module.label_to_cat_id, module.class_names)
+    ours, theirs = detector.net.state_dict(), module.net.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import torch
 from conftest import TINY, compose_config
 from sapd import export as sapd_export
 from sapd.atomic import WriteError, remove_stale_temporaries, temporary_path, write_text
-from sapd.checkpoint import AtomicCheckpointIO
+from sapd.checkpoint_io import AtomicCheckpointIO
 from sapd.paths import initialize_configs
 from sapd.predict import PredictError, predict
 from sapd.run_folder import LOCK_FILE, RunFolderError, claim_run_folder
@@ -355,6 +355,7 @@ PREDICT_FULL = textwrap.dedent(
         predict(cfg)
     except Exception as exc:
         print(type(exc).__name__, str(exc).replace(chr(10), " "))
+    print("lightning imported:", "lightning" in sys.modules)  # the checkpoint was read without it
     """
 )
 
@@ -369,3 +370,4 @@ def test_predict_on_a_full_disk_leaves_no_empty_or_cut_file(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.startswith(f"WriteError cannot write {out / image.name}.json: "), proc.stdout
     assert not out.exists() or list(out.iterdir()) == []
+    assert proc.stdout.splitlines()[-1] == "lightning imported: False"

@@ -19,7 +19,8 @@ from omegaconf import OmegaConf
 
 from conftest import compose_config
 from sapd.callbacks import PhaseSwitch
-from sapd.checkpoint import AtomicCheckpointIO, CheckpointError, check_checkpoint_file, read_checkpoint
+from sapd.checkpoint import CheckpointError, check_checkpoint_file, read_checkpoint
+from sapd.checkpoint_io import AtomicCheckpointIO
 from sapd.checks import check_config
 from sapd.errors import ConfigError, UserError, one_line, refusals
 from sapd.paths import writable_dir
@@ -168,7 +169,7 @@ def test_atomic_save_keeps_the_old_file_when_a_save_fails(tmp_path, monkeypatch)
 SAVER = textwrap.dedent(
     """
     import os, sys, torch
-    from sapd.checkpoint import AtomicCheckpointIO
+    from sapd.checkpoint_io import AtomicCheckpointIO
     path = sys.argv[1]
     for _ in sys.stdin:  # a fresh saving process per line, forked: torch and sapd are imported once
         pid = os.fork()

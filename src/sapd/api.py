@@ -227,9 +227,9 @@ class Detector:
         ``score_thresh`` as in the class (None: the model's own threshold).
         Raises :class:`sapd.checkpoint.CheckpointError` naming the file when it cannot be loaded.
         """
-        from sapd.checkpoint import load_module  # Lightning and Hydra: only when a checkpoint is read
+        from sapd.checkpoint import load_detector  # Hydra: only when a checkpoint is read
 
-        module, run_cfg = load_module(path)
+        module, run_cfg = load_detector(path)
         eval_min, eval_max = run_eval_size(run_cfg.data)
         det = cls(
             module.net,
@@ -240,7 +240,7 @@ class Detector:
             category_ids=module.label_to_cat_id,
             device=device,
             score_thresh=score_thresh,
-            channels_last=bool(getattr(module, "channels_last", False)),
+            channels_last=module.channels_last,
         )
         det.run_config = run_cfg
         return det

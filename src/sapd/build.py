@@ -1,10 +1,12 @@
-"""The one way a run's config becomes a :class:`~sapd.module.SAPDLitModule`.
+"""The one way a run's config becomes a detector (:func:`build_net`) and a
+:class:`~sapd.module.SAPDLitModule` (:func:`build_module`).
 
-Training (:mod:`sapd.train`), evaluation, prediction and analysis all call :func:`build_module`: for
-training with the data module's classes, for the others with the classes and config a checkpoint
-carries (:func:`sapd.checkpoint.load_module`). The model config instantiates objects: the detector
-(``model._target_``) receives its backbone, neck, head, selection net, criterion (``model.criterion``)
-and post-processing (``model.postprocess``) as built objects.
+Training (:mod:`sapd.train`), evaluation and analysis call :func:`build_module`: for training with the
+data module's classes, for the others with the classes and config a checkpoint carries
+(:func:`sapd.checkpoint.load_module`); prediction, export and :class:`sapd.Detector` need the detector
+alone (:func:`sapd.checkpoint.load_detector`), without Lightning. The model config instantiates objects:
+the detector (``model._target_``) receives its backbone, neck, head, selection net, criterion
+(``model.criterion``) and post-processing (``model.postprocess``) as built objects.
 """
 
 from __future__ import annotations
@@ -12,20 +14,24 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sapd.errors import ConfigError, UserError
-from sapd.models.criterion import SAPDCriterion
-from sapd.module import SAPDLitModule
+from sapd.models.settings import CriterionSettings
 from sapd.utils import config_to_dict
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from sapd.module import SAPDLitModule
 
 # Keys that configs written before ``model.criterion`` / ``model.postprocess`` existed kept flat under
 # ``model`` (checkpoints of sapd 0.1 before the change); :func:`migrate_model_config` moves them.
-CRITERION_KEYS = tuple(f.name for f in dataclasses.fields(SAPDCriterion))
+CRITERION_KEYS = tuple(f.name for f in dataclasses.fields(CriterionSettings))
 POSTPROCESS_KEYS = ("score_thresh", "pre_nms_topk", "nms_thresh", "max_detections")
 SAPD_TARGET = "sapd.models.SAPD"
 
@@ -80,20 +86,11 @@ def build_backbone(cfg: DictConfig) -> Any:
     return _instantiate(node)
 
 
-def build_module(
-    cfg: DictConfig,
-    *,
-    label_to_cat_id: Sequence[int],
-    class_names: Sequence[str] | None = None,
-    pretrained: bool = True,
-    backbone: Any = None,
-) -> SAPDLitModule:
-    """The detector of ``cfg.model`` wrapped with the optimiser of ``cfg.optim``.
+def build_net(cfg: DictConfig, *, num_classes: int, pretrained: bool = True, backbone: Any = None) -> nn.Module:
+    """The detector of ``cfg.model`` for ``num_classes`` classes.
 
     Args:
         cfg: a run config (``conf/train.yaml`` composed, or the one a checkpoint carries).
-        label_to_cat_id: contiguous label -> data set category id; its length is the number of classes.
-        class_names: names of the labels (for drawings and per-class tables).
         pretrained: False builds the backbone without fetching pretrained weights (a checkpoint's
             state dict replaces them anyway).
         backbone: the backbone :func:`build_backbone` built from this config (None: built here).
@@ -104,7 +101,28 @@ def build_module(
             cfg.model.backbone.pretrained = False
             cfg.model.backbone.checkpoint_path = None
     extra = {"backbone": backbone} if backbone is not None else {}
-    net = _instantiate(cfg.model, num_classes=len(label_to_cat_id), **extra)
+    return _instantiate(cfg.model, num_classes=num_classes, **extra)
+
+
+def build_module(
+    cfg: DictConfig,
+    *,
+    label_to_cat_id: Sequence[int],
+    class_names: Sequence[str] | None = None,
+    pretrained: bool = True,
+    backbone: Any = None,
+) -> SAPDLitModule:
+    """The detector of ``cfg.model`` (:func:`build_net`) wrapped with the optimiser of ``cfg.optim``.
+
+    Args:
+        cfg: a run config (``conf/train.yaml`` composed, or the one a checkpoint carries).
+        label_to_cat_id: contiguous label -> data set category id; its length is the number of classes.
+        class_names: names of the labels (for drawings and per-class tables).
+        pretrained, backbone: as :func:`build_net`.
+    """
+    from sapd.module import SAPDLitModule  # Lightning: imported by the commands that train or evaluate only
+
+    net = build_net(cfg, num_classes=len(label_to_cat_id), pretrained=pretrained, backbone=backbone)
     optim = cfg.get("optim") or {}
     optimizer = instantiate(optim["optimizer"]) if "optimizer" in optim else None
     module = SAPDLitModule(

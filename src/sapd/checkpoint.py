@@ -1,20 +1,24 @@
-"""Rebuilding a trained detector from a checkpoint alone (its config travels inside it)."""
+"""Rebuilding a trained detector from a checkpoint alone (its config travels inside it): the detector
+(:func:`load_detector`, without Lightning) or the training module (:func:`load_module`); and the checks
+of a checkpoint file and of a resume, made before any model is built."""
 
 from __future__ import annotations
 
 import logging
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from sapd.atomic import replacing
-from sapd.build import build_module, migrate_model_config
+from sapd.build import build_module, build_net, migrate_model_config
 from sapd.errors import UserError
-from sapd.module import SAPDLitModule
+
+if TYPE_CHECKING:
+    from sapd.module import SAPDLitModule
 
 log = logging.getLogger(__name__)
 
@@ -55,31 +59,6 @@ def check_checkpoint_file(path: str | Path) -> Path:
     return path
 
 
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints that are never half-written: the file appears whole or not at all.
-
-    Each save goes to a temporary file in the destination folder, is flushed and fsynced, then
-    renamed over the destination (``os.replace``: atomic on one filesystem), and the folder entry is
-    fsynced (:func:`sapd.atomic.replacing`). A process killed during a save leaves the previous
-    ``last.ckpt`` intact and at worst a ``.<name>.tmp-<pid>`` file, which the next save of that name
-    removes once that process is gone (a resumed run cleans up after the killed one). Lightning's own save
-    writes through fsspec, whose temporary file lives in the system temporary folder: when that is
-    another filesystem (a tmpfs ``/tmp``), the final move is a copy and a kill during it leaves a
-    truncated checkpoint. Remote URLs (``s3://``, ...) keep Lightning's save.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if "://" in str(path) and not str(path).startswith("file://"):
-            super().save_checkpoint(checkpoint, path, storage_options)
-            return
-        if storage_options is not None:
-            raise TypeError("AtomicCheckpointIO takes no storage_options")
-        path = Path(str(path).removeprefix("file://"))
-        with replacing(path) as tmp, open(tmp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-
-
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     path = check_checkpoint_file(path)
     try:
@@ -102,13 +81,19 @@ def saved_step(path: str | Path) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
-def load_module(path: str | Path) -> tuple[SAPDLitModule, DictConfig]:
-    """The Lightning module of a sapd checkpoint, weights loaded, in eval mode, and the run's config.
+@dataclass
+class TrainedDetector:
+    """The detector of a checkpoint with what travels beside its weights; the attributes a
+    :class:`sapd.module.SAPDLitModule` has of the same names."""
 
-    The module is built by :func:`sapd.build.build_module` from the config inside the checkpoint, the
-    backbone without downloading pretrained weights (the checkpoint holds them). A checkpoint written
-    before ``model.criterion`` / ``model.postprocess`` existed is read with its keys moved there.
-    """
+    net: nn.Module
+    label_to_cat_id: list[int]
+    class_names: list[str] | None
+    channels_last: bool = False
+
+
+def _parts(path: str | Path) -> tuple[dict[str, Any], DictConfig, list[int], list[str] | None]:
+    """The checkpoint, its run config (in the current layout), its labels' category ids and class names."""
     ckpt = read_checkpoint(path)
     run_cfg = OmegaConf.create(ckpt["sapd_config"])
     model_cfg, moved = migrate_model_config(run_cfg.model)
@@ -119,19 +104,54 @@ def load_module(path: str | Path) -> tuple[SAPDLitModule, DictConfig]:
     label_to_cat_id = classes.get("label_to_cat_id")
     if not label_to_cat_id:
         label_to_cat_id = list(range(int(run_cfg.model.get("num_classes"))))
+    return ckpt, run_cfg, list(label_to_cat_id), classes.get("class_names")
+
+
+def _rebuilt(path: str | Path, build: Any) -> Any:
     try:
-        module = build_module(
-            run_cfg, label_to_cat_id=label_to_cat_id, class_names=classes.get("class_names"), pretrained=False
-        )
+        return build()
     except Exception as exc:  # noqa: BLE001 - instantiate wraps every error of every constructor
         raise CheckpointError(f"cannot rebuild the model of {path} from its config: {exc}") from None
-    missing, unexpected = module.load_state_dict(ckpt["state_dict"], strict=False)
+
+
+def _load_weights(path: str | Path, model: nn.Module, state_dict: dict[str, Any]) -> None:
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
     missing = [k for k in missing if not k.startswith(("val_map", "test_map"))]
     if missing or unexpected:
         raise CheckpointError(
             f"{path} does not match the model of its own config: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    module.eval()
+    model.eval()
+
+
+def load_detector(path: str | Path) -> tuple[TrainedDetector, DictConfig]:
+    """The detector of a sapd checkpoint, weights loaded, in eval mode, and the run's config, without
+    Lightning: what prediction, export and :class:`sapd.Detector` need.
+
+    The detector is built by :func:`sapd.build.build_net` from the config inside the checkpoint, the
+    backbone without downloading pretrained weights (the checkpoint holds them). A checkpoint written
+    before ``model.criterion`` / ``model.postprocess`` existed is read with its keys moved there.
+    """
+    ckpt, run_cfg, label_to_cat_id, class_names = _parts(path)
+    net = _rebuilt(path, lambda: build_net(run_cfg, num_classes=len(label_to_cat_id), pretrained=False))
+    prefix = "net."
+    state = {k[len(prefix) :] if k.startswith(prefix) else k: v for k, v in ckpt["state_dict"].items()}
+    _load_weights(path, net, {k: v for k, v in state.items() if not k.startswith(("val_map", "test_map"))})
+    channels_last = bool(run_cfg.get("channels_last", False))
+    if channels_last:  # as the training module ran it
+        net.to(memory_format=torch.channels_last)
+    return TrainedDetector(net, label_to_cat_id, class_names, channels_last), run_cfg
+
+
+def load_module(path: str | Path) -> tuple[SAPDLitModule, DictConfig]:
+    """The Lightning module of a sapd checkpoint (:func:`load_detector`'s detector with the run's
+    optimiser settings and evaluator), weights loaded, in eval mode, and the run's config."""
+    ckpt, run_cfg, label_to_cat_id, class_names = _parts(path)
+    module = _rebuilt(
+        path,
+        lambda: build_module(run_cfg, label_to_cat_id=label_to_cat_id, class_names=class_names, pretrained=False),
+    )
+    _load_weights(path, module, ckpt["state_dict"])
     return module, run_cfg
 
 

@@ -25,7 +25,8 @@ from sapd import diagnostics
 from sapd.app import hydra_app
 from sapd.build import build_backbone, build_module
 from sapd.callbacks import InterruptCheckpoint, LearningCheck, PhaseSwitch
-from sapd.checkpoint import AtomicCheckpointIO, check_checkpoint_file, check_resume, saved_step
+from sapd.checkpoint import check_checkpoint_file, check_resume, saved_step
+from sapd.checkpoint_io import AtomicCheckpointIO
 from sapd.checks import check_config
 from sapd.errors import ConfigError
 from sapd.evaluation import Evaluation

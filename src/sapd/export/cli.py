@@ -8,16 +8,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
 
 from sapd.api import run_eval_size
 from sapd.app import hydra_app
 from sapd.atomic import same_file, write_text
-from sapd.checkpoint import load_module
+from sapd.checkpoint import TrainedDetector, load_detector
 from sapd.checks import check_config
 from sapd.data import transforms
 from sapd.export.check import verify
@@ -26,13 +25,16 @@ from sapd.export.runtime import ExportError
 from sapd.logging_setup import configure_logging
 from sapd.utils import set_threads
 
+if TYPE_CHECKING:
+    from sapd.module import SAPDLitModule
+
 log = logging.getLogger(__name__)
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
 
 
 def export_metadata(
-    module: nn.Module,
+    module: TrainedDetector | SAPDLitModule,
     run_cfg: DictConfig,
     *,
     fmt: str,
@@ -110,7 +112,7 @@ def export(cfg: DictConfig) -> dict[str, Any]:
     check_output(output, cfg.ckpt_path)
     set_threads(cfg.get("num_threads"))
     score_thresh = cfg.get("score_thresh")  # its range: sapd.checks.SETTINGS, checked at the start
-    module, run_cfg = load_module(cfg.ckpt_path)
+    module, run_cfg = load_detector(cfg.ckpt_path)
     net = module.net
     ExportableSAPD(net)  # refuses FCOS before any work
     if score_thresh is not None:  # baked into the graph (and written in the metadata)
