@@ -183,11 +183,11 @@ def test_bf16_mixed_channels_last_step_on_cpu(train_cfg):
 def test_precision_auto(monkeypatch):
     import sapd.utils as utils
 
-    monkeypatch.setattr(utils.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: True)
     assert utils.resolve_precision("auto", "cpu") == "bf16-mixed"
     monkeypatch.setattr(utils, "cpu_has_native_bf16", lambda: False)
     assert utils.resolve_precision("auto", "cpu") == "32-true"
     assert utils.resolve_precision("16-mixed", "gpu") == "16-mixed"
-    monkeypatch.setattr(utils.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert utils.resolve_precision("auto", "auto") == "16-mixed"
