@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from sapd.errors import ConfigError, UserError
-from sapd.models.settings import CriterionSettings
+from sapd.models.settings import CRITERION_TARGET, POSTPROCESS_TARGET, CriterionSettings, PostProcessSettings
 from sapd.utils import config_to_dict
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 # Keys that configs written before ``model.criterion`` / ``model.postprocess`` existed kept flat under
 # ``model`` (checkpoints of sapd 0.1 before the change); :func:`migrate_model_config` moves them.
 CRITERION_KEYS = tuple(f.name for f in dataclasses.fields(CriterionSettings))
-POSTPROCESS_KEYS = ("score_thresh", "pre_nms_topk", "nms_thresh", "max_detections")
+POSTPROCESS_KEYS = tuple(f.name for f in dataclasses.fields(PostProcessSettings))
 SAPD_TARGET = "sapd.models.SAPD"
 
 
@@ -44,9 +44,9 @@ def migrate_model_config(model: Mapping[str, Any]) -> tuple[dict[str, Any], list
     """
     cfg = dict(OmegaConf.to_container(OmegaConf.create(dict(model)), resolve=False))
     moved: list[str] = []
-    nodes = [("postprocess", "sapd.models.PostProcess", POSTPROCESS_KEYS)]
+    nodes = [("postprocess", POSTPROCESS_TARGET, POSTPROCESS_KEYS)]
     if cfg.get("_target_") == SAPD_TARGET:
-        nodes.insert(0, ("criterion", "sapd.models.SAPDCriterion", CRITERION_KEYS))
+        nodes.insert(0, ("criterion", CRITERION_TARGET, CRITERION_KEYS))
     elif cfg.get("_target_") != "sapd.models.FCOSDetector":
         return cfg, moved
     for node, target, keys in nodes:

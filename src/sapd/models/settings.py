@@ -27,6 +27,7 @@ ABLATION = "ablation"  # a Table 2 switch (SW, SS): names the row's ablation (FS
 VARIANT = "variant"  # a value other than the paper's names the row's variant
 
 CRITERION_TARGET = "sapd.models.SAPDCriterion"
+POSTPROCESS_TARGET = "sapd.models.PostProcess"
 
 
 def _setting(default: Any, rule: Rule, report: str | None = None) -> Any:
